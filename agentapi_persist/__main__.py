@@ -1,0 +1,5 @@
+"""`python -m agentapi_persist`."""
+
+from .cli import main
+
+raise SystemExit(main())

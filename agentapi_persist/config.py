@@ -1,0 +1,406 @@
+"""Settings: one frozen, validated object built once from flags and the environment.
+
+Names follow the registry's agentapi module (``ARG_*``, ``CODER_AGENT_*``) and AgentAPI's own
+(``AGENTAPI_*``) so that a template can swap the bash script for this tool without renaming
+anything; the project's own knobs use ``AGENTAPI_PERSIST_*``. Precedence: a flag the user
+passed, then the first variable set in each option's list, then the default.
+
+This is the only module that reads ``os.environ``. The Coder token is read from the
+environment only (a flag would show up in the process table) and is kept as a ``SecretStr``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
+
+DEFAULT_AGENTAPI_PORT = 3284
+DEFAULT_MODULE_DIR_NAME = ".agentapi-module"
+#: The Coder server rejects snapshot bodies over 64 KiB (400, not 413).
+SNAPSHOT_MAX_BYTES = 65_536
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def parse_bool(value: str, *, name: str) -> bool:
+    """Parse a boolean the way shell users write them; refuse anything else by name."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no)")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, the variables that feed it, and the help the CLI prints."""
+
+    field: str
+    flag: str
+    env: tuple[str, ...]
+    help: str
+    default_text: str
+    kind: type = str
+    metavar: str | None = None
+
+
+#: Every configurable setting, in the order ``--help`` lists them. The CLI builds its flags
+#: from this table so that help, environment names and defaults cannot drift apart.
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "grace_s",
+        "--grace",
+        ("AGENTAPI_PERSIST_GRACE",),
+        "Seconds the container runtime allows before SIGKILL; every wait fits inside it.",
+        "10",
+        float,
+        "SECONDS",
+    ),
+    Option(
+        "state_dir",
+        "--state-dir",
+        ("AGENTAPI_PERSIST_STATE_DIR",),
+        "Directory of the sidecar's own durable copy (put it on the persistent volume).",
+        "${XDG_STATE_HOME:-$HOME/.local/state}/agentapi-persist",
+        Path,
+        "DIR",
+    ),
+    Option(
+        "agentapi_url",
+        "--agentapi-url",
+        ("AGENTAPI_PERSIST_AGENTAPI_URL",),
+        "Base URL of AgentAPI.",
+        "http://localhost:$ARG_AGENTAPI_PORT (or $AGENTAPI_PORT, or 3284)",
+        str,
+        "URL",
+    ),
+    Option(
+        "snapshot_messages",
+        "--snapshot-messages",
+        ("AGENTAPI_PERSIST_SNAPSHOT_MESSAGES",),
+        "How many of the latest messages the log snapshot keeps.",
+        "30",
+        int,
+        "N",
+    ),
+    Option(
+        "task_id",
+        "--task-id",
+        ("AGENTAPI_PERSIST_TASK_ID", "ARG_TASK_ID"),
+        "Coder task UUID for the log snapshot; empty means no snapshot.",
+        "empty",
+        str,
+        "UUID",
+    ),
+    Option(
+        "task_log_snapshot",
+        "--task-log-snapshot",
+        ("AGENTAPI_PERSIST_TASK_LOG_SNAPSHOT", "ARG_TASK_LOG_SNAPSHOT"),
+        "Upload the log snapshot at all (true/false).",
+        "true",
+        bool,
+        "BOOL",
+    ),
+    Option(
+        "coder_url",
+        "--coder-url",
+        ("AGENTAPI_PERSIST_CODER_URL", "CODER_AGENT_URL"),
+        "Coder server URL for the snapshot upload (the token comes from CODER_AGENT_TOKEN only).",
+        "unset",
+        str,
+        "URL",
+    ),
+    Option(
+        "agentapi_state_file",
+        "--agentapi-state-file",
+        ("AGENTAPI_PERSIST_AGENTAPI_STATE_FILE", "AGENTAPI_STATE_FILE", "ARG_STATE_FILE_PATH"),
+        "AgentAPI's own state file.",
+        "$HOME/$ARG_MODULE_DIR_NAME/agentapi-state.json",
+        Path,
+        "FILE",
+    ),
+    Option(
+        "agentapi_pid_file",
+        "--agentapi-pid-file",
+        ("AGENTAPI_PERSIST_AGENTAPI_PID_FILE", "AGENTAPI_PID_FILE", "ARG_PID_FILE_PATH"),
+        "AgentAPI's pid file.",
+        "$HOME/$ARG_MODULE_DIR_NAME/agentapi.pid",
+        Path,
+        "FILE",
+    ),
+    Option(
+        "state_persistence",
+        "--state-persistence",
+        ("AGENTAPI_PERSIST_STATE_PERSISTENCE", "ARG_ENABLE_STATE_PERSISTENCE"),
+        "Whether AgentAPI saves its own state (enables the SIGUSR1 save on stop). "
+        "Unset: true when AgentAPI's process has AGENTAPI_STATE_FILE set.",
+        "auto",
+        bool,
+        "BOOL",
+    ),
+    Option(
+        "agentapi_bin",
+        "--agentapi-bin",
+        ("AGENTAPI_PERSIST_AGENTAPI_BIN",),
+        "AgentAPI binary used for `--version` when the running process's own is unreadable.",
+        "agentapi",
+        str,
+        "PATH",
+    ),
+    Option(
+        "stop_agentapi",
+        "--stop-agentapi",
+        ("AGENTAPI_PERSIST_STOP_AGENTAPI",),
+        "After saving, SIGTERM AgentAPI and wait for it (bounded by the budget).",
+        "false",
+        bool,
+        "BOOL",
+    ),
+    Option(
+        "max_body_bytes",
+        "--max-body-bytes",
+        ("AGENTAPI_PERSIST_MAX_BODY_BYTES",),
+        "Largest AgentAPI response or state file we accept, in bytes.",
+        str(256 * 1024 * 1024),
+        int,
+        "BYTES",
+    ),
+    Option(
+        "log_level",
+        "--log-level",
+        ("AGENTAPI_PERSIST_LOG_LEVEL",),
+        "debug, info, warning or error.",
+        "info",
+        str,
+        "LEVEL",
+    ),
+)
+
+_OPTION_BY_FIELD = {option.field: option for option in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class CoderTarget:
+    """Where and how to upload the log snapshot; exists only when an upload is wanted."""
+
+    base_url: str
+    token: SecretStr
+    task_id: str
+
+    def __repr__(self) -> str:  # the token must never reach a log line
+        return f"CoderTarget(base_url={self.base_url!r}, task_id={self.task_id!r})"
+
+
+class Settings(BaseModel):
+    """Everything agentapi-persist needs to know, validated once at the edge."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    grace_s: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds before the runtime SIGKILLs us (Docker 10, Kubernetes 30 shared with others)."""
+
+    state_dir: Path
+    """The sidecar's durable copy. Must be on the persistent volume to survive a stop."""
+
+    agentapi_url: str = f"http://localhost:{DEFAULT_AGENTAPI_PORT}"
+    """AgentAPI's base URL; its Host check accepts localhost, 127.0.0.1 and [::1]."""
+
+    snapshot_messages: int = Field(default=30, ge=1, le=100_000)
+    """How many of the latest messages go into the log snapshot."""
+
+    task_id: str = ""
+    """Coder task UUID; empty means "no snapshot", which is not an error."""
+
+    task_log_snapshot: bool = True
+    """The registry module's switch for the snapshot upload."""
+
+    coder_url: str | None = None
+    """Coder server base URL (``CODER_AGENT_URL``)."""
+
+    coder_token: SecretStr | None = None
+    """``CODER_AGENT_TOKEN``: honoured only while the stop build runs. Never printed."""
+
+    agentapi_state_file: Path
+    """AgentAPI's own state file (``AGENTAPI_STATE_FILE``)."""
+
+    agentapi_state_file_explicit: bool = False
+    """True when the state file path was configured, not defaulted (enables persistence)."""
+
+    agentapi_pid_file: Path
+    """AgentAPI's pid file; pid files outlive processes and pids get reused."""
+
+    state_persistence: bool | None = None
+    """``ARG_ENABLE_STATE_PERSISTENCE``; ``None`` means decide from AgentAPI's environment."""
+
+    agentapi_bin: str = "agentapi"
+    """Fallback binary for ``--version`` when ``/proc/<pid>/exe`` cannot be read."""
+
+    stop_agentapi: bool = False
+    """Whether the shutdown sequence ends by stopping AgentAPI."""
+
+    initial_prompt: str | None = None
+    """``AGENTAPI_INITIAL_PROMPT``: used only when no saved state ever told us the prompt."""
+
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Cap on any AgentAPI body or state file we read: input from AgentAPI is untrusted."""
+
+    log_level: str = "info"
+    """Minimum level of log events."""
+
+    snapshot_max_bytes: int = Field(default=SNAPSHOT_MAX_BYTES, ge=256, le=SNAPSHOT_MAX_BYTES)
+    """Upper bound of the snapshot body in bytes; the server's limit is 65,536."""
+
+    @field_validator("agentapi_url", "coder_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r} must not carry a query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("task_id")
+    @classmethod
+    def _task_uuid(cls, value: str) -> str:
+        value = value.strip()
+        if value == "":
+            return ""
+        try:
+            parsed = uuid.UUID(value)
+        except ValueError:
+            raise ValueError(f"task id {value[:64]!r} is not a UUID") from None
+        if str(parsed) != value.lower():
+            # uuid.UUID also accepts braces, urn: prefixes and missing hyphens; the
+            # URL wants the canonical form and nothing that could smuggle a path.
+            raise ValueError(f"task id {value[:64]!r} is not a canonical UUID") from None
+        return str(parsed)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"log level {value!r} is not debug, info, warning or error")
+        return value
+
+    @property
+    def margin_s(self) -> float:
+        """Time kept back from the grace period for process exit and scheduling jitter."""
+        return min(max(0.25, self.grace_s * 0.1), 2.0)
+
+    @property
+    def budget_s(self) -> float:
+        """The shutdown sequence's whole budget: grace minus the safety margin."""
+        return max(self.grace_s - self.margin_s, 0.1)
+
+    @property
+    def snapshot_wanted(self) -> bool:
+        """True when a task id is configured and snapshots are not switched off."""
+        return self.task_log_snapshot and self.task_id != ""
+
+    def coder_target(self) -> CoderTarget | None:
+        """Where to upload, ``None`` when no snapshot is wanted, ``ConfigError`` if half-set."""
+        if not self.snapshot_wanted:
+            return None
+        missing = [
+            name
+            for name, value in (
+                ("CODER_AGENT_URL", self.coder_url),
+                ("CODER_AGENT_TOKEN", self.coder_token),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"task id {self.task_id} is set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing: cannot upload the log snapshot"
+            )
+        assert self.coder_url is not None
+        assert self.coder_token is not None
+        return CoderTarget(base_url=self.coder_url, token=self.coder_token, task_id=self.task_id)
+
+    @classmethod
+    def load(
+        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from flags the user passed (field name -> value) over ``env``.
+
+        ``env`` defaults to ``os.environ``; pass a dict in tests and embedders. Raises
+        ``ConfigError`` naming the flag or variable at fault.
+        """
+        env = os.environ if env is None else env
+        flags = dict(flags or {})
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for option in OPTIONS:
+            if option.field in flags and flags[option.field] is not None:
+                values[option.field] = flags.pop(option.field)
+                sources[option.field] = option.flag
+                continue
+            for name in option.env:
+                raw = env.get(name)
+                if raw is None or (raw == "" and option.kind is not str):
+                    continue
+                values[option.field] = _convert(raw, option, name)
+                sources[option.field] = name
+                break
+        if flags:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(flags))}")
+
+        home = Path(env.get("HOME") or Path.home())
+        module_dir = home / (env.get("ARG_MODULE_DIR_NAME") or DEFAULT_MODULE_DIR_NAME)
+        if "state_dir" not in values:
+            xdg = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
+            values["state_dir"] = Path(xdg) / "agentapi-persist"
+        if "agentapi_url" not in values:
+            port = env.get("ARG_AGENTAPI_PORT") or env.get("AGENTAPI_PORT") or ""
+            port = port.strip() or str(DEFAULT_AGENTAPI_PORT)
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"AgentAPI port {port!r} is not a TCP port number")
+            values["agentapi_url"] = f"http://localhost:{port}"
+        values["agentapi_state_file_explicit"] = "agentapi_state_file" in values
+        values.setdefault("agentapi_state_file", module_dir / "agentapi-state.json")
+        values.setdefault("agentapi_pid_file", module_dir / "agentapi.pid")
+        token = env.get("CODER_AGENT_TOKEN", "")
+        if token.strip():
+            values["coder_token"] = SecretStr(token.strip())
+        if env.get("AGENTAPI_INITIAL_PROMPT"):
+            values["initial_prompt"] = env["AGENTAPI_INITIAL_PROMPT"]
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False, include_input=False)[0]
+            field = str(err["loc"][0]) if err["loc"] else ""
+            known = _OPTION_BY_FIELD.get(field)
+            where = sources.get(field) or (known.flag if known is not None else field)
+            message = err["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"{where}: {message}") from None
+
+
+def _convert(raw: str, option: Option, name: str) -> Any:
+    if option.kind is bool:
+        return parse_bool(raw, name=name)
+    if option.kind in (int, float):
+        try:
+            return option.kind(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if option.kind is Path:
+        return Path(raw).expanduser()
+    return raw

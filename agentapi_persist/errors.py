@@ -1,0 +1,141 @@
+"""Every error agentapi-persist raises on purpose, and the exit code each one maps to.
+
+The tree::
+
+    PersistError                     root; everything we raise on purpose       exit 1
+    ├── ConfigError                  bad flags or environment                   exit 2
+    ├── UpstreamError                a peer failed us (.url, .status)           exit 1
+    │   ├── AgentAPIError            AgentAPI down, slow, or sent bad data
+    │   │   └── AgentAPIBodyError    body too big, not JSON, wrong shape
+    │   └── CoderAPIError            the log-snapshot endpoint refused
+    ├── StateFileError               a state file on disk is unusable
+    │   ├── StateFileCorrupt         torn, bad checksum, bad JSON, bad schema
+    │   └── StateFileVersionError    a format version we do not know
+    ├── DurabilityError              a write or fsync failed; previous copy kept exit 3
+    ├── AgentRunningError            refused to write AgentAPI's file under it   exit 6
+    └── ShutdownDeadlineExceeded     budget ran out before the durable write    exit 5
+
+Why exit codes live here: ``cli.main`` is the only place that turns exceptions into exit
+codes, and it reads them from the class, so the table below is the single source of truth
+(the README copies it).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "AgentAPIBodyError",
+    "AgentAPIError",
+    "AgentRunningError",
+    "CoderAPIError",
+    "ConfigError",
+    "DurabilityError",
+    "ExitCode",
+    "PersistError",
+    "ShutdownDeadlineExceeded",
+    "StateFileCorrupt",
+    "StateFileError",
+    "StateFileVersionError",
+    "UpstreamError",
+    "cap_text",
+]
+
+#: Longest peer body copied into an error message; bodies can be megabytes.
+TEXT_ERROR_MAX_CHARS = 256
+
+
+class ExitCode(IntEnum):
+    """Process exit codes, documented in the README."""
+
+    OK = 0
+    """Everything done: state durable, snapshot delivered or validly skipped."""
+    ERROR = 1
+    """Unexpected failure; the message says what was kept."""
+    USAGE = 2
+    """Bad flags or environment (nothing was touched)."""
+    NOT_DURABLE = 3
+    """The state could not be made durable; the previous good copy is intact."""
+    SNAPSHOT_FAILED = 4
+    """The state is durable but the log snapshot was not delivered."""
+    DEADLINE = 5
+    """The grace budget ran out before the durable write finished."""
+    AGENT_RUNNING = 6
+    """`restore` refused: AgentAPI is running and owns its state file."""
+    NO_GOOD_COPY = 7
+    """`restore` found no valid copy of the conversation anywhere (bad bytes quarantined)."""
+    DEGRADED = 8
+    """`status`: something needs attention (the output says what)."""
+
+
+def cap_text(text: str, limit: int = TEXT_ERROR_MAX_CHARS) -> str:
+    """Shorten peer-supplied text for a message, marking the cut."""
+    text = text.replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more chars)"
+
+
+class PersistError(Exception):
+    """Root of every error agentapi-persist raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class ConfigError(PersistError):
+    """A flag or environment variable is missing or invalid."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UpstreamError(PersistError):
+    """A peer (AgentAPI or the Coder server) failed, refused, or sent something unusable."""
+
+    def __init__(self, message: str, *, url: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class AgentAPIError(UpstreamError):
+    """AgentAPI is unreachable, too slow, or answered with an error status."""
+
+
+class AgentAPIBodyError(AgentAPIError):
+    """AgentAPI answered, but the body is too big, not JSON, or not the documented shape."""
+
+
+class CoderAPIError(UpstreamError):
+    """The Coder log-snapshot endpoint refused the upload."""
+
+
+class StateFileError(PersistError):
+    """A state file on disk cannot be used."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StateFileCorrupt(StateFileError):
+    """Torn, truncated, failed its checksum, or does not match the schema."""
+
+
+class StateFileVersionError(StateFileError):
+    """Declares a format version this release does not understand."""
+
+
+class DurabilityError(PersistError):
+    """A write, fsync or rename failed. The previous good copy is intact; nothing is retried."""
+
+    exit_code = ExitCode.NOT_DURABLE
+
+
+class AgentRunningError(PersistError):
+    """AgentAPI is running, so its state file is its own: we must not write it."""
+
+    exit_code = ExitCode.AGENT_RUNNING
+
+
+class ShutdownDeadlineExceeded(PersistError):
+    """The grace budget ran out before the durable write finished."""
+
+    exit_code = ExitCode.DEADLINE

@@ -1,0 +1,205 @@
+"""Data shapes: AgentAPI's wire models, its v1 state file, and our own conversation copy.
+
+No behaviour lives here beyond validation. Everything that crosses a process boundary is
+untrusted, so the models are strict about what we rely on (roles, ids, RFC 3339 times with an
+offset) and tolerant about what we do not (unknown extra fields are ignored on the wire and
+carried forward in AgentAPI's state file).
+
+Text is sanitised once, on the way in: a lone UTF-16 surrogate (legal in JSON escapes, illegal
+in UTF-8) becomes U+FFFD, which is what AgentAPI's own Go decoder does. After that every
+string here encodes to UTF-8 without error, which the byte-exact snapshot limit relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "AgentAPIState",
+    "AgentAPIStateMessage",
+    "AgentStatus",
+    "Conversation",
+    "Message",
+    "MessagesResponse",
+    "PromptOrigin",
+    "Role",
+    "dump_compact",
+    "parse_untrusted_json",
+    "sanitize_text",
+]
+
+Role = Literal["user", "agent"]
+PromptOrigin = Literal["agentapi_state", "environment", "unknown"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# RFC 3339 with a mandatory offset; up to 9 fractional digits (Go's RFC3339Nano).
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})",
+    flags=re.ASCII,
+)
+
+
+def sanitize_text(text: str) -> str:
+    """Replace lone surrogates with U+FFFD so the text always encodes to UTF-8."""
+    if text.isascii():
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _check_time(value: str) -> str:
+    if _RFC3339.fullmatch(value) is None:
+        raise ValueError("time must be RFC 3339 with an offset, e.g. 2025-01-02T03:04:05.123Z")
+    return value
+
+
+Text = Annotated[str, AfterValidator(sanitize_text)]
+Time = Annotated[str, AfterValidator(_check_time)]
+MessageId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class AgentStatus(BaseModel):
+    """``GET /status``. ``transport`` appeared in AgentAPI 0.12, so it is optional."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    status: Literal["running", "stable"]
+    agent_type: str
+    transport: str | None = None
+
+
+class Message(BaseModel):
+    """One conversation message as we hold it. ``time`` is kept verbatim (up to 9 digits)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: MessageId
+    role: Role
+    content: Text
+    time: Time
+
+
+class MessagesResponse(BaseModel):
+    """``GET /messages``: ``{"messages": [{id, content, role, time}]}``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    messages: tuple[Message, ...]
+
+
+class AgentAPIStateMessage(BaseModel):
+    """A message in AgentAPI's state file: the text field is ``message``, not ``content``."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    id: MessageId
+    message: Text
+    role: Role
+    time: Time
+
+
+class AgentAPIState(BaseModel):
+    """AgentAPI's own state file, version 1. Unknown fields are carried forward on rewrite."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    version: Literal[1]
+    messages: tuple[AgentAPIStateMessage, ...]
+    initial_prompt: Text = ""
+    initial_prompt_sent: bool = False
+
+    @model_validator(mode="after")
+    def _ids_are_contiguous(self) -> AgentAPIState:
+        # AgentAPI gives a new message id = len(messages): a gap would make it collide.
+        for index, message in enumerate(self.messages):
+            if message.id != index:
+                raise ValueError(f"message ids must be 0..n-1; found id {message.id} at {index}")
+        return self
+
+    def conversation_messages(self) -> tuple[Message, ...]:
+        """The messages in our own shape."""
+        return tuple(
+            Message.model_construct(id=m.id, role=m.role, content=m.message, time=m.time)
+            for m in self.messages
+        )
+
+
+class Conversation(BaseModel):
+    """The sidecar's durable copy of one conversation.
+
+    ``initial_prompt`` and ``initial_prompt_sent`` exist only in AgentAPI's state file (the HTTP
+    API does not expose them). ``None`` means "never seen"; ``prompt_origin`` records where the
+    values came from so that ``restore`` can say what it assumed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    messages: tuple[Message, ...] = ()
+    initial_prompt: Text | None = None
+    initial_prompt_sent: bool | None = None
+    prompt_origin: PromptOrigin = "unknown"
+
+    @model_validator(mode="after")
+    def _ids_are_contiguous(self) -> Conversation:
+        for index, message in enumerate(self.messages):
+            if message.id != index:
+                raise ValueError(f"message ids must be 0..n-1; found id {message.id} at {index}")
+        return self
+
+    def with_messages(self, messages: Sequence[Message]) -> Conversation:
+        """A copy holding ``messages`` (already validated and contiguous) and the same prompt."""
+        return self.model_copy(update={"messages": tuple(messages)})
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def parse_untrusted_json(body: bytes, model: type[_M]) -> _M:
+    """Validate ``body`` as ``model``, tolerating what AgentAPI's Go decoder tolerates.
+
+    Fast path: pydantic's own JSON parser. It rejects invalid UTF-8 and lone surrogate
+    escapes outright; Go replaces both with U+FFFD, so on that error we decode with
+    replacement, parse with the standard library and validate the Python objects (the text
+    validators then replace any lone surrogate). Raises ``ValueError`` with a short reason.
+    """
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if not any(err["type"] == "json_invalid" for err in exc.errors()):
+            raise ValueError(_summarise(exc)) from None
+    try:
+        data: Any = json.loads(body.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not valid JSON: {str(exc)[:120]}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_summarise(exc)) from None
+
+
+def _summarise(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def dump_compact(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as both AgentAPI and the Coder server write and count it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+MESSAGES_ADAPTER: TypeAdapter[tuple[Message, ...]] = TypeAdapter(tuple[Message, ...])

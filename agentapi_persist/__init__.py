@@ -1,5 +1,144 @@
-"""agentapi-persist: keeps AgentAPI conversations durable across workspace stops."""
+"""agentapi-persist: keeps AgentAPI conversations durable across workspace stops.
+
+The public API is re-exported here. Names are resolved lazily (PEP 562): the command line
+imports this package on every run, and the shutdown path must not pay for aiohttp or pydantic
+when it does not use them. ``from agentapi_persist import X`` works as usual, and type
+checkers see the real imports below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from .agent_process import AgentProcess, Version, find_agentapi
+    from .agentapi import AgentAPIClient
+    from .agentapi_state import read_agentapi_state, render_agentapi_state, write_agentapi_state
+    from .budget import Budget
+    from .coder import CoderClient, UploadOutcome, UploadResult
+    from .config import CoderTarget, Settings
+    from .errors import (
+        AgentAPIError,
+        AgentRunningError,
+        CoderAPIError,
+        ConfigError,
+        DurabilityError,
+        ExitCode,
+        PersistError,
+        ShutdownDeadlineExceeded,
+        StateFileCorrupt,
+        StateFileError,
+        StateFileVersionError,
+        UpstreamError,
+    )
+    from .models import AgentAPIState, AgentStatus, Conversation, Message
+    from .repair import RestoreReport, restore
+    from .sequence import ShutdownReport, gather, run_sequence
+    from .snapshot import Snapshot, build_snapshot
+    from .status import StatusReport, collect_status
+    from .store import LoadReport, SaveReport, StateStore
+
+__all__ = [
+    "AgentAPIClient",
+    "AgentAPIError",
+    "AgentAPIState",
+    "AgentProcess",
+    "AgentRunningError",
+    "AgentStatus",
+    "Budget",
+    "CoderAPIError",
+    "CoderClient",
+    "CoderTarget",
+    "ConfigError",
+    "Conversation",
+    "DurabilityError",
+    "ExitCode",
+    "LoadReport",
+    "Message",
+    "PersistError",
+    "RestoreReport",
+    "SaveReport",
+    "Settings",
+    "ShutdownDeadlineExceeded",
+    "ShutdownReport",
+    "Snapshot",
+    "StateFileCorrupt",
+    "StateFileError",
+    "StateFileVersionError",
+    "StateStore",
+    "StatusReport",
+    "UploadOutcome",
+    "UploadResult",
+    "UpstreamError",
+    "Version",
+    "__version__",
+    "build_snapshot",
+    "collect_status",
+    "find_agentapi",
+    "gather",
+    "read_agentapi_state",
+    "render_agentapi_state",
+    "restore",
+    "run_sequence",
+    "write_agentapi_state",
+]
+
+_HOME: dict[str, str] = {
+    "AgentProcess": "agent_process",
+    "Version": "agent_process",
+    "find_agentapi": "agent_process",
+    "AgentAPIClient": "agentapi",
+    "read_agentapi_state": "agentapi_state",
+    "render_agentapi_state": "agentapi_state",
+    "write_agentapi_state": "agentapi_state",
+    "Budget": "budget",
+    "CoderClient": "coder",
+    "UploadOutcome": "coder",
+    "UploadResult": "coder",
+    "CoderTarget": "config",
+    "Settings": "config",
+    "AgentAPIError": "errors",
+    "AgentRunningError": "errors",
+    "CoderAPIError": "errors",
+    "ConfigError": "errors",
+    "DurabilityError": "errors",
+    "ExitCode": "errors",
+    "PersistError": "errors",
+    "ShutdownDeadlineExceeded": "errors",
+    "StateFileCorrupt": "errors",
+    "StateFileError": "errors",
+    "StateFileVersionError": "errors",
+    "UpstreamError": "errors",
+    "AgentAPIState": "models",
+    "AgentStatus": "models",
+    "Conversation": "models",
+    "Message": "models",
+    "RestoreReport": "repair",
+    "restore": "repair",
+    "ShutdownReport": "sequence",
+    "gather": "sequence",
+    "run_sequence": "sequence",
+    "Snapshot": "snapshot",
+    "build_snapshot": "snapshot",
+    "StatusReport": "status",
+    "collect_status": "status",
+    "LoadReport": "store",
+    "SaveReport": "store",
+    "StateStore": "store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agentapi_persist' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,337 @@
+"""Durable file primitives: atomic replace, durable append, private dirs, quarantine, capped reads.
+
+Each function does one job synchronously, so it works without an event loop and async callers
+can run it in one executor hop (``asyncio.to_thread``). A thread cannot be cancelled half way,
+and the ordering below makes that harmless: a file is either the old copy or the complete new one.
+
+The atomic replace follows SPEC section 4 step by step:
+
+1. open the parent directory without following a symlink (created 0700 if missing, and
+   ``fchmod`` 0700 on every write even under umask 000);
+2. refuse a symlink planted at the target;
+3. create a temp file *exclusively*, with a random name, in that same directory;
+4. write every byte (short writes loop), ``fsync`` the file, close it;
+5. ``rename`` it over the target, then ``fsync`` the directory so the rename itself is durable.
+
+Any failure removes the temp file and raises ``DurabilityError`` naming the step. A failed
+``fsync`` is never retried: after EIO the kernel may have dropped the dirty pages, so a second
+``fsync`` that "succeeds" proves nothing. All paths are opened relative to the directory's file
+descriptor, so a directory swapped for a symlink half way cannot redirect a write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from .errors import DurabilityError, StateFileError
+
+__all__ = [
+    "append_durable",
+    "ensure_private_dir",
+    "fsync_dir",
+    "quarantine",
+    "read_capped_file",
+    "write_atomic",
+]
+
+log = structlog.get_logger(__name__)
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# Room for the ".", ".<random>.tmp" decoration inside NAME_MAX (255).
+_TMP_NAME_KEEP = 200
+
+
+def _why(exc: OSError) -> str:
+    """``Input/output error [EIO]``: the errno text a person reads plus the name they search."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{text} [{name}]" if name else text
+
+
+def _open_private_dir(path: Path) -> int:
+    """Create ``path`` (0700), open it without following a symlink, re-assert 0700.
+
+    Returns an ``O_DIRECTORY`` descriptor that the caller closes. A symlink here could point
+    the write anywhere on the machine, so it is refused rather than followed.
+    """
+    try:
+        if path.is_symlink():
+            raise DurabilityError(
+                f"refusing to use directory {path}: it is a symlink (not following it); "
+                "nothing was written"
+            )
+        path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        fd = os.open(path, _DIR_FLAGS)
+    except DurabilityError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+            raise DurabilityError(
+                f"refusing to use directory {path}: it is a symlink (not following it); "
+                "nothing was written"
+            ) from None
+        raise DurabilityError(
+            f"cannot prepare directory {path}: {_why(exc)}; nothing was written"
+        ) from exc
+    try:
+        os.fchmod(fd, _DIR_MODE)
+    except OSError as exc:
+        os.close(fd)
+        raise DurabilityError(
+            f"cannot make directory {path} private (chmod 0700): {_why(exc)}; nothing was written"
+        ) from exc
+    return fd
+
+
+def ensure_private_dir(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 and ``chmod 0700`` even if it existed; refuse a symlink."""
+    os.close(_open_private_dir(path))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames, creations and deletions in ``path`` durable (the directory's own fsync)."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        raise DurabilityError(f"cannot open directory {path} to fsync it: {_why(exc)}") from exc
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise DurabilityError(f"directory fsync of {path} failed: {_why(exc)}") from exc
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``write`` until every byte is in: a short write is legal and must not lose the rest."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _refuse_symlink_target(dir_fd: int, path: Path) -> None:
+    try:
+        info = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DurabilityError(f"cannot inspect {path}: {_why(exc)}; nothing was written") from exc
+    if stat.S_ISLNK(info.st_mode):
+        raise DurabilityError(
+            f"refusing to write {path}: it is a symlink (not following it); "
+            "its target was left untouched"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise DurabilityError(f"refusing to write {path}: it exists and is not a regular file")
+
+
+def write_atomic(
+    path: Path, data: bytes | bytearray | memoryview | Sequence[bytes], *, mode: int = _FILE_MODE
+) -> None:
+    """Replace ``path`` with ``data`` so that a crash at any instant leaves old or new, never
+    a mix; return only once the new content and the rename are on disk.
+
+    ``data`` may be a sequence of chunks (a header and a body) so large bodies are not copied
+    into one buffer first. Raises ``DurabilityError`` saying which step failed; on every failure
+    before the rename the previous file is untouched and no temp file is left behind.
+    """
+    chunks: Sequence[bytes | bytearray | memoryview] = (
+        (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+    )
+    dir_fd = _open_private_dir(path.parent)
+    tmp = f".{path.name[:_TMP_NAME_KEEP]}.{secrets.token_hex(8)}.tmp"
+    created = renamed = False
+    step = "create temp file"
+    try:
+        _refuse_symlink_target(dir_fd, path)
+        fd = os.open(tmp, _TMP_FLAGS, _FILE_MODE, dir_fd=dir_fd)
+        created = True
+        try:
+            step = "chmod"
+            os.fchmod(fd, mode)
+            step = "write"
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            step = "fsync"
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        step = "close"
+        os.close(fd)
+        step = "rename"
+        os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        renamed = True
+        step = "directory fsync"
+        os.fsync(dir_fd)
+    except OSError as exc:
+        if renamed:
+            raise DurabilityError(
+                f"wrote {path} but the directory fsync failed: {_why(exc)}; the new file is in "
+                "place but not proven durable (a power loss could still undo the rename)"
+            ) from exc
+        raise DurabilityError(
+            f"could not write {path}: {step} failed: {_why(exc)}; the previous copy was kept"
+        ) from exc
+    finally:
+        if created and not renamed:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError as cleanup_exc:  # the real error is already on its way up
+                log.warning(
+                    "fs.temp_cleanup_failed", path=str(path.parent / tmp), error=_why(cleanup_exc)
+                )
+        os.close(dir_fd)
+
+
+def append_durable(path: Path, data: bytes, *, offset: int, mode: int = _FILE_MODE) -> None:
+    """Write ``data`` at ``offset`` of ``path`` (created if missing) and ``fsync`` it once.
+
+    ``offset`` is where the caller's last known-good byte ends: anything after it (a torn record
+    from a crash, or a write that failed half way) is cut off first, in the same fsync. Cost is
+    the size of ``data``, whatever the size of the file. The directory is fsynced only when the
+    file is new. A file shorter than ``offset`` means someone else changed it: refused.
+    """
+    dir_fd = _open_private_dir(path.parent)
+    step = "open"
+    try:
+        created = False
+        try:
+            fd = os.open(path.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            fd = os.open(path.name, _TMP_FLAGS, _FILE_MODE, dir_fd=dir_fd)
+            created = True
+        try:
+            step = "chmod"
+            os.fchmod(fd, mode)
+            size = os.fstat(fd).st_size
+            if size < offset:
+                raise DurabilityError(
+                    f"could not append to {path}: it holds {size} bytes but {offset} were "
+                    "written before; it changed under us, so nothing was appended"
+                )
+            if size > offset:
+                step = "truncate"
+                os.ftruncate(fd, offset)
+            step = "write"
+            _pwrite_all(fd, data, offset)
+            step = "fsync"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            step = "directory fsync"
+            os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DurabilityError(
+                f"refusing to append to {path}: it is a symlink (not following it)"
+            ) from exc
+        raise DurabilityError(
+            f"could not append to {path}: {step} failed: {_why(exc)}; the records written "
+            "before this append were kept"
+        ) from exc
+    finally:
+        os.close(dir_fd)
+
+
+def quarantine(path: Path, *, into: Path | None = None, reason: str) -> Path:
+    """Move unusable bytes aside instead of deleting them; return where they went.
+
+    The new name is ``<name>.corrupt-<UTC timestamp>-<random>`` next to the file (or in
+    ``into``, which must be on the same filesystem: this is a rename, never a copy). The file is
+    made 0600 and the directory fsynced, so the move survives a crash. Nothing is ever deleted.
+    """
+    target_dir = path.parent if into is None else into
+    if into is not None:
+        ensure_private_dir(into)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    while True:
+        dest = target_dir / f"{path.name}.corrupt-{stamp}-{secrets.token_hex(3)}"
+        if not os.path.lexists(dest):
+            break
+    try:
+        os.rename(path, dest)
+    except OSError as exc:
+        raise DurabilityError(
+            f"could not move {path} aside: {_why(exc)}; it was left where it was"
+        ) from exc
+    try:
+        if not dest.is_symlink():
+            os.chmod(dest, _FILE_MODE)
+    except OSError as exc:
+        log.warning("fs.quarantine_chmod_failed", path=str(dest), error=_why(exc))
+    fsync_dir(target_dir)
+    if target_dir != path.parent:
+        fsync_dir(path.parent)
+    log.warning("fs.quarantined", path=str(path), moved_to=str(dest), reason=reason)
+    return dest
+
+
+def read_capped_file(path: Path, limit: int) -> bytes:
+    """Read a whole regular file of at most ``limit`` bytes, never following a symlink.
+
+    ``FileNotFoundError`` passes through (callers treat "missing" differently from "bad").
+    Opening non-blocking means a FIFO planted at ``path`` cannot hang us; it is refused after
+    ``fstat`` like any other non-regular file. Everything else raises ``StateFileError``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateFileError(
+                f"{path} is a symlink; refusing to follow it", path=str(path)
+            ) from None
+        raise StateFileError(f"cannot open {path}: {_why(exc)}", path=str(path)) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StateFileError(f"{path} is not a regular file", path=str(path))
+        if info.st_size > limit:
+            raise StateFileError(
+                f"{path} is {info.st_size} bytes, over the {limit}-byte cap; not read",
+                path=str(path),
+            )
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            # Ask for more than expected so EOF (or growth past the cap) shows in one more call.
+            want = min(limit + 1 - total, max(info.st_size - total, 0) + 65536)
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise StateFileError(
+                    f"{path} grew past the {limit}-byte cap while being read", path=str(path)
+                )
+        return b"".join(chunks)
+    except OSError as exc:
+        raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
+    finally:
+        os.close(fd)

@@ -1,0 +1,207 @@
+"""The table of settings (flag, variables, default, help), importable without pydantic.
+
+``cli`` builds its parser from ``OPTIONS`` so help, variables and defaults cannot drift apart,
+and the sidecar client path reads the two settings it needs (``state_dir_from``) without
+loading pydantic: ``agentapi-persist shutdown`` must start in a few tens of milliseconds when a
+sidecar is running. Together with ``config`` this is the only code that reads the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_AGENTAPI_PORT",
+    "DEFAULT_MODULE_DIR_NAME",
+    "OPTIONS",
+    "Option",
+    "parse_bool",
+    "quick_settings",
+]
+
+DEFAULT_AGENTAPI_PORT = 3284
+DEFAULT_MODULE_DIR_NAME = ".agentapi-module"
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def parse_bool(value: str, *, name: str) -> bool:
+    """Parse a boolean the way shell users write them; refuse anything else by name."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no)")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, the variables that feed it, and the help the CLI prints."""
+
+    field: str
+    flag: str
+    env: tuple[str, ...]
+    help: str
+    default_text: str
+    kind: type = str
+    metavar: str | None = None
+
+
+#: Every configurable setting, in the order ``--help`` lists them. The CLI builds its flags
+#: from this table so that help, environment names and defaults cannot drift apart.
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "grace_s",
+        "--grace",
+        ("AGENTAPI_PERSIST_GRACE",),
+        "Seconds the container runtime allows before SIGKILL; every wait fits inside it.",
+        "10",
+        float,
+        "SECONDS",
+    ),
+    Option(
+        "state_dir",
+        "--state-dir",
+        ("AGENTAPI_PERSIST_STATE_DIR",),
+        "Directory of the sidecar's own durable copy (put it on the persistent volume).",
+        "${XDG_STATE_HOME:-$HOME/.local/state}/agentapi-persist",
+        Path,
+        "DIR",
+    ),
+    Option(
+        "agentapi_url",
+        "--agentapi-url",
+        ("AGENTAPI_PERSIST_AGENTAPI_URL",),
+        "Base URL of AgentAPI.",
+        "http://localhost:$ARG_AGENTAPI_PORT (or $AGENTAPI_PORT, or 3284)",
+        str,
+        "URL",
+    ),
+    Option(
+        "snapshot_messages",
+        "--snapshot-messages",
+        ("AGENTAPI_PERSIST_SNAPSHOT_MESSAGES",),
+        "How many of the latest messages the log snapshot keeps.",
+        "30",
+        int,
+        "N",
+    ),
+    Option(
+        "task_id",
+        "--task-id",
+        ("AGENTAPI_PERSIST_TASK_ID", "ARG_TASK_ID"),
+        "Coder task UUID for the log snapshot; empty means no snapshot.",
+        "empty",
+        str,
+        "UUID",
+    ),
+    Option(
+        "task_log_snapshot",
+        "--task-log-snapshot",
+        ("AGENTAPI_PERSIST_TASK_LOG_SNAPSHOT", "ARG_TASK_LOG_SNAPSHOT"),
+        "Upload the log snapshot at all (true/false).",
+        "true",
+        bool,
+        "BOOL",
+    ),
+    Option(
+        "coder_url",
+        "--coder-url",
+        ("AGENTAPI_PERSIST_CODER_URL", "CODER_AGENT_URL"),
+        "Coder server URL for the snapshot upload (the token comes from CODER_AGENT_TOKEN only).",
+        "unset",
+        str,
+        "URL",
+    ),
+    Option(
+        "agentapi_state_file",
+        "--agentapi-state-file",
+        ("AGENTAPI_PERSIST_AGENTAPI_STATE_FILE", "AGENTAPI_STATE_FILE", "ARG_STATE_FILE_PATH"),
+        "AgentAPI's own state file.",
+        "$HOME/$ARG_MODULE_DIR_NAME/agentapi-state.json",
+        Path,
+        "FILE",
+    ),
+    Option(
+        "agentapi_pid_file",
+        "--agentapi-pid-file",
+        ("AGENTAPI_PERSIST_AGENTAPI_PID_FILE", "AGENTAPI_PID_FILE", "ARG_PID_FILE_PATH"),
+        "AgentAPI's pid file.",
+        "$HOME/$ARG_MODULE_DIR_NAME/agentapi.pid",
+        Path,
+        "FILE",
+    ),
+    Option(
+        "state_persistence",
+        "--state-persistence",
+        ("AGENTAPI_PERSIST_STATE_PERSISTENCE", "ARG_ENABLE_STATE_PERSISTENCE"),
+        "Whether AgentAPI saves its own state (enables the SIGUSR1 save on stop). "
+        "Unset: true when AgentAPI's process has AGENTAPI_STATE_FILE set.",
+        "auto",
+        bool,
+        "BOOL",
+    ),
+    Option(
+        "agentapi_bin",
+        "--agentapi-bin",
+        ("AGENTAPI_PERSIST_AGENTAPI_BIN",),
+        "AgentAPI binary used for `--version` when the running process's own is unreadable.",
+        "agentapi",
+        str,
+        "PATH",
+    ),
+    Option(
+        "stop_agentapi",
+        "--stop-agentapi",
+        ("AGENTAPI_PERSIST_STOP_AGENTAPI",),
+        "After saving, SIGTERM AgentAPI and wait for it (bounded by the budget).",
+        "false",
+        bool,
+        "BOOL",
+    ),
+    Option(
+        "max_body_bytes",
+        "--max-body-bytes",
+        ("AGENTAPI_PERSIST_MAX_BODY_BYTES",),
+        "Largest AgentAPI response or state file we accept, in bytes.",
+        str(256 * 1024 * 1024),
+        int,
+        "BYTES",
+    ),
+    Option(
+        "log_level",
+        "--log-level",
+        ("AGENTAPI_PERSIST_LOG_LEVEL",),
+        "debug, info, warning or error.",
+        "info",
+        str,
+        "LEVEL",
+    ),
+)
+
+
+def quick_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Path, float]:
+    """``(state_dir, grace_s)`` as ``Settings.load`` would resolve them, without pydantic.
+
+    Only for reaching a running sidecar fast; anything invalid here is left for the full
+    validation in ``Settings.load`` to report.
+    """
+    state_dir = flags.get("state_dir") or env.get("AGENTAPI_PERSIST_STATE_DIR")
+    if not state_dir:
+        home = env.get("HOME") or str(Path.home())
+        state_dir = (
+            Path(env.get("XDG_STATE_HOME") or Path(home) / ".local" / "state") / "agentapi-persist"
+        )
+    grace: Any = flags.get("grace_s") or env.get("AGENTAPI_PERSIST_GRACE") or 10.0
+    try:
+        grace_s = float(grace)
+    except ValueError:
+        grace_s = 10.0
+    return Path(state_dir).expanduser(), grace_s

@@ -1,0 +1,743 @@
+"""The AgentAPI process: find it from its pid file, learn its version, signal it safely.
+
+Three hazards shape this module:
+
+* **Pids get reused.** The pid file lives on the persistent volume and outlives the process;
+  after a restart its number may belong to anything. A pid is AgentAPI only if
+  ``/proc/<pid>/cmdline`` says so, and it is checked again right before every signal, through
+  a pidfd where the kernel has them so that the check and the signal hit the same process.
+* **SIGUSR1 kills AgentAPI before 0.12.0** (the default action of an unhandled signal), so it
+  is sent only when the version is known and new enough. Unknown means no.
+* **Saves are confirmed, not assumed.** After SIGUSR1 we watch the state file until it changed
+  and parses, or until it is seen to hold every message already (AgentAPI skips a save when
+  nothing changed), within the caller's budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import re
+import shlex
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from .agentapi_state import read_agentapi_state
+from .budget import Budget
+from .errors import StateFileError, cap_text
+from .models import AgentAPIState, Message
+
+__all__ = [
+    "MIN_SIGUSR1_VERSION",
+    "AgentProcess",
+    "SaveConfirmation",
+    "SaveOutcome",
+    "StopOutcome",
+    "StopResult",
+    "Version",
+    "detect_version",
+    "find_agentapi",
+    "is_alive",
+    "persistence_enabled",
+    "request_save",
+    "stop",
+]
+
+log = structlog.get_logger(__name__)
+
+_PROC = Path("/proc")
+#: PID_MAX_LIMIT on 64-bit Linux: no pid is ever larger.
+_PID_MAX = 2**22
+_PID_FILE_MAX_BYTES = 64
+#: ``agentapi --version`` answers in milliseconds; a binary that takes longer is not trusted.
+VERSION_CAP_S = 1.0
+_VERSION_OUTPUT_MAX = 4096
+_POLL_S = 0.01
+_DEFAULT_STATE_MAX_BYTES = 256 * 2**20
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GONE_STATES = frozenset({"Z", "X", "x"})
+
+_BARE_VERSION = r"v?(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?"
+_VERSION_LINE = re.compile(r"\bagentapi version " + _BARE_VERSION + r"(?![0-9A-Za-z.+-])")
+_VERSION_ONLY = re.compile(_BARE_VERSION)
+
+
+@functools.total_ordering
+@dataclass(frozen=True, slots=True)
+class Version:
+    """A semantic version. A pre-release sorts before its release (0.12.0-rc1 < 0.12.0), so
+    a release candidate of the first SIGUSR1 version is not trusted with SIGUSR1."""
+
+    major: int
+    minor: int
+    patch: int
+    prerelease: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Version | None:
+        """``0.12.1``, ``v0.12.1``, ``0.12.0-rc.1`` or a line ``agentapi version 0.12.1``."""
+        text = text.strip()
+        match = _VERSION_ONLY.fullmatch(text) or _VERSION_LINE.search(text)
+        if match is None:
+            return None
+        major, minor, patch, pre = match.groups()
+        return cls(int(major), int(minor), int(patch), pre or "")
+
+    def _key(self) -> tuple[int, int, int, int, str]:
+        return (self.major, self.minor, self.patch, 0 if self.prerelease else 1, self.prerelease)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Version):
+            return NotImplemented
+        return self._key() < other._key()
+
+    def __str__(self) -> str:
+        pre = f"-{self.prerelease}" if self.prerelease else ""
+        return f"{self.major}.{self.minor}.{self.patch}{pre}"
+
+
+#: The first AgentAPI that handles SIGUSR1 (save without exiting). Older ones die from it.
+MIN_SIGUSR1_VERSION = Version(0, 12, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentProcess:
+    """A running AgentAPI, as identified from ``/proc`` at one moment."""
+
+    pid: int
+    argv: tuple[str, ...]
+    """From ``/proc/<pid>/cmdline``; compared again before every signal."""
+    program: Path | None
+    """What to run with ``--version``: ``/proc/<pid>/exe`` (works even when the binary was
+    replaced on disk), or the script an interpreter runs; ``None`` if unknown."""
+    state_file: Path | None
+    """Its state file (``--state-file`` or ``AGENTAPI_STATE_FILE``), when readable."""
+    save_state: bool | None
+    """Its ``AGENTAPI_SAVE_STATE`` (``None``: unset or unreadable)."""
+    start_ticks: int | None = None
+    """Start time in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the pid
+    it names one process for good, so a restarted AgentAPI is not mistaken for this one."""
+
+    @property
+    def command(self) -> str:
+        """The command line, shell-quoted and shortened, for messages."""
+        return _show(self.argv)
+
+
+class SaveOutcome(StrEnum):
+    """What ``request_save`` established."""
+
+    CONFIRMED_CHANGED = "confirmed_changed"
+    """The state file changed after the signal and parses."""
+    CONFIRMED_UNCHANGED = "confirmed_unchanged"
+    """The state file already holds every expected message; AgentAPI had nothing to save."""
+    NOT_CONFIRMED = "not_confirmed"
+    """The budget ran out first; the detail says what the file holds."""
+    PROCESS_GONE = "process_gone"
+    """AgentAPI exited before it could be signalled."""
+    SKIPPED_VERSION_UNKNOWN = "skipped_version_unknown"
+    SKIPPED_OLD_VERSION = "skipped_old_version"
+    SKIPPED_NOT_OURS = "skipped_not_ours"
+    SKIPPED_NOT_PERMITTED = "skipped_not_permitted"
+    SKIPPED_NO_BUDGET = "skipped_no_budget"
+
+
+@dataclass(frozen=True, slots=True)
+class SaveConfirmation:
+    """The result of asking AgentAPI to save its state."""
+
+    outcome: SaveOutcome
+    detail: str
+    ms: int
+    signalled: bool = False
+    messages_in_file: int | None = None
+
+    @property
+    def confirmed(self) -> bool:
+        """True when the state file is known to hold the conversation."""
+        return self.outcome in (SaveOutcome.CONFIRMED_CHANGED, SaveOutcome.CONFIRMED_UNCHANGED)
+
+
+class StopOutcome(StrEnum):
+    """What ``stop`` established."""
+
+    EXITED = "exited"
+    STILL_RUNNING = "still_running"
+    NOT_RUNNING = "not_running"
+    """It had already exited; nothing was signalled."""
+    NOT_OURS = "not_ours"
+    """The pid now belongs to another process; nothing was signalled."""
+    NOT_PERMITTED = "not_permitted"
+
+
+@dataclass(frozen=True, slots=True)
+class StopResult:
+    """The result of stopping AgentAPI."""
+
+    outcome: StopOutcome
+    detail: str
+    ms: int
+    signalled: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        """True when AgentAPI is no longer running."""
+        return self.outcome in (StopOutcome.EXITED, StopOutcome.NOT_RUNNING)
+
+
+# -- finding it ------------------------------------------------------------------------------
+
+
+def find_agentapi(pid_file: Path) -> tuple[AgentProcess | None, str]:
+    """The AgentAPI named by ``pid_file``, or ``None`` and a sentence saying why not."""
+    pid, problem = _read_pid_file(pid_file)
+    if pid is None:
+        log.info("agentapi.not_found", pid_file=str(pid_file), reason=problem)
+        return None, problem
+    source = f"pid {pid} from {pid_file}"
+    stat = _read_stat(pid)
+    try:
+        argv = _read_cmdline(pid)
+    except OSError as exc:
+        reason = (
+            f"cannot read /proc/{pid}/cmdline ({exc.strerror}): identity unknown; not signalling"
+        )
+        log.warning("agentapi.not_found", pid=pid, reason=reason)
+        return None, reason
+    if stat is None or argv is None:
+        reason = f"{source} is not running (stale pid file)"
+        log.info("agentapi.not_found", pid=pid, reason=reason)
+        return None, reason
+    if stat[0] in _GONE_STATES or not argv:
+        reason = f"{source} has exited or is a kernel thread: not AgentAPI; not signalling"
+        log.info("agentapi.not_found", pid=pid, reason=reason)
+        return None, reason
+    if not _looks_like_agentapi(argv):
+        reason = f"{source} is `{_show(argv)}`, not AgentAPI: pid reused; not signalling"
+        log.warning("agentapi.not_ours", pid=pid, reason=reason)
+        return None, reason
+    environ = _read_environ(pid)
+    process = AgentProcess(
+        pid=pid,
+        argv=argv,
+        program=_program(pid, argv),
+        state_file=_state_file(pid, argv, environ),
+        save_state=_save_state(argv, environ),
+        start_ticks=stat[1],
+    )
+    log.info(
+        "agentapi.found",
+        pid=pid,
+        program=str(process.program) if process.program else None,
+        state_file=str(process.state_file) if process.state_file else None,
+    )
+    return process, f"{source} is AgentAPI (`{process.command}`)"
+
+
+def _read_pid_file(pid_file: Path) -> tuple[int | None, str]:
+    try:
+        with pid_file.open("rb") as handle:
+            raw = handle.read(_PID_FILE_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None, f"no pid file at {pid_file} (AgentAPI not started, or keeps no pid file)"
+    except OSError as exc:
+        return None, f"cannot read pid file {pid_file}: {exc.strerror or exc}"
+    text = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > _PID_FILE_MAX_BYTES or not text.isdigit() or not text.isascii():
+        shown = cap_text(repr(raw[:40]), 60) if text else "empty"
+        return None, f"pid file {pid_file} does not hold a pid ({shown})"
+    pid = int(text)
+    if not 0 < pid <= _PID_MAX:
+        return None, f"pid file {pid_file} holds {cap_text(text, 24)}, which is not a valid pid"
+    return pid, ""
+
+
+def _looks_like_agentapi(argv: Sequence[str]) -> bool:
+    """argv[0] is agentapi, or argv[1] is (an interpreter running a script of that name),
+    and it runs the ``server`` subcommand."""
+    names = [os.path.basename(arg) for arg in argv[:2]]
+    return "agentapi" in names and "server" in argv[1:]
+
+
+def _program(pid: int, argv: Sequence[str]) -> Path | None:
+    if os.path.basename(argv[0]) == "agentapi":
+        return _PROC / str(pid) / "exe"
+    script = argv[1]
+    if "/" not in script:
+        return None  # found on PATH by the interpreter; the fallback binary is our best guess
+    return _resolve(pid, script)
+
+
+def _resolve(pid: int, path: str) -> Path | None:
+    """``path`` as the process sees it: relative paths are relative to its working directory."""
+    if os.path.isabs(path):
+        return Path(path)
+    try:
+        return Path(os.readlink(_PROC / str(pid) / "cwd")) / path
+    except OSError:
+        return None
+
+
+def _options(argv: Sequence[str]) -> dict[str, str]:
+    """``--name value`` / ``--name=value`` options of AgentAPI itself (before ``--``)."""
+    found: dict[str, str] = {}
+    args = list(argv[1:])
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        name, equals, value = arg.partition("=")
+        if name in ("--state-file", "--save-state"):
+            if equals:
+                found[name] = value
+            elif name == "--save-state":
+                found[name] = "true"
+            elif index + 1 < len(args):
+                found[name] = args[index + 1]
+    return found
+
+
+def _state_file(pid: int, argv: Sequence[str], environ: dict[str, str] | None) -> Path | None:
+    value = _options(argv).get("--state-file") or (environ or {}).get("AGENTAPI_STATE_FILE")
+    return _resolve(pid, value) if value else None
+
+
+def _save_state(argv: Sequence[str], environ: dict[str, str] | None) -> bool | None:
+    # Go's strconv.ParseBool spellings; like viper, anything else (but empty) reads as false.
+    value = _options(argv).get("--save-state") or (environ or {}).get("AGENTAPI_SAVE_STATE")
+    if not value:
+        return None
+    return value in _GO_TRUE
+
+
+def _read_cmdline(pid: int) -> tuple[str, ...] | None:
+    """argv of ``pid`` (empty for a zombie or kernel thread), ``None`` if there is no such
+    process; other ``OSError``s (a ``hidepid`` mount) propagate: identity unknown."""
+    try:
+        raw = (_PROC / str(pid) / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    parts = raw.split(b"\0")
+    if parts[-1] == b"":
+        parts.pop()
+    return tuple(os.fsdecode(part) for part in parts)
+
+
+def _read_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in ticks), or ``None`` when there is no such process."""
+    try:
+        raw = (_PROC / str(pid) / "stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return ("?", -1)
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return fields[0].decode("ascii", "replace"), int(fields[19])
+    except (IndexError, ValueError):
+        return ("?", -1)
+
+
+def _read_environ(pid: int) -> dict[str, str] | None:
+    try:
+        raw = (_PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None  # another user's process: its environment is private
+    environ: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        key, equals, value = entry.partition(b"=")
+        if equals:
+            environ[os.fsdecode(key)] = os.fsdecode(value)
+    return environ
+
+
+def _show(argv: Sequence[str]) -> str:
+    return cap_text(shlex.join(argv), 120)
+
+
+# -- version -----------------------------------------------------------------------------
+
+
+async def detect_version(
+    process: AgentProcess | None,
+    *,
+    fallback_bin: str,
+    budget: Budget,
+    cap_s: float = VERSION_CAP_S,
+) -> Version | None:
+    """Run ``<program> --version`` (the running process's own binary first, then
+    ``fallback_bin``) and parse ``agentapi version X.Y.Z``. ``None`` when no candidate
+    answered that within its slice of the budget (at most ``cap_s`` each)."""
+    candidates: list[tuple[str, str]] = []
+    if process is not None and process.program is not None:
+        candidates.append((str(process.program), "process"))
+    if fallback_bin and fallback_bin not in (command for command, _ in candidates):
+        candidates.append((fallback_bin, "fallback"))
+    problems: list[str] = []
+    for command, source in candidates:
+        seconds = budget.slice(cap_s)
+        if seconds <= 0:
+            problems.append("no time left in the budget")
+            break
+        started = time.monotonic()
+        output, problem = await _run_version(command, seconds)
+        version = Version.parse(output) if output is not None else None
+        if version is not None:
+            log.info(
+                "agentapi.version",
+                version=str(version),
+                source=source,
+                program=command,
+                ms=round((time.monotonic() - started) * 1000),
+            )
+            return version
+        if output is not None:
+            problem = f"`{command} --version` printed {cap_text(output.strip(), 80)!r}"
+        problems.append(problem)
+    log.warning("agentapi.version_unknown", problems=problems)
+    return None
+
+
+async def _run_version(command: str, seconds: float) -> tuple[str | None, str]:
+    """Output of ``command --version`` (``None`` and why, if it did not run or finish)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            command,
+            "--version",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        return None, f"cannot run `{command} --version`: {exc.strerror or exc}"
+    output = b""
+    try:
+        async with asyncio.timeout(seconds):
+            assert proc.stdout is not None  # we asked for a pipe
+            while len(output) < _VERSION_OUTPUT_MAX:
+                chunk = await proc.stdout.read(_VERSION_OUTPUT_MAX - len(output))
+                if not chunk:
+                    break
+                output += chunk
+            await proc.wait()
+    except TimeoutError:
+        if not output:
+            return None, f"`{command} --version` did not answer within {seconds:.2f} s"
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return output.decode("utf-8", errors="replace"), ""
+
+
+def persistence_enabled(
+    process: AgentProcess, *, setting: bool | None, state_file_explicit: bool
+) -> bool:
+    """Whether AgentAPI saves its own state, so that asking it to save means something.
+
+    An explicit ``setting`` wins. Otherwise AgentAPI's own environment decides: a state file
+    with saving not switched off means yes, saving switched off means no (it would ignore
+    the request). When its environment is unreadable, an explicitly configured state file
+    means yes.
+    """
+    if setting is not None:
+        return setting
+    if process.save_state is False:
+        return False
+    if process.state_file is not None:
+        return True
+    return state_file_explicit
+
+
+# -- signals -----------------------------------------------------------------------------
+
+_Verdict = Literal["ours", "gone", "not_ours"]
+
+
+def is_alive(process: AgentProcess) -> bool:
+    """True while this very process (same pid *and* start time) runs and is not a zombie."""
+    stat = _read_stat(process.pid)
+    if stat is None or stat[0] in _GONE_STATES:
+        return False
+    return process.start_ticks is None or stat[1] in (process.start_ticks, -1)
+
+
+def _identity(process: AgentProcess) -> tuple[_Verdict, str]:
+    """Is ``process.pid`` still the AgentAPI we found? Checked right before a signal."""
+    stat = _read_stat(process.pid)
+    try:
+        argv = _read_cmdline(process.pid)
+    except OSError as exc:
+        return "not_ours", f"cannot read /proc/{process.pid}/cmdline ({exc.strerror})"
+    if stat is None or argv is None or stat[0] in _GONE_STATES:
+        return "gone", f"pid {process.pid} has exited"
+    if process.start_ticks is not None and stat[1] not in (process.start_ticks, -1):
+        return "not_ours", f"pid {process.pid} is now `{_show(argv)}`, started later: pid reused"
+    if argv != process.argv:
+        return "not_ours", f"pid {process.pid} is now `{_show(argv)}`, not AgentAPI: pid reused"
+    return "ours", ""
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    """A pidfd for ``pid`` (``None`` where the kernel has none): checking identity after
+    opening it and signalling through it cannot hit a process that reused the pid."""
+    try:
+        fd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = None  # gone: the identity check says so
+    except (OSError, AttributeError):
+        fd = None
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _send(process: AgentProcess, sig: signal.Signals, fd: int | None) -> tuple[str, str]:
+    """Send ``sig`` if the pid is still ours: ("sent" | "gone" | "not_ours" | "denied", why)."""
+    verdict, why = _identity(process)
+    if verdict != "ours":
+        return verdict, why
+    try:
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(process.pid, sig)
+    except ProcessLookupError:
+        return "gone", f"pid {process.pid} exited before {sig.name} reached it"
+    except PermissionError:
+        return "denied", f"not permitted to signal pid {process.pid} (another user's process)"
+    return "sent", ""
+
+
+async def request_save(
+    process: AgentProcess,
+    *,
+    state_file: Path,
+    expected: Sequence[Message],
+    budget: Budget,
+    version: Version | None,
+    max_bytes: int = _DEFAULT_STATE_MAX_BYTES,
+) -> SaveConfirmation:
+    """Ask AgentAPI to save (SIGUSR1) and confirm the save landed in ``state_file``.
+
+    Never signals a version that is unknown or older than 0.12.0: SIGUSR1 kills those.
+    Confirmation: the file changed after the signal and parses as a v1 state, or it holds
+    every ``expected`` message (same count, ids, roles and text) already.
+    """
+    started = time.monotonic()
+
+    def done(
+        outcome: SaveOutcome, detail: str, *, signalled: bool = False, held: int | None = None
+    ) -> SaveConfirmation:
+        ms = round((time.monotonic() - started) * 1000)
+        result = SaveConfirmation(outcome, detail, ms, signalled, held)
+        if result.confirmed:
+            log.info("agentapi.save_confirmed", outcome=str(outcome), ms=ms, held=held)
+        elif outcome.startswith("skipped"):
+            log.info("agentapi.save_skipped", outcome=str(outcome), pid=process.pid, detail=detail)
+        else:
+            log.warning("agentapi.save_not_confirmed", outcome=str(outcome), ms=ms, detail=detail)
+        return result
+
+    if version is None:
+        return done(
+            SaveOutcome.SKIPPED_VERSION_UNKNOWN,
+            "AgentAPI's version is unknown; SIGUSR1 kills versions before "
+            f"{MIN_SIGUSR1_VERSION}, so it was not sent",
+        )
+    if version < MIN_SIGUSR1_VERSION:
+        return done(
+            SaveOutcome.SKIPPED_OLD_VERSION,
+            f"AgentAPI {version} predates save-on-SIGUSR1 ({MIN_SIGUSR1_VERSION}); "
+            "SIGUSR1 would kill it, so it was not sent",
+        )
+    if budget.expired:
+        return done(SaveOutcome.SKIPPED_NO_BUDGET, "no time left in the budget to ask for a save")
+    before = _stat_key(state_file)
+    with _pidfd(process.pid) as fd:
+        verdict, why = _send(process, signal.SIGUSR1, fd)
+    if verdict == "gone":
+        return done(SaveOutcome.PROCESS_GONE, why)
+    if verdict == "not_ours":
+        return done(SaveOutcome.SKIPPED_NOT_OURS, f"{why}; not signalling")
+    if verdict == "denied":
+        return done(SaveOutcome.SKIPPED_NOT_PERMITTED, why)
+    log.info("agentapi.save_requested", pid=process.pid, version=str(version))
+    watch = _SaveWatch(state_file, before, expected, max_bytes)
+    while True:
+        found = await watch.check()
+        if found is not None:
+            outcome, detail, held = found
+            return done(outcome, detail, signalled=True, held=held)
+        left = budget.remaining()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(_POLL_S, left))
+    waited = (time.monotonic() - started) * 1000
+    return done(
+        SaveOutcome.NOT_CONFIRMED,
+        f"no save seen within {waited:.0f} ms: {state_file} {watch.holds} "
+        f"(expected {len(expected)} messages)",
+        signalled=True,
+        held=watch.held,
+    )
+
+
+_StatKey = tuple[int, int, int]
+
+
+def _stat_key(path: Path) -> _StatKey | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _SaveWatch:
+    """Watches a state file: cheap ``stat`` calls each poll, a full read only when it changed
+    (and once at the start, for the "already holds everything" case)."""
+
+    def __init__(
+        self, path: Path, before: _StatKey | None, expected: Sequence[Message], max_bytes: int
+    ) -> None:
+        self._path = path
+        self._before = before
+        self._seen = before
+        self._expected = expected
+        self._max_bytes = max_bytes
+        self._checked_initial = False
+        self.holds = "is absent" if before is None else "was not checked"
+        self.held: int | None = None
+
+    async def check(self) -> tuple[SaveOutcome, str, int | None] | None:
+        key = _stat_key(self._path)
+        if key is None:
+            self.holds = "is absent"
+            if not self._expected and self._before is None:
+                return SaveOutcome.CONFIRMED_UNCHANGED, "no messages and no state file", 0
+            return None
+        if key == self._seen and self._checked_initial:
+            return None
+        self._checked_initial = True
+        state = await self._read()
+        after = _stat_key(self._path)
+        self._seen = key if after == key else None  # changed under us: read again next poll
+        if state is None:
+            return None
+        self.held = len(state.messages)
+        holds_all = _holds(state, self._expected)
+        self.holds = f"holds {self.held} messages"
+        if key != self._before:
+            return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} {self.holds}", self.held
+        if holds_all:
+            return (
+                SaveOutcome.CONFIRMED_UNCHANGED,
+                f"{self._path} already holds all {self.held} messages",
+                self.held,
+            )
+        return None
+
+    async def _read(self) -> AgentAPIState | None:
+        try:
+            return await asyncio.to_thread(
+                read_agentapi_state, self._path, max_bytes=self._max_bytes
+            )
+        except FileNotFoundError:
+            self.holds = "is absent"
+        except (StateFileError, OSError) as exc:
+            self.holds = f"does not parse ({cap_text(str(exc), 160)})"
+        return None
+
+
+def _holds(state: AgentAPIState, expected: Sequence[Message]) -> bool:
+    if len(state.messages) != len(expected):
+        return False
+    return all(
+        saved.id == want.id and saved.role == want.role and saved.message == want.content
+        for saved, want in zip(state.messages, expected, strict=True)
+    )
+
+
+async def stop(process: AgentProcess, *, budget: Budget) -> StopResult:
+    """SIGTERM AgentAPI (if the pid is still it) and wait for it to exit, within the budget.
+
+    AgentAPI saves its state on SIGTERM and stops serving HTTP right after, so fetch what
+    you need first. There is no SIGKILL here: killing it would lose that save.
+    """
+    started = time.monotonic()
+
+    def done(outcome: StopOutcome, detail: str, *, signalled: bool = False) -> StopResult:
+        ms = round((time.monotonic() - started) * 1000)
+        log.info("agentapi.stopped", outcome=str(outcome), ms=ms, pid=process.pid, detail=detail)
+        return StopResult(outcome, detail, ms, signalled)
+
+    with _pidfd(process.pid) as fd:
+        verdict, why = _send(process, signal.SIGTERM, fd)
+        if verdict == "gone":
+            return done(StopOutcome.NOT_RUNNING, why)
+        if verdict == "not_ours":
+            log.warning("agentapi.not_ours", pid=process.pid, reason=why)
+            return done(StopOutcome.NOT_OURS, f"{why}; not signalling")
+        if verdict == "denied":
+            return done(StopOutcome.NOT_PERMITTED, why)
+        exited = await _wait_exit(process, fd, budget.slice())
+    seconds = time.monotonic() - started
+    if exited:
+        return done(
+            StopOutcome.EXITED, f"exited {seconds * 1000:.0f} ms after SIGTERM", signalled=True
+        )
+    return done(
+        StopOutcome.STILL_RUNNING,
+        f"still running {seconds:.2f} s after SIGTERM (budget spent)",
+        signalled=True,
+    )
+
+
+async def _wait_exit(process: AgentProcess, fd: int | None, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the process to exit: a pidfd turns readable when it does,
+    so the loop sleeps in epoll rather than polling; without one, poll ``/proc``."""
+    if fd is None:
+        return await _poll_exit(process, seconds)
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+
+    def on_readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    try:
+        loop.add_reader(fd, on_readable)
+    except (OSError, NotImplementedError, ValueError):
+        return await _poll_exit(process, seconds)
+    try:
+        async with asyncio.timeout(max(seconds, 0.0)):
+            await exited
+        return True
+    except TimeoutError:
+        return not is_alive(process)
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _poll_exit(process: AgentProcess, seconds: float) -> bool:
+    """The fallback wait: look at ``/proc`` every few milliseconds, within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while is_alive(process):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(0.02, left))
+    return True

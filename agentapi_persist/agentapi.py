@@ -1,0 +1,439 @@
+"""AgentAPIClient: the local AgentAPI's HTTP API (``/status``, ``/messages``, ``/events``).
+
+Everything AgentAPI sends is untrusted: bodies are read through a byte cap, parsed with the
+tolerant decoder in ``models`` and checked for the invariants we rely on (message ids equal
+their index). Failures become our own errors at this boundary, ``from`` the aiohttp cause:
+
+* the request did not complete (refused, reset, too slow) -> ``AgentAPIError``;
+* AgentAPI answered with a non-2xx status -> ``AgentAPIError`` with ``.status`` and the body,
+  capped;
+* the body is unusable (too big, truncated, not JSON, wrong shape) -> ``AgentAPIBodyError``.
+
+Non-UTF-8 bytes and lone surrogates are *tolerated*: they become U+FFFD, which is what
+AgentAPI's own Go decoder does, so one odd byte in a long conversation does not cost the rest.
+
+The request's Host header is the one aiohttp derives from the base URL (``localhost:3284``):
+AgentAPI's host check accepts localhost, 127.0.0.1 and [::1], so we never override it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import re
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import aiohttp
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from ._http import BodyTooLarge, client_timeout, read_capped
+from .budget import Budget
+from .errors import AgentAPIBodyError, AgentAPIError, cap_text
+from .models import (
+    AgentAPIStateMessage,
+    AgentStatus,
+    Message,
+    MessagesResponse,
+    Role,
+    parse_untrusted_json,
+    sanitize_text,
+)
+
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "AgentAPIClient",
+    "AgentErrorEvent",
+    "AgentEvent",
+    "MessageUpdate",
+    "StatusChange",
+]
+
+log = structlog.get_logger(__name__)
+
+#: One server-sent event may carry a whole agent message; beyond this we stop buffering.
+DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
+#: How much of an error body we read to quote it; the message keeps ~256 characters of it.
+_ERROR_BODY_BYTES = 4096
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageUpdate:
+    """A message was added or changed. On the wire the text is ``message``; here ``content``."""
+
+    id: int
+    role: Role
+    content: str
+    time: str
+
+    def as_message(self) -> Message:
+        """The same message in the shape ``/messages`` uses."""
+        return Message.model_construct(
+            id=self.id, role=self.role, content=self.content, time=self.time
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """The agent went ``running`` (the last message keeps changing) or ``stable``."""
+
+    status: Literal["running", "stable"]
+    agent_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentErrorEvent:
+    """AgentAPI reported a problem with the agent (``agent_error``)."""
+
+    message: str
+    level: str
+    time: str
+
+
+AgentEvent = MessageUpdate | StatusChange | AgentErrorEvent
+
+
+class _AgentErrorWire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    message: str
+    level: str = "error"
+    time: str = ""
+
+
+#: ``message_update`` data is ``{id, role, message, time}``: the state file's message shape.
+_MessageWire = AgentAPIStateMessage
+
+
+@dataclass(frozen=True, slots=True)
+class _RawEvent:
+    """One dispatched server-sent event before its data is interpreted."""
+
+    type: str
+    data: str
+    id: str
+
+
+class AgentAPIClient:
+    """Talks to one AgentAPI over a session the caller owns.
+
+    Every call takes the caller's ``Budget``; ``cap_s`` bounds a single call further. Nothing
+    here retries: the caller knows whether there is time for another attempt.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: aiohttp.ClientSession,
+        max_body_bytes: int = 256 * 2**20,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._max_body_bytes = max_body_bytes
+        self._max_event_bytes = max_event_bytes
+
+    def __repr__(self) -> str:
+        return f"AgentAPIClient({self.base_url!r})"
+
+    async def status(self, *, budget: Budget, cap_s: float | None = None) -> AgentStatus:
+        """``GET /status``: whether the agent is working (``running``) or idle (``stable``)."""
+        return await self._get("/status", AgentStatus, budget=budget, cap_s=cap_s)
+
+    async def messages(self, *, budget: Budget, cap_s: float | None = None) -> tuple[Message, ...]:
+        """``GET /messages``: the whole conversation, ids checked to be ``0..n-1``."""
+        url = self.base_url + "/messages"
+        response = await self._get("/messages", MessagesResponse, budget=budget, cap_s=cap_s)
+        for index, message in enumerate(response.messages):
+            if message.id != index:
+                # A gap or a reorder would make a state file AgentAPI cannot load.
+                raise AgentAPIBodyError(
+                    f"AgentAPI at {url} sent message id {message.id} at position {index}; "
+                    "ids must be 0..n-1 without gaps",
+                    url=url,
+                    status=200,
+                )
+        return response.messages
+
+    async def _get(self, path: str, model: type[_M], *, budget: Budget, cap_s: float | None) -> _M:
+        url = self.base_url + path
+        seconds = budget.slice(cap_s)
+        if seconds <= 0:
+            raise AgentAPIError(f"no time left in the budget to ask AgentAPI at {url}", url=url)
+        timeout = client_timeout(budget, cap_s)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with self._session.get(url, timeout=timeout) as response:
+                if not 200 <= response.status < 300:
+                    raise await _status_error(response, url)
+                body = await read_capped(response, self._max_body_bytes)
+        except BodyTooLarge as exc:
+            raise AgentAPIBodyError(
+                f"AgentAPI at {url} sent too much: {exc}", url=url, status=exc.status
+            ) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise AgentAPIBodyError(
+                f"AgentAPI at {url} cut its answer short (truncated body): {exc}", url=url
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _transport_error(exc, url, seconds) from exc
+        try:
+            parsed = parse_untrusted_json(body, model)
+        except ValueError as exc:
+            raise AgentAPIBodyError(
+                f"AgentAPI at {url} sent an unusable body ({len(body)} bytes): {exc}",
+                url=url,
+                status=200,
+            ) from exc
+        log.debug(
+            "agentapi.fetched",
+            path=path,
+            bytes=len(body),
+            ms=round((loop.time() - started) * 1000),
+        )
+        return parsed
+
+    async def events(
+        self, *, connect_timeout_s: float = 5.0, idle_timeout_s: float | None = None
+    ) -> AsyncGenerator[AgentEvent, None]:
+        """Follow ``GET /events``: a replay of every message, one status, then deltas.
+
+        ``connect_timeout_s`` bounds connecting and receiving the response headers;
+        ``idle_timeout_s`` (``None``: wait forever) bounds the silence between two reads.
+        The stream itself has no total timeout: it is meant to be followed for hours.
+
+        The iterator ends when AgentAPI ends the stream (restart, or it dropped us for
+        falling 1024 events behind): the caller reconnects and the replay resyncs it.
+        Raises ``AgentAPIError`` when the stream breaks or stays silent too long, and
+        ``AgentAPIBodyError`` for an event whose data is not what AgentAPI sends (also a
+        reason to resync). Close it with ``contextlib.aclosing`` when stopping early.
+        """
+        url = self.base_url + "/events"
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout_s, sock_read=idle_timeout_s
+        )
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                response = await self._session.get(
+                    url, headers={"Accept": "text/event-stream"}, timeout=timeout
+                )
+        except TimeoutError as exc:
+            raise AgentAPIError(
+                f"AgentAPI at {url} did not start its event stream within "
+                f"{_fmt_s(connect_timeout_s)} s",
+                url=url,
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _transport_error(exc, url, connect_timeout_s) from exc
+        try:
+            if response.status != 200:
+                raise await _status_error(response, url)
+            if response.content_type != "text/event-stream":
+                raise AgentAPIBodyError(
+                    f"AgentAPI at {url} answered {response.content_type!r}, "
+                    "not an event stream (text/event-stream)",
+                    url=url,
+                    status=response.status,
+                )
+            decoder = _SSEDecoder(max_event_bytes=self._max_event_bytes, url=url)
+            log.debug("agentapi.events_connected", url=url)
+            while True:
+                chunk = await _read_stream_chunk(response, url, idle_timeout_s)
+                if not chunk:
+                    break
+                for raw in decoder.feed(chunk):
+                    event = _interpret(raw, url)
+                    if event is not None:
+                        yield event
+            log.debug("agentapi.events_ended", url=url, partial_event=decoder.pending)
+        finally:
+            response.close()
+
+
+async def _read_stream_chunk(
+    response: aiohttp.ClientResponse, url: str, idle_timeout_s: float | None
+) -> bytes:
+    """Next bytes of the stream, ``b""`` at its clean end; errors mapped to ours."""
+    try:
+        return await response.content.readany()
+    except TimeoutError as exc:
+        waited = "" if idle_timeout_s is None else f" for {_fmt_s(idle_timeout_s)} s"
+        raise AgentAPIError(
+            f"AgentAPI's event stream at {url} went silent{waited}", url=url
+        ) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise AgentAPIError(f"AgentAPI's event stream at {url} broke off: {exc}", url=url) from exc
+
+
+def _interpret(raw: _RawEvent, url: str) -> AgentEvent | None:
+    """Turn one SSE event into a typed event; ``None`` for types we do not follow."""
+    try:
+        if raw.type == "message_update":
+            wire = parse_untrusted_json(raw.data.encode(), _MessageWire)
+            return MessageUpdate(id=wire.id, role=wire.role, content=wire.message, time=wire.time)
+        if raw.type == "status_change":
+            status = parse_untrusted_json(raw.data.encode(), AgentStatus)
+            return StatusChange(status=status.status, agent_type=status.agent_type)
+        if raw.type == "agent_error":
+            error = parse_untrusted_json(raw.data.encode(), _AgentErrorWire)
+            return AgentErrorEvent(
+                message=sanitize_text(error.message),
+                level=sanitize_text(error.level),
+                time=sanitize_text(error.time),
+            )
+    except ValueError as exc:
+        raise AgentAPIBodyError(
+            f"AgentAPI's event stream at {url} sent a bad {raw.type!r} event "
+            f"({len(raw.data)} chars): {exc}",
+            url=url,
+        ) from exc
+    log.debug("agentapi.event_skipped", event_type=cap_text(raw.type, 64), chars=len(raw.data))
+    return None
+
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+class _SSEDecoder:
+    """Incremental server-sent events parser (WHATWG HTML "event stream interpretation").
+
+    Lines end in CRLF, LF or CR (a CR at a chunk boundary may be followed by the LF in the
+    next chunk). ``event:`` sets the type, ``data:`` lines are joined with ``\\n``, ``id:``
+    is kept, lines starting with ``:`` are comments, a blank line dispatches. An event whose
+    buffered size passes ``max_event_bytes`` raises instead of growing without bound. Pure:
+    no I/O, so it can be fed any split of the stream.
+    """
+
+    def __init__(self, *, max_event_bytes: int, url: str = "") -> None:
+        self._max = max_event_bytes
+        self._url = url
+        self._buffer = bytearray()
+        self._scan_from = 0
+        self._skip_lf = False
+        self._first = True
+        self._type = ""
+        self._data: list[str] = []
+        self._size = 0
+        self._last_id = ""
+
+    @property
+    def pending(self) -> bool:
+        """True when a partial event (or line) is buffered; it is dropped at stream end."""
+        return bool(self._buffer) or bool(self._data) or bool(self._type)
+
+    def feed(self, chunk: bytes) -> list[_RawEvent]:
+        """Consume ``chunk`` and return the events it completed, in order."""
+        if self._skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._skip_lf = False
+        buffer = self._buffer
+        buffer += chunk
+        if self._first:
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                return []  # might still be the start of a byte-order mark
+            self._first = False
+            if buffer.startswith(_BOM):
+                del buffer[: len(_BOM)]
+        events: list[_RawEvent] = []
+        start = 0
+        while True:
+            match = _EOL.search(buffer, max(start, self._scan_from))
+            if match is None:
+                break
+            line = bytes(buffer[start : match.start()])
+            if match.group() == b"\r" and match.end() == len(buffer):
+                self._skip_lf = True  # the LF of a CRLF may arrive in the next chunk
+            start = match.end()
+            self._scan_from = start
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        del buffer[:start]
+        self._scan_from = len(buffer)
+        if self._size + len(buffer) > self._max:
+            raise AgentAPIBodyError(
+                f"AgentAPI's event stream at {self._url} sent an event over the "
+                f"{self._max}-byte cap",
+                url=self._url or None,
+            )
+        return events
+
+    def _line(self, raw: bytes) -> _RawEvent | None:
+        if not raw:
+            return self._dispatch()
+        if raw[:1] == b":":
+            return None
+        line = raw.decode("utf-8", errors="replace")
+        field, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self._type = value
+        elif field == "data":
+            self._data.append(value)
+            self._size += len(raw) + 1
+            if self._size > self._max:
+                raise AgentAPIBodyError(
+                    f"AgentAPI's event stream at {self._url} sent an event over the "
+                    f"{self._max}-byte cap",
+                    url=self._url or None,
+                )
+        elif field == "id" and "\0" not in value:
+            self._last_id = value
+        # "retry" and unknown fields are ignored, as the spec says.
+        return None
+
+    def _dispatch(self) -> _RawEvent | None:
+        event_type, data = self._type or "message", self._data
+        self._type, self._data, self._size = "", [], 0
+        if not data:
+            return None
+        return _RawEvent(type=event_type, data="\n".join(data), id=self._last_id)
+
+
+async def _status_error(response: aiohttp.ClientResponse, url: str) -> AgentAPIError:
+    """An error for a non-2xx answer, quoting (a capped part of) its body."""
+    try:
+        head = await response.content.read(_ERROR_BODY_BYTES)
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        head = b""
+    text = cap_text(head.decode("utf-8", errors="replace").strip())
+    reason = f" {response.reason}" if response.reason else ""
+    quoted = f": {text}" if text else ""
+    return AgentAPIError(
+        f"AgentAPI at {url} answered {response.status}{reason}{quoted}",
+        url=url,
+        status=response.status,
+    )
+
+
+def _transport_error(exc: BaseException, url: str, seconds: float) -> AgentAPIError:
+    """Say in words which way the request failed: refused, reset, or too slow."""
+    if isinstance(exc, TimeoutError):
+        what = f"did not answer within {_fmt_s(seconds)} s"
+    elif isinstance(exc, aiohttp.ClientConnectorError) and (
+        exc.os_error.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL)
+        or "refused" in str(exc.os_error).lower()
+    ):
+        what = "refused the connection (is it running?)"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        what = f"could not be reached: {exc.os_error.strerror or exc}"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        what = "closed the connection without answering"
+    elif isinstance(exc, ConnectionResetError) or getattr(exc, "errno", None) == errno.ECONNRESET:
+        what = "reset the connection"
+    else:
+        what = f"failed: {type(exc).__name__}: {cap_text(str(exc), 160)}"
+    return AgentAPIError(f"AgentAPI at {url} {what}", url=url)
+
+
+def _fmt_s(seconds: float) -> str:
+    """``0.8``, ``0.05``, ``10``: seconds as a person writes them."""
+    return f"{seconds:.2f}".rstrip("0").rstrip(".") or "0"

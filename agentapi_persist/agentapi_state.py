@@ -1,0 +1,132 @@
+"""AgentAPI's own state file (version 1): read it strictly, write it exactly as AgentAPI reads it.
+
+The file is ``{"version":1,"messages":[{"id","message","role","time"}],"initial_prompt":str,
+"initial_prompt_sent":bool}``: compact JSON and a trailing newline. AgentAPI starts *empty* when
+its file fails to load and later overwrites it, so ``restore`` must know precisely whether a file
+is good; each failure names the file and says what is wrong and where.
+
+Decoding is as tolerant as AgentAPI's own Go decoder and no more: invalid UTF-8 inside a string
+and lone surrogate escapes (``"\\ud800"``) become U+FFFD, exactly what AgentAPI itself would load,
+so those files are *good* files and are not reported. Everything Go would reject is refused.
+
+``initial_prompt_sent`` is the field that matters most: losing it makes AgentAPI re-run the
+initial prompt (money, and possibly overwritten work). The renderer writes what the caller
+decided; it never guesses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ._fsutil import read_capped_file, write_atomic
+from .errors import StateFileCorrupt, StateFileVersionError
+from .models import AgentAPIState, Conversation, dump_compact, parse_untrusted_json
+
+__all__ = [
+    "STATE_VERSION",
+    "conversation_from_state",
+    "read_agentapi_state",
+    "render_agentapi_state",
+    "write_agentapi_state",
+]
+
+STATE_VERSION = 1
+_KNOWN_KEYS = frozenset({"version", "messages", "initial_prompt", "initial_prompt_sent"})
+_MISSING = object()
+
+
+def _declared_version(data: bytes) -> object:
+    """The top-level ``version`` if the file is JSON enough to say, else ``_MISSING``."""
+    try:
+        document = json.loads(data.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        return _MISSING
+    if isinstance(document, dict):
+        return document.get("version", _MISSING)
+    return _MISSING
+
+
+def read_agentapi_state(path: Path, *, max_bytes: int) -> AgentAPIState:
+    """Read and validate AgentAPI's state file.
+
+    Raises ``FileNotFoundError`` if it is missing; ``StateFileError`` if it is too big, a
+    symlink, or unreadable; ``StateFileVersionError`` for a ``version`` other than 1;
+    ``StateFileCorrupt`` for an empty, truncated, non-JSON or wrongly shaped file, or message ids
+    that are not exactly 0..n-1 (AgentAPI would give a new message a colliding id).
+    """
+    data = read_capped_file(path, max_bytes)
+    if not data.strip():
+        raise StateFileCorrupt(
+            f"AgentAPI state file {path} is empty ({len(data)} bytes)", path=str(path)
+        )
+    try:
+        return parse_untrusted_json(data, AgentAPIState)
+    except ValueError as exc:
+        version = _declared_version(data)
+        if version is not _MISSING and not (type(version) is int and version == STATE_VERSION):
+            raise StateFileVersionError(
+                f"AgentAPI state file {path} declares version {repr(version)[:40]}; this "
+                f"release reads version {STATE_VERSION} only",
+                path=str(path),
+            ) from None
+        hint = ""
+        if not data.rstrip().endswith(b"}"):
+            hint = f"; the file ({len(data)} bytes) ends mid-document, as a cut-short write would"
+        raise StateFileCorrupt(
+            f"AgentAPI state file {path} is corrupt: {exc}{hint}", path=str(path)
+        ) from None
+
+
+def render_agentapi_state(
+    conversation: Conversation, *, extra: AgentAPIState | None = None
+) -> bytes:
+    """The file's bytes: compact JSON in AgentAPI's key order plus a trailing newline.
+
+    Ids are rewritten as the positions 0..n-1 (what AgentAPI requires), times are copied
+    verbatim (up to 9 fractional digits), and an unknown prompt becomes ``""``/``false``: the
+    caller decides the prompt fields before calling. Unknown top-level fields of ``extra`` (a
+    newer AgentAPI's additions) are carried after the known ones.
+    """
+    document: dict[str, Any] = {
+        "version": STATE_VERSION,
+        "messages": [
+            {"id": index, "message": m.content, "role": m.role, "time": m.time}
+            for index, m in enumerate(conversation.messages)
+        ],
+        "initial_prompt": conversation.initial_prompt or "",
+        "initial_prompt_sent": bool(conversation.initial_prompt_sent),
+    }
+    if extra is not None and extra.model_extra:
+        for key, value in extra.model_extra.items():
+            if key not in _KNOWN_KEYS:
+                document[key] = value
+    try:
+        return dump_compact(document) + b"\n"
+    except UnicodeEncodeError:
+        # Only a carried-over extra can hold a lone surrogate (our own text is sanitised);
+        # ASCII escapes keep the file valid JSON, and Go reads them as U+FFFD.
+        return json.dumps(document, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def write_agentapi_state(
+    path: Path, conversation: Conversation, *, extra: AgentAPIState | None = None
+) -> int:
+    """Atomically replace AgentAPI's state file (0600) and return the bytes written.
+
+    Only for when AgentAPI is not running: it owns the file while it runs.
+    """
+    data = render_agentapi_state(conversation, extra=extra)
+    write_atomic(path, data)
+    return len(data)
+
+
+def conversation_from_state(state: AgentAPIState) -> Conversation:
+    """Our conversation from AgentAPI's file; the prompt fields are marked as coming from it."""
+    return Conversation.model_construct(
+        messages=state.conversation_messages(),
+        initial_prompt=state.initial_prompt,
+        initial_prompt_sent=state.initial_prompt_sent,
+        prompt_origin="agentapi_state",
+    )

@@ -1,0 +1,303 @@
+"""Command line: ``agentapi-persist run | shutdown | restore | snapshot | status``.
+
+``main(argv) -> int`` is the only place that turns exceptions into exit codes (the table lives
+with the error classes in ``errors.py``). Command modules are imported inside each command so
+that a command pays only for what it uses: ``restore`` never loads aiohttp, for instance.
+stdout carries the result (a summary line, or JSON with ``--json``); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._options import OPTIONS
+from ._version import __version__
+from .config import Settings
+from .errors import ExitCode, PersistError
+
+if TYPE_CHECKING:
+    from .sequence import ShutdownReport
+
+__all__ = ["build_parser", "main"]
+
+_EPILOG = """\
+exit codes: 0 ok; 1 error; 2 bad flags or environment; 3 state not durable (previous copy
+kept); 4 snapshot not delivered (state durable); 5 grace budget ran out; 6 AgentAPI is
+running (restore refused); 7 no good copy to restore; 8 status found problems.
+"""
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started: the grace period was already running then."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (flag > environment > default)")
+    for option in OPTIONS:
+        env = ", ".join(f"${name}" for name in option.env)
+        help_text = f"{option.help} [env: {env}; default: {option.default_text}]"
+        dest = option.field
+        if option.kind is bool:
+            group.add_argument(
+                option.flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                option.flag,
+                dest=dest,
+                metavar=option.metavar,
+                type=option.kind,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+    parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each subcommand's ``--help`` lists every setting."""
+    parser = argparse.ArgumentParser(
+        prog="agentapi-persist",
+        description="Keeps an AgentAPI conversation durable across workspace stops.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"agentapi-persist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {
+        "shutdown": "Run the shutdown sequence within the grace budget (the run_on_stop step).",
+        "restore": "Validate AgentAPI's state file and repair it from the newest good copy "
+        "(before AgentAPI starts).",
+        "snapshot": "Build the log snapshot now and upload it (or print it with --dry-run).",
+        "status": "Show sidecar, checkpoint, state file, last upload and AgentAPI facts.",
+    }
+    for name, help_text in commands.items():
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_common(cmd)
+        if name == "restore":
+            cmd.add_argument(
+                "--force",
+                action="store_true",
+                help="Restore even if something listens at AgentAPI's address.",
+            )
+        if name == "snapshot":
+            cmd.add_argument(
+                "--dry-run", action="store_true", help="Print the payload; upload nothing."
+            )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, configure, run one command, map errors to an exit code."""
+    # The grace period was already running when this process started: anchor every budget on
+    # the process start, not on when the (slow) imports finished.
+    started_at = time.monotonic() - _process_age_s()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {o.field: getattr(args, o.field) for o in OPTIONS if hasattr(args, o.field)}
+    as_json: bool = args.json
+    try:
+        flags.setdefault("log_level", os.environ.get("AGENTAPI_PERSIST_LOG_LEVEL") or "warning")
+        settings = Settings.load(flags)
+        from .log import configure_logging
+
+        configure_logging(level=settings.log_level)
+        command = args.command
+        if command == "shutdown":
+            return _shutdown(settings, as_json=as_json, started_at=started_at)
+        if command == "restore":
+            return _restore(settings, as_json=as_json, force=args.force)
+        if command == "snapshot":
+            return _snapshot(settings, as_json=as_json, dry_run=args.dry_run)
+        return _status(settings, as_json=as_json)
+    except PersistError as exc:
+        _emit_error(exc, as_json=as_json)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("agentapi-persist: interrupted", file=sys.stderr)
+        return 130
+
+
+def _emit_error(exc: PersistError, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "exit_code": int(exc.exit_code), "error": str(exc)}))
+    print(f"agentapi-persist: {exc}", file=sys.stderr)
+
+
+def _print(payload: dict[str, Any] | str, *, as_json: bool) -> None:
+    if as_json and isinstance(payload, dict):
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        print(payload)
+
+
+def _arm_watchdog(settings: Settings, started_at: float) -> threading.Timer:
+    """Exit on our own just before the runtime's SIGKILL, even if the loop is stuck.
+
+    A thread timer, not a loop callback: a blocked event loop (a hung fsync, say) must not be
+    able to keep us past the grace period.
+    """
+    elapsed = time.monotonic() - started_at
+    delay = max(settings.grace_s - elapsed - min(0.15, settings.margin_s / 2), 0.05)
+
+    def hard_exit() -> None:
+        sys.stderr.write(
+            "agentapi-persist: grace period about to end; exiting before SIGKILL "
+            "(state: see previous lines; the previous durable copy is intact)\n"
+        )
+        sys.stderr.flush()
+        os._exit(int(ExitCode.DEADLINE))
+
+    timer = threading.Timer(delay, hard_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
+    watchdog = _arm_watchdog(settings, started_at)
+    try:
+        report = asyncio.run(_shutdown_async(settings, started_at=started_at))
+    finally:
+        watchdog.cancel()
+    _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
+    return int(report.exit_code)
+
+
+async def _shutdown_async(settings: Settings, *, started_at: float) -> ShutdownReport:
+    from . import history
+    from ._http import make_session
+    from .agentapi import AgentAPIClient
+    from .budget import Budget
+    from .coder import CoderClient
+    from .errors import ConfigError
+    from .sequence import run_sequence
+    from .store import StateStore
+
+    budget = Budget(max(settings.budget_s - (time.monotonic() - started_at), 0.05))
+    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+    async with make_session() as agent_session, make_session() as coder_session:
+        agent = AgentAPIClient(
+            settings.agentapi_url, session=agent_session, max_body_bytes=settings.max_body_bytes
+        )
+        try:
+            target = settings.coder_target()
+        except ConfigError:
+            target = None  # the sequence reports the misconfiguration as the snapshot outcome
+        coder = CoderClient(target, session=coder_session) if target else None
+        report = await run_sequence(settings, store=store, agent=agent, coder=coder, budget=budget)
+    with contextlib.suppress(PersistError):  # informational only; the summary says it all
+        await asyncio.to_thread(
+            history.write_record, settings.state_dir, history.LAST_SHUTDOWN, report.as_dict()
+        )
+    return report
+
+
+def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
+    from .repair import restore
+
+    report = restore(settings, force=force)
+    _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
+    return int(report.exit_code)
+
+
+def _status(settings: Settings, *, as_json: bool) -> int:
+    from .status import collect_status
+
+    report = asyncio.run(collect_status(settings))
+    _print(report.as_dict() if as_json else report.render(), as_json=as_json)
+    return int(report.exit_code)
+
+
+def _snapshot(settings: Settings, *, as_json: bool, dry_run: bool) -> int:
+    return asyncio.run(_snapshot_async(settings, as_json=as_json, dry_run=dry_run))
+
+
+async def _snapshot_async(settings: Settings, *, as_json: bool, dry_run: bool) -> int:
+    from ._http import make_session
+    from .agentapi import AgentAPIClient
+    from .budget import Budget
+    from .coder import CoderClient
+    from .errors import ConfigError
+    from .sequence import gather
+    from .snapshot import build_snapshot
+    from .store import StateStore
+
+    budget = Budget(settings.budget_s)
+    target = None if dry_run else settings.coder_target()
+    if not dry_run and target is None:
+        raise ConfigError("no snapshot is configured: set ARG_TASK_ID (or --task-id) to upload")
+    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+    async with make_session() as session:
+        agent = AgentAPIClient(
+            settings.agentapi_url, session=session, max_body_bytes=settings.max_body_bytes
+        )
+        gathered = await gather(settings, store=store, agent=agent, budget=budget)
+        messages = gathered.conversation.messages if gathered.conversation else ()
+        snapshot = build_snapshot(
+            messages, max_messages=settings.snapshot_messages, max_bytes=settings.snapshot_max_bytes
+        )
+        facts = {
+            "source": gathered.source,
+            "messages": len(snapshot.messages),
+            "of": snapshot.total,
+            "bytes": snapshot.size,
+            "truncated_bytes": snapshot.truncated_bytes,
+        }
+        if dry_run:
+            if as_json:
+                _print({**facts, "payload": json.loads(snapshot.payload)}, as_json=True)
+            else:
+                sys.stdout.write(snapshot.payload.decode("utf-8") + "\n")
+                print(
+                    f"snapshot (dry run): {facts['messages']} of {facts['of']} messages from "
+                    f"{facts['source']}, {facts['bytes']} bytes",
+                    file=sys.stderr,
+                )
+            return int(ExitCode.OK)
+        if not snapshot.messages:
+            _print(
+                {**facts, "outcome": "skipped"} if as_json else "snapshot skipped: no messages",
+                as_json=as_json,
+            )
+            return int(ExitCode.OK)
+        assert target is not None
+        coder = CoderClient(target, session=session)
+        result = await coder.upload_snapshot(snapshot.payload, budget=budget)
+    outcome = {
+        **facts,
+        "outcome": str(result.outcome),
+        "status": result.status,
+        "detail": result.detail,
+    }
+    line = f"snapshot {result.outcome}: {facts['messages']} messages, {facts['bytes']} bytes"
+    if not result.delivered:
+        line += f" | {result.detail}"
+    _print(outcome if as_json else line, as_json=as_json)
+    return int(ExitCode.OK if result.delivered else ExitCode.SNAPSHOT_FAILED)

@@ -1,0 +1,38 @@
+"""Small records of what happened, kept in the state directory for ``status``.
+
+``last-upload.json`` says when the last snapshot upload ran and how it ended; ``last-shutdown.json``
+holds the last shutdown report. Both are written atomically (0600) and never hold the token:
+they are built from outcome objects that do not carry it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ._fsutil import write_atomic
+
+__all__ = ["LAST_SHUTDOWN", "LAST_UPLOAD", "read_record", "write_record"]
+
+LAST_UPLOAD = "last-upload.json"
+LAST_SHUTDOWN = "last-shutdown.json"
+_MAX_RECORD_BYTES = 64 * 1024
+
+
+def write_record(state_dir: Path, name: str, record: dict[str, Any]) -> None:
+    """Atomically replace the record ``name`` in ``state_dir``."""
+    data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    write_atomic(state_dir / name, data)
+
+
+def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
+    """The record ``name``, or ``None`` if missing or unreadable (it is informational only)."""
+    path = state_dir / name
+    try:
+        if path.is_symlink() or path.stat().st_size > _MAX_RECORD_BYTES:
+            return None
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

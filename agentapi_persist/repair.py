@@ -1,0 +1,245 @@
+"""``restore``: the boot step that gives AgentAPI a complete, valid state file.
+
+Runs before AgentAPI starts (AgentAPI owns its file while it runs, so we refuse if it is up).
+AgentAPI treats a file that fails to load as "start empty" and later overwrites it, so a bad
+file is the moment history gets lost for good. We look at both copies and decide:
+
+=====================  ===========================  ======================================
+AgentAPI's file        sidecar's copy               action
+=====================  ===========================  ======================================
+valid, current         any older or equal           nothing (adopt its prompt fields)
+valid, behind          ahead (extends it)           rewrite the file from the copy
+valid, ahead           behind                       adopt the file into the copy
+valid, diverged        diverged                     the more recent wins; a replaced file
+                                                    is quarantined first
+missing                present                      write the file from the copy
+corrupt/unknown ver.   present                      quarantine, write from the copy
+corrupt/unknown ver.   absent                       quarantine; exit 7 (no good copy)
+missing                absent                       nothing to do (first start)
+=====================  ===========================  ======================================
+
+Quarantine moves the bytes aside (``<file>.corrupt-<time>-<id>``); nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import structlog
+
+from ._fsutil import quarantine
+from .agent_process import find_agentapi
+from .agentapi_state import conversation_from_state, read_agentapi_state, write_agentapi_state
+from .config import Settings
+from .errors import AgentRunningError, ExitCode, StateFileError
+from .models import AgentAPIState, Conversation
+from .sources import Relation, compare, file_time, with_prompt_fields
+from .store import StateStore
+
+__all__ = ["RestoreReport", "restore"]
+
+log = structlog.get_logger(__name__)
+
+Outcome = Literal["unchanged", "written", "adopted", "nothing", "no_good_copy"]
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    """What ``restore`` found and did, in sentences a person can act on."""
+
+    outcome: Outcome = "nothing"
+    messages: int = 0
+    found: list[str] = field(default_factory=list)
+    did: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """7 when a bad file had no good copy to replace it; 0 otherwise."""
+        return ExitCode.NO_GOOD_COPY if self.outcome == "no_good_copy" else ExitCode.OK
+
+    def summary(self) -> str:
+        """One line for people; ``as_dict`` for machines."""
+        return (
+            f"restore {self.outcome}: "
+            + " ".join(self.found)
+            + (" | did: " + " ".join(self.did) if self.did else "")
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {
+            "outcome": self.outcome,
+            "exit_code": int(self.exit_code),
+            "messages": self.messages,
+            "found": self.found,
+            "did": self.did,
+            "quarantined": self.quarantined,
+        }
+
+
+def _listening(url: str, timeout_s: float = 0.2) -> bool:
+    """True if something accepts connections at AgentAPI's address (it would be AgentAPI)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def restore(
+    settings: Settings, *, force: bool = False, store: StateStore | None = None
+) -> RestoreReport:
+    """Validate AgentAPI's state file and repair it from the newest good copy.
+
+    Raises ``AgentRunningError`` if AgentAPI is running (unless ``force``): writing its file
+    under it would be overwritten on its next save, or worse, read half-written.
+    """
+    report = RestoreReport()
+    if not force:
+        process, _ = find_agentapi(settings.agentapi_pid_file)
+        if process is not None:
+            raise AgentRunningError(
+                f"AgentAPI is running (pid {process.pid}); restore runs before it starts. "
+                "Nothing was changed."
+            )
+        if _listening(settings.agentapi_url):
+            raise AgentRunningError(
+                f"something is listening at {settings.agentapi_url} (AgentAPI?); restore runs "
+                "before AgentAPI starts. Nothing was changed. Use --force if that is not AgentAPI."
+            )
+    store = store or StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+    loaded = store.load()
+    report.found.extend(loaded.problems)
+    report.quarantined.extend(str(p) for p in loaded.quarantined)
+    stored = loaded.conversation
+    if stored is not None:
+        report.found.append(
+            f"Sidecar copy: {len(stored.messages)} messages (generation {loaded.seq}, "
+            f"saved {_age(loaded.saved_at)})."
+        )
+    else:
+        report.found.append("Sidecar copy: none.")
+
+    path = settings.agentapi_state_file
+    file_state, file_problem = _read_file(path, settings.max_body_bytes, report)
+    if file_problem is not None:
+        moved = quarantine(path, reason=file_problem)
+        report.quarantined.append(str(moved))
+        report.did.append(f"Moved the unusable file to {moved} (bytes kept).")
+
+    if file_state is None:
+        if stored is None:
+            report.outcome = "no_good_copy" if file_problem else "nothing"
+            if file_problem:
+                report.did.append(
+                    "No other copy exists: AgentAPI will start with an empty conversation."
+                )
+            return report
+        _write_file(settings, path, stored, None, report)
+        return report
+
+    from_file = conversation_from_state(file_state)
+    report.messages = len(from_file.messages)
+    if stored is None:
+        store.save(from_file)
+        report.outcome = "adopted"
+        report.did.append(
+            f"Saved the file's {len(from_file.messages)} messages as the sidecar copy."
+        )
+        return report
+
+    relation = compare(stored.messages, from_file.messages)
+    if relation is Relation.SAME:
+        report.outcome = "unchanged"
+        report.found.append("The file is current.")
+        _adopt_prompt_fields(store, stored, from_file, report)
+    elif relation is Relation.A_AHEAD:
+        report.found.append(
+            f"The file is behind the sidecar copy ({len(from_file.messages)} vs "
+            f"{len(stored.messages)} messages)."
+        )
+        _write_file(settings, path, stored, file_state, report)
+    elif relation is Relation.B_AHEAD:
+        report.found.append("The file is ahead of the sidecar copy.")
+        store.save(from_file)
+        report.outcome = "adopted"
+        report.did.append("Updated the sidecar copy from the file.")
+    else:
+        stored_at = loaded.saved_at or datetime.min.replace(tzinfo=UTC)
+        file_at = file_time(path) or datetime.min.replace(tzinfo=UTC)
+        report.found.append(f"The file and the sidecar copy differ ({relation.value}).")
+        if stored_at > file_at:
+            moved = quarantine(path, reason="replaced by a more recent sidecar copy")
+            report.quarantined.append(str(moved))
+            report.did.append(f"Kept the older file's bytes at {moved}.")
+            _write_file(settings, path, stored, file_state, report)
+        else:
+            store.save(from_file, allow_shrink=True)
+            report.outcome = "adopted"
+            report.did.append("The file is more recent: updated the sidecar copy from it.")
+    return report
+
+
+def _read_file(
+    path: Path, max_bytes: int, report: RestoreReport
+) -> tuple[AgentAPIState | None, str | None]:
+    try:
+        state = read_agentapi_state(path, max_bytes=max_bytes)
+    except FileNotFoundError:
+        report.found.append(f"AgentAPI state file {path}: missing.")
+        return None, None
+    except StateFileError as exc:
+        report.found.append(f"AgentAPI state file {path}: unusable ({exc}).")
+        log.warning("restore.file_unusable", path=str(path), error=str(exc))
+        return None, str(exc)
+    report.found.append(f"AgentAPI state file {path}: valid, {len(state.messages)} messages.")
+    return state, None
+
+
+def _write_file(
+    settings: Settings,
+    path: Path,
+    stored: Conversation,
+    file_state: AgentAPIState | None,
+    report: RestoreReport,
+) -> None:
+    conversation, note = with_prompt_fields(
+        stored, from_file=file_state, environment_prompt=settings.initial_prompt
+    )
+    if note:
+        report.found.append(note + ".")
+    write_agentapi_state(path, conversation, extra=file_state)
+    report.outcome = "written"
+    report.messages = len(conversation.messages)
+    report.did.append(
+        f"Wrote {path} with {len(conversation.messages)} messages from the sidecar copy."
+    )
+    log.info("restore.written", path=str(path), messages=len(conversation.messages))
+
+
+def _adopt_prompt_fields(
+    store: StateStore, stored: Conversation, from_file: Conversation, report: RestoreReport
+) -> None:
+    fields = (from_file.initial_prompt, from_file.initial_prompt_sent, from_file.prompt_origin)
+    if fields != (stored.initial_prompt, stored.initial_prompt_sent, stored.prompt_origin):
+        store.append((), prompt=from_file)
+        report.did.append("Recorded the file's initial-prompt fields in the sidecar copy.")
+
+
+def _age(when: datetime | None) -> str:
+    if when is None:
+        return "at an unknown time"
+    seconds = (datetime.now(UTC) - when).total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"

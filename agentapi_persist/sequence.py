@@ -1,0 +1,511 @@
+"""The shutdown sequence: everything a stop must do, inside one grace budget.
+
+Order (SPEC §2), all under ``asyncio.timeout`` at the budget's end:
+
+1. **fetch**: read the sidecar's copy, AgentAPI's state file and ``GET /messages`` at once, and
+   keep the freshest (``sources.choose``).
+2. **agentapi_save**: SIGUSR1 to AgentAPI, only when its version is known >= 0.12.0, its pid
+   really is AgentAPI and persistence is on; then confirm the save landed instead of sleeping.
+3. **state**: the durable write of our own copy. Shielded: a deadline or a second signal never
+   cuts it half way; the task is kept referenced and awaited again before we return.
+4. **snapshot**: build and upload the log snapshot, retrying while the budget lasts.
+5. **stop** (``--stop-agentapi``): SIGTERM AgentAPI and wait, bounded by what is left.
+
+Steps 2, 3 and 4 start together once step 1 is done: none needs another's result, and the
+Coder token is only honoured while the stop build runs, so the upload must not queue behind
+AgentAPI's own save. The durable write is started first. Step 5 waits for step 2 (AgentAPI
+stops serving once it saves on SIGTERM).
+
+The result is a ``ShutdownReport``: one outcome and a duration per step, whether the state is
+durable, and the exit code. Nothing here raises for a peer's failure; it is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from . import history
+from .agent_process import AgentProcess, detect_version, find_agentapi, persistence_enabled
+from .agent_process import request_save as agent_request_save
+from .agent_process import stop as agent_stop
+from .agentapi import AgentAPIClient
+from .agentapi_state import read_agentapi_state
+from .budget import Budget
+from .coder import CoderClient, UploadOutcome, UploadResult
+from .config import Settings
+from .errors import (
+    ConfigError,
+    DurabilityError,
+    ExitCode,
+    PersistError,
+    StateFileError,
+)
+from .models import AgentAPIState, Conversation, Message
+from .snapshot import build_snapshot
+from .sources import Candidate, Relation, choose, compare, file_time, with_prompt_fields
+from .store import StateStore
+
+__all__ = ["Gathered", "ShutdownReport", "StepResult", "gather", "persist", "run_sequence"]
+
+log = structlog.get_logger(__name__)
+
+StepName = Literal["fetch", "agentapi_save", "state", "snapshot", "stop"]
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One step's outcome, as the summary line and ``--json`` show it."""
+
+    name: StepName
+    outcome: str
+    ok: bool
+    ms: int
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class ShutdownReport:
+    """What the sequence did, what was kept, and the exit code that follows."""
+
+    steps: list[StepResult] = field(default_factory=list)
+    durable: bool = False
+    snapshot_ok: bool = False
+    deadline_hit: bool = False
+    messages: int = 0
+    kept: str = ""
+    notes: list[str] = field(default_factory=list)
+    total_ms: int = 0
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """0 only when the state is durable and the snapshot was delivered or validly skipped."""
+        if not self.durable:
+            return ExitCode.DEADLINE if self.deadline_hit else ExitCode.NOT_DURABLE
+        if not self.snapshot_ok:
+            return ExitCode.SNAPSHOT_FAILED
+        return ExitCode.OK
+
+    def step(self, name: StepName) -> StepResult | None:
+        """The result of step ``name``, if it ran."""
+        return next((s for s in self.steps if s.name == name), None)
+
+    def summary(self) -> str:
+        """One line: verdict, each step's outcome and milliseconds, then what was kept."""
+        verdict = "ok" if self.exit_code is ExitCode.OK else f"FAILED (exit {int(self.exit_code)})"
+        parts = [f"{s.name}={s.outcome} {s.ms}ms" for s in self.steps]
+        line = f"shutdown {verdict}: " + "; ".join(parts) + f"; total {self.total_ms}ms"
+        problems = [f"{s.name}: {s.detail}" for s in self.steps if not s.ok and s.detail]
+        if problems:
+            line += " | " + " | ".join(problems)
+        if self.kept:
+            line += f" | kept: {self.kept}"
+        return line
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (``--json`` and ``last-shutdown.json``)."""
+        return {
+            "ok": self.exit_code is ExitCode.OK,
+            "exit_code": int(self.exit_code),
+            "durable": self.durable,
+            "snapshot_ok": self.snapshot_ok,
+            "deadline_hit": self.deadline_hit,
+            "messages": self.messages,
+            "kept": self.kept,
+            "total_ms": self.total_ms,
+            "notes": list(self.notes),
+            "steps": [asdict(s) for s in self.steps],
+            "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """The freshest conversation and where it came from."""
+
+    conversation: Conversation | None
+    source: str  # "live", "sidecar", "agentapi_state" or "none"
+    live_error: str | None
+    file_state: AgentAPIState | None
+    notes: tuple[str, ...]
+
+
+async def _timed(coro: Awaitable[StepResult], name: StepName) -> StepResult:
+    started = time.perf_counter()
+    result = await coro
+    result.ms = round((time.perf_counter() - started) * 1000)
+    log.info(f"shutdown.{name}", outcome=result.outcome, ok=result.ok, ms=result.ms)
+    return result
+
+
+async def gather(
+    settings: Settings,
+    *,
+    store: StateStore,
+    agent: AgentAPIClient | None,
+    budget: Budget,
+    live_copy: Conversation | None = None,
+) -> Gathered:
+    """Collect every available copy concurrently and keep the freshest.
+
+    ``live_copy`` is the running sidecar's in-memory copy (current by construction); without
+    it the store is loaded from disk. AgentAPI's file is read but never written here: it
+    belongs to AgentAPI while it runs.
+    """
+    notes: list[str] = []
+
+    async def load_store() -> tuple[Conversation | None, datetime | None]:
+        if live_copy is not None:
+            return live_copy, datetime.now(UTC)
+        try:
+            report = await store.aload()
+        except StateFileError as exc:
+            notes.append(f"the sidecar copy could not be read: {exc}")
+            return None, None
+        notes.extend(report.problems)
+        return report.conversation, report.saved_at
+
+    async def load_file() -> AgentAPIState | None:
+        path = settings.agentapi_state_file
+        try:
+            return await asyncio.to_thread(
+                read_agentapi_state, path, max_bytes=settings.max_body_bytes
+            )
+        except FileNotFoundError:
+            return None
+        except StateFileError as exc:
+            notes.append(f"AgentAPI's state file is unusable ({exc}); `restore` will repair it")
+            return None
+
+    async def fetch_live() -> tuple[tuple[Message, ...] | None, str | None]:
+        if agent is None:
+            return None, "AgentAPI not queried"
+        try:
+            cap = max(min(2.0, budget.remaining() * 0.3), 0.05)
+            return await agent.messages(budget=budget, cap_s=cap), None
+        except PersistError as exc:
+            return None, str(exc)
+
+    (stored, stored_at), file_state, (live, live_error) = await asyncio.gather(
+        load_store(), load_file(), fetch_live()
+    )
+    if live_error is not None and agent is not None:
+        notes.append(f"live messages unavailable: {live_error}")
+
+    candidates: list[Candidate] = []
+    if live is not None:
+        candidates.append(Candidate("live", live, None))
+    if stored is not None:
+        candidates.append(Candidate("sidecar", stored.messages, stored_at))
+    if file_state is not None:
+        candidates.append(
+            Candidate(
+                "agentapi_state",
+                file_state.conversation_messages(),
+                file_time(settings.agentapi_state_file),
+            )
+        )
+    choice = choose(candidates)
+    notes.extend(choice.reasons)
+    if choice.winner is None:
+        return Gathered(None, "none", live_error, file_state, tuple(notes))
+    base = stored if stored is not None else Conversation()
+    conversation, prompt_note = with_prompt_fields(
+        base.with_messages(choice.winner.messages),
+        from_file=file_state,
+        environment_prompt=settings.initial_prompt,
+    )
+    if prompt_note:
+        notes.append(prompt_note)
+    return Gathered(conversation, choice.winner.name, live_error, file_state, tuple(notes))
+
+
+def persist(store: StateStore, conversation: Conversation) -> tuple[str, str]:
+    """Make ``conversation`` durable at the smallest cost. Returns (outcome, detail).
+
+    If the stored copy is a prefix of it, only the changed tail is journalled; if it is
+    already stored, nothing is written; a copy that diverged from the stored one gets a new
+    full generation (the previous generation stays on disk).
+    """
+    stored = store.conversation
+    if stored is None:
+        report = store.save(conversation)
+        return "durable", f"generation {report.seq}, {report.bytes_written} bytes"
+    relation = compare(conversation.messages, stored.messages)
+    prompt_changed = (
+        conversation.initial_prompt,
+        conversation.initial_prompt_sent,
+        conversation.prompt_origin,
+    ) != (stored.initial_prompt, stored.initial_prompt_sent, stored.prompt_origin)
+    if relation is Relation.SAME and not prompt_changed:
+        return "durable", "already on disk"
+    if relation in (Relation.SAME, Relation.A_AHEAD, Relation.LAST_DIFFERS):
+        first = _first_difference(conversation.messages, stored.messages)
+        report = store.append(
+            conversation.messages[first:], prompt=conversation if prompt_changed else None
+        )
+        return (
+            "durable",
+            f"journal +{len(conversation.messages) - first} messages, {report.bytes_written} bytes",
+        )
+    if relation is Relation.B_AHEAD:
+        return "durable", "the stored copy is already ahead"
+    kept = store.archive(reason="replaced by a diverging newer conversation")
+    report = store.save(conversation, allow_shrink=True)
+    return (
+        "durable",
+        f"diverged: new generation {report.seq}; the previous {len(stored.messages)}-message "
+        f"conversation is kept at {kept}",
+    )
+
+
+def _first_difference(new: tuple[Message, ...], old: tuple[Message, ...]) -> int:
+    common = min(len(new), len(old))
+    index = common
+    # The tail is where changes are; walk back from the end of the common part.
+    while index > 0 and new[index - 1] != old[index - 1]:
+        index -= 1
+    return index
+
+
+async def run_sequence(
+    settings: Settings,
+    *,
+    store: StateStore,
+    agent: AgentAPIClient | None,
+    coder: CoderClient | None,
+    budget: Budget,
+    live_copy: Conversation | None = None,
+    force: asyncio.Event | None = None,
+    on_durable: Callable[[Conversation], None] | None = None,
+) -> ShutdownReport:
+    """Run the whole sequence within ``budget`` and report; never raises for peer failures.
+
+    ``coder`` is ``None`` when no snapshot is wanted. ``force`` (a second stop signal) skips
+    the best-effort steps that have not started; the durable write always completes.
+    """
+    report = ShutdownReport()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget.remaining()
+    write_task: asyncio.Task[StepResult] | None = None
+    best_effort: list[asyncio.Task[StepResult]] = []
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout_at(deadline):
+            conversation = await _fetch_step(settings, store, agent, budget, live_copy, report)
+            if conversation is None:
+                return report
+            write_task = asyncio.create_task(
+                _timed(_write_step(store, conversation, on_durable), "state"), name="persist.write"
+            )
+            process, process_reason = find_agentapi(settings.agentapi_pid_file)
+            save = _agentapi_save_step(settings, process, process_reason, conversation, budget)
+            upload = _snapshot_step(settings, coder, conversation, budget, force)
+            best_effort = [
+                asyncio.create_task(_timed(save, "agentapi_save"), name="persist.agentapi_save"),
+                asyncio.create_task(_timed(upload, "snapshot"), name="persist.snapshot"),
+            ]
+            state_result = await asyncio.shield(write_task)
+            report.steps.append(state_result)
+            report.durable = state_result.ok
+            for task in best_effort:
+                report.steps.append(await task)
+            snapshot = report.step("snapshot")
+            report.snapshot_ok = snapshot is not None and snapshot.ok
+            if settings.stop_agentapi:
+                if force is not None and force.is_set():
+                    report.steps.append(StepResult("stop", "skipped", True, 0, "forced stop"))
+                else:
+                    stop = _stop_step(process, process_reason, budget)
+                    report.steps.append(await _timed(stop, "stop"))
+    except TimeoutError:
+        report.deadline_hit = True
+        await _after_deadline(report, write_task, best_effort, settings, budget)
+    except asyncio.CancelledError:
+        # Cancelled from outside (e.g. a second Ctrl-C): the durable write still completes.
+        for task in best_effort:
+            task.cancel(msg="shutdown sequence cancelled")
+        if write_task is not None:
+            await asyncio.wait({write_task}, timeout=settings.margin_s)
+        raise
+    finally:
+        report.total_ms = round((time.perf_counter() - started) * 1000)
+    report.kept = _kept_sentence(report, store)
+    return report
+
+
+async def _fetch_step(
+    settings: Settings,
+    store: StateStore,
+    agent: AgentAPIClient | None,
+    budget: Budget,
+    live_copy: Conversation | None,
+    report: ShutdownReport,
+) -> Conversation | None:
+    started = time.perf_counter()
+    gathered = await gather(settings, store=store, agent=agent, budget=budget, live_copy=live_copy)
+    ms = round((time.perf_counter() - started) * 1000)
+    report.notes.extend(gathered.notes)
+    found = gathered.conversation is not None
+    detail = "" if found else "; ".join(gathered.notes) or "no copy anywhere"
+    report.steps.append(StepResult("fetch", gathered.source, found, ms, detail))
+    log.info("shutdown.fetch", source=gathered.source, ms=ms, notes=len(gathered.notes))
+    if gathered.conversation is None:
+        # Nothing exists anywhere, so nothing can be lost: durable and validly skipped.
+        report.durable = True
+        report.snapshot_ok = True
+        report.kept = "no conversation found anywhere (nothing to save)"
+        report.steps.append(StepResult("snapshot", "skipped", True, 0, "no messages"))
+        return None
+    report.messages = len(gathered.conversation.messages)
+    return gathered.conversation
+
+
+async def _after_deadline(
+    report: ShutdownReport,
+    write_task: asyncio.Task[StepResult] | None,
+    best_effort: list[asyncio.Task[StepResult]],
+    settings: Settings,
+    budget: Budget,
+) -> None:
+    """Say what the deadline cut, cancel the best-effort steps, and finish the durable write."""
+    done = {step.name for step in report.steps}
+    all_steps: tuple[StepName, ...] = ("fetch", "state", "agentapi_save", "snapshot")
+    cut = [name for name in all_steps if name not in done]
+    for task in best_effort:
+        task.cancel(msg="grace budget exhausted")
+    log.warning("shutdown.deadline", cut=cut, budget_s=round(budget.total_s, 3))
+    report.notes.append(f"the {budget.total_s:.1f}s budget ran out during: {', '.join(cut)}")
+    if write_task is not None and "state" not in done:
+        # Never abandoned: the write gets part of the grace margin kept back for this.
+        finished, _ = await asyncio.wait({write_task}, timeout=settings.margin_s * 0.8)
+        if finished:
+            result = write_task.result()
+            report.steps.append(result)
+            report.durable = result.ok
+        else:
+            report.steps.append(
+                StepResult("state", "unfinished", False, 0, "the write did not finish in time")
+            )
+    for name in cut:
+        if name not in ("state", "fetch"):
+            report.steps.append(StepResult(name, "cut", False, 0, "the budget ran out"))
+
+
+def _kept_sentence(report: ShutdownReport, store: StateStore) -> str:
+    if report.durable:
+        return f"{report.messages} messages durable in {store.directory}"
+    stored = store.conversation
+    held = len(stored.messages) if stored is not None else 0
+    return f"previous copy intact in {store.directory} ({held} messages); newest changes not saved"
+
+
+async def _write_step(
+    store: StateStore, conversation: Conversation, on_durable: Callable[[Conversation], None] | None
+) -> StepResult:
+    try:
+        outcome, detail = await asyncio.to_thread(persist, store, conversation)
+    except (DurabilityError, StateFileError) as exc:
+        return StepResult("state", "failed", False, 0, str(exc))
+    if on_durable is not None:
+        on_durable(conversation)
+    return StepResult("state", outcome, True, 0, detail)
+
+
+async def _agentapi_save_step(
+    settings: Settings,
+    process: AgentProcess | None,
+    reason: str,
+    conversation: Conversation,
+    budget: Budget,
+) -> StepResult:
+    if process is None:
+        return StepResult("agentapi_save", "skipped", True, 0, reason)
+    if not persistence_enabled(
+        process,
+        setting=settings.state_persistence,
+        state_file_explicit=settings.agentapi_state_file_explicit,
+    ):
+        return StepResult("agentapi_save", "skipped", True, 0, "AgentAPI state persistence is off")
+    # Leave room for the stop step when it is wanted; otherwise the rest of the budget.
+    save_budget = budget.child(budget.remaining() * (0.5 if settings.stop_agentapi else 0.9))
+    version = await detect_version(process, fallback_bin=settings.agentapi_bin, budget=save_budget)
+    state_file = process.state_file or settings.agentapi_state_file
+    confirmation = await agent_request_save(
+        process,
+        state_file=state_file,
+        expected=conversation.messages,
+        budget=save_budget,
+        version=version,
+    )
+    outcome = str(confirmation.outcome)
+    ok = not outcome.startswith("not_confirmed") and outcome != "process_gone"
+    return StepResult(
+        "agentapi_save", outcome, ok or outcome.startswith("skipped"), 0, confirmation.detail
+    )
+
+
+async def _snapshot_step(
+    settings: Settings,
+    coder: CoderClient | None,
+    conversation: Conversation,
+    budget: Budget,
+    force: asyncio.Event | None,
+) -> StepResult:
+    try:
+        target = settings.coder_target()
+    except ConfigError as exc:
+        return StepResult("snapshot", "misconfigured", False, 0, str(exc))
+    if target is None or coder is None:
+        why = "no task id" if not settings.task_id else "snapshots switched off"
+        return StepResult("snapshot", "skipped", True, 0, why)
+    if not conversation.messages:
+        return StepResult("snapshot", "skipped", True, 0, "no messages")
+    if force is not None and force.is_set():
+        return StepResult("snapshot", "skipped", False, 0, "forced stop before the upload")
+    snapshot = build_snapshot(
+        conversation.messages,
+        max_messages=settings.snapshot_messages,
+        max_bytes=settings.snapshot_max_bytes,
+    )
+    result = await coder.upload_snapshot(snapshot.payload, budget=budget)
+    await _record_upload(
+        settings.state_dir, result, messages=len(snapshot.messages), size=snapshot.size
+    )
+    detail = "" if result.delivered else result.detail
+    if result.delivered:
+        detail = f"{len(snapshot.messages)} messages, {snapshot.size} bytes"
+    return StepResult("snapshot", str(result.outcome), result.delivered, 0, detail)
+
+
+async def _record_upload(
+    state_dir: Path, result: UploadResult, *, messages: int, size: int
+) -> None:
+    record = {
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "outcome": str(result.outcome),
+        "delivered": result.outcome is UploadOutcome.DELIVERED,
+        "status": result.status,
+        "attempts": result.attempts,
+        "messages": messages,
+        "bytes": size,
+        "detail": result.detail,
+    }
+    try:
+        await asyncio.to_thread(history.write_record, state_dir, history.LAST_UPLOAD, record)
+    except PersistError as exc:
+        log.warning("history.write_failed", error=str(exc))
+
+
+async def _stop_step(process: AgentProcess | None, reason: str, budget: Budget) -> StepResult:
+    if process is None:
+        return StepResult("stop", "skipped", True, 0, reason)
+    result = await agent_stop(process, budget=budget)
+    return StepResult("stop", str(result.outcome), result.stopped, 0, result.detail)

@@ -1,0 +1,170 @@
+"""Where the conversation can come from, and which copy is the freshest.
+
+Three copies can exist when a stop comes: the sidecar's durable copy (always current when the
+sidecar runs), AgentAPI's own state file (current as of its last save), and AgentAPI's live
+``GET /messages`` (current, if it answers in time). ``choose`` picks the freshest by content,
+not by clock: a copy that extends another is newer. Clocks only break ties between copies that
+diverge, and every decision carries a sentence saying why.
+
+The prompt fields (``initial_prompt``, ``initial_prompt_sent``) exist only in AgentAPI's state
+file, so they are taken from there when it is readable and carried forward otherwise.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .models import AgentAPIState, Conversation, Message
+
+__all__ = ["Candidate", "Choice", "Relation", "choose", "compare", "with_prompt_fields"]
+
+
+class Relation(enum.Enum):
+    """How copy ``a`` relates to copy ``b``."""
+
+    SAME = "same"
+    A_AHEAD = "a_ahead"  # a extends b (b is a prefix of a, its last message possibly shorter)
+    B_AHEAD = "b_ahead"
+    LAST_DIFFERS = "last_differs"  # same length, only the last message differs
+    DIVERGED = "diverged"  # they disagree before their last common message
+
+
+def _same(a: Message, b: Message) -> bool:
+    return a.role == b.role and a.content == b.content and a.time == b.time
+
+
+def compare(a: Sequence[Message], b: Sequence[Message]) -> Relation:
+    """Relate two message lists by content.
+
+    The last message of the shorter list may differ from its counterpart: AgentAPI keeps
+    extending the last agent message while the agent is running, so an older copy holds a
+    shorter version of it. Any earlier difference is a real divergence.
+    """
+    common = min(len(a), len(b))
+    # Compare from the end of the common part backwards: the recent messages are the ones
+    # most likely to differ, so divergence is usually found in a few steps.
+    for index in range(common - 2, -1, -1):
+        if a[index] is not b[index] and not _same(a[index], b[index]):
+            return Relation.DIVERGED
+    last_equal = common == 0 or _same(a[common - 1], b[common - 1])
+    if len(a) == len(b):
+        return Relation.SAME if last_equal else Relation.LAST_DIFFERS
+    if len(a) > len(b):
+        return (
+            Relation.A_AHEAD
+            if last_equal or a[common - 1].role == b[common - 1].role
+            else Relation.DIVERGED
+        )
+    return (
+        Relation.B_AHEAD
+        if last_equal or a[common - 1].role == b[common - 1].role
+        else Relation.DIVERGED
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One copy of the conversation and when it was last known to be current."""
+
+    name: str  # "live", "sidecar", "agentapi_state"
+    messages: tuple[Message, ...]
+    as_of: datetime | None = None  # None for "live": it is current by definition
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The winning copy and the reasons, for logs and summaries."""
+
+    winner: Candidate | None
+    reasons: tuple[str, ...] = field(default=())
+
+
+def choose(candidates: Sequence[Candidate]) -> Choice:
+    """Pick the freshest copy: the one that extends the others; the live copy on equal terms.
+
+    Order of preference among copies that agree: live, then sidecar, then AgentAPI's file (the
+    list order). A copy that is strictly ahead of the current best replaces it. Divergent
+    copies are settled by ``as_of`` (newest wins; live counts as now), and the loser is named
+    in the reasons so that nothing is dropped silently.
+    """
+    best: Candidate | None = None
+    reasons: list[str] = []
+    for candidate in candidates:
+        if best is None:
+            best = candidate
+            continue
+        relation = compare(candidate.messages, best.messages)
+        if relation is Relation.A_AHEAD:
+            reasons.append(
+                f"{candidate.name} ({len(candidate.messages)} messages) is ahead of "
+                f"{best.name} ({len(best.messages)})"
+            )
+            best = candidate
+        elif relation in (Relation.LAST_DIFFERS, Relation.DIVERGED):
+            newer = _newer(candidate, best)
+            loser = best if newer is candidate else candidate
+            reasons.append(
+                f"{candidate.name} and {best.name} differ ({relation.value}); "
+                f"kept {newer.name} as the more recent, {loser.name} was not used"
+            )
+            best = newer
+    return Choice(winner=best, reasons=tuple(reasons))
+
+
+def _newer(a: Candidate, b: Candidate) -> Candidate:
+    far_future = datetime.max.replace(tzinfo=UTC)
+    a_time = a.as_of or far_future
+    b_time = b.as_of or far_future
+    return a if a_time > b_time else b
+
+
+def with_prompt_fields(
+    conversation: Conversation,
+    *,
+    from_file: AgentAPIState | None,
+    environment_prompt: str | None,
+) -> tuple[Conversation, str | None]:
+    """Fill in the prompt fields the HTTP API cannot tell us. Returns the note to report, if any.
+
+    AgentAPI's file wins when readable (it is the only true source). Otherwise the copy's own
+    fields are kept. Only when neither ever existed do we fall back to
+    ``AGENTAPI_INITIAL_PROMPT``, and mark it sent once the conversation holds a user message:
+    re-sending the prompt costs the user money and can overwrite work.
+    """
+    if from_file is not None:
+        updated = conversation.model_copy(
+            update={
+                "initial_prompt": from_file.initial_prompt,
+                "initial_prompt_sent": from_file.initial_prompt_sent,
+                "prompt_origin": "agentapi_state",
+            }
+        )
+        return updated, None
+    if conversation.initial_prompt is not None and conversation.initial_prompt_sent is not None:
+        return conversation, None
+    has_user_message = any(m.role == "user" for m in conversation.messages)
+    updated = conversation.model_copy(
+        update={
+            "initial_prompt": environment_prompt or "",
+            "initial_prompt_sent": has_user_message,
+            "prompt_origin": "environment" if environment_prompt else "unknown",
+        }
+    )
+    note = (
+        "AgentAPI's state file was never readable, so the initial prompt fields are assumed: "
+        f"prompt {'from AGENTAPI_INITIAL_PROMPT' if environment_prompt else 'empty'}, "
+        f"marked {'sent (the conversation has a user message)' if has_user_message else 'not sent'}"
+    )
+    return updated, note
+
+
+def file_time(path: Path) -> datetime | None:
+    """The modification time of ``path`` (UTC), or ``None`` if it cannot be read."""
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
+    except OSError:
+        return None

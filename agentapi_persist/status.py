@@ -1,0 +1,179 @@
+"""``status``: one look at everything that decides whether a stop will lose anything.
+
+Read-only: it never writes, never signals, and bounds every probe (a hung AgentAPI costs at
+most ``probe_s``). The token is reported only as present or absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import history
+from ._http import make_session
+from .agent_process import MIN_SIGUSR1_VERSION, detect_version, find_agentapi, persistence_enabled
+from .agentapi import AgentAPIClient
+from .agentapi_state import read_agentapi_state
+from .budget import Budget
+from .config import Settings
+from .errors import ConfigError, ExitCode, PersistError, StateFileError
+from .sources import Relation, compare
+from .store import StateStore
+
+__all__ = ["CONTROL_SOCKET", "StatusReport", "collect_status", "sidecar_running"]
+
+#: The running sidecar's control channel, inside the state directory.
+CONTROL_SOCKET = "control.sock"
+
+
+@dataclass(slots=True)
+class StatusReport:
+    """Facts for ``status``; ``problems`` lists what needs attention."""
+
+    facts: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """8 when something needs attention, else 0."""
+        return ExitCode.DEGRADED if self.problems else ExitCode.OK
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {**self.facts, "problems": self.problems, "ok": not self.problems}
+
+    def render(self) -> str:
+        """A person's view: one aligned line per fact, then the problems."""
+        lines = []
+        for key, value in self.facts.items():
+            if isinstance(value, dict):
+                text = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
+            else:
+                text = str(value)
+            lines.append(f"{key:<14} {text}")
+        lines.extend(f"PROBLEM        {p}" for p in self.problems)
+        if not self.problems:
+            lines.append("verdict        ok")
+        return "\n".join(lines)
+
+
+def sidecar_running(settings: Settings) -> bool:
+    """True if a sidecar answers on its control socket."""
+    path = settings.state_dir / CONTROL_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusReport:
+    """Gather every fact, each bounded; never raises for what it finds."""
+    report = StatusReport()
+    facts = report.facts
+    facts["sidecar"] = {"running": sidecar_running(settings)}
+
+    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+    loaded = await store.aload()
+    report.problems.extend(loaded.problems)
+    stored = loaded.conversation
+    facts["checkpoint"] = {
+        "messages": len(stored.messages) if stored else 0,
+        "generation": loaded.seq,
+        "journal_records": loaded.journal_records,
+        "age_s": _age_s(loaded.saved_at),
+        "bytes": _dir_bytes(settings),
+        "dir": str(settings.state_dir),
+    }
+
+    path = settings.agentapi_state_file
+    try:
+        state = await asyncio.to_thread(
+            read_agentapi_state, path, max_bytes=settings.max_body_bytes
+        )
+    except FileNotFoundError:
+        facts["state_file"] = {"path": str(path), "health": "missing"}
+    except StateFileError as exc:
+        facts["state_file"] = {"path": str(path), "health": "unusable", "error": str(exc)}
+        report.problems.append(
+            f"AgentAPI's state file is unusable: {exc}. Run `restore` before AgentAPI starts."
+        )
+    else:
+        behind = (
+            stored is not None
+            and compare(stored.messages, state.conversation_messages()) is Relation.A_AHEAD
+        )
+        facts["state_file"] = {
+            "path": str(path),
+            "health": "behind the sidecar copy" if behind else "valid",
+            "messages": len(state.messages),
+            "initial_prompt_sent": state.initial_prompt_sent,
+        }
+
+    facts["last_upload"] = history.read_record(settings.state_dir, history.LAST_UPLOAD) or {
+        "at": None
+    }
+    last = facts["last_upload"]
+    if last.get("at") and not last.get("delivered"):
+        report.problems.append(f"The last snapshot upload failed: {last.get('detail')}")
+
+    budget = Budget(probe_s)
+    process, reason = find_agentapi(settings.agentapi_pid_file)
+    agent: dict[str, Any] = {
+        "pid": process.pid if process else None,
+        "process": "found" if process else reason,
+    }
+    async with make_session(total_timeout_s=probe_s) as session:
+        client = AgentAPIClient(
+            settings.agentapi_url, session=session, max_body_bytes=settings.max_body_bytes
+        )
+        try:
+            status = await client.status(budget=budget)
+            agent.update(
+                url=settings.agentapi_url,
+                reachable=True,
+                status=status.status,
+                agent_type=status.agent_type,
+            )
+        except PersistError as exc:
+            agent.update(url=settings.agentapi_url, reachable=False, error=str(exc))
+    version = await detect_version(process, fallback_bin=settings.agentapi_bin, budget=budget)
+    agent["version"] = str(version) if version else None
+    agent["sigusr1_safe"] = version is not None and version >= MIN_SIGUSR1_VERSION
+    if process is not None:
+        agent["persistence"] = persistence_enabled(
+            process,
+            setting=settings.state_persistence,
+            state_file_explicit=settings.agentapi_state_file_explicit,
+        )
+    facts["agentapi"] = agent
+
+    snapshot: dict[str, Any] = {
+        "task_id": settings.task_id or None,
+        "coder_url": settings.coder_url,
+        "token": "present" if settings.coder_token else "absent",
+        "messages": settings.snapshot_messages,
+    }
+    try:
+        settings.coder_target()
+    except ConfigError as exc:
+        report.problems.append(str(exc))
+    facts["snapshot"] = snapshot
+    facts["grace"] = {"grace_s": settings.grace_s, "budget_s": round(settings.budget_s, 3)}
+    return report
+
+
+def _age_s(when: datetime | None) -> float | None:
+    return None if when is None else round((datetime.now(UTC) - when).total_seconds(), 1)
+
+
+def _dir_bytes(settings: Settings) -> int:
+    try:
+        return sum(p.stat().st_size for p in settings.state_dir.iterdir() if p.is_file())
+    except OSError:
+        return 0

@@ -1,0 +1,824 @@
+"""StateStore: the sidecar's own durable copy of the conversation, in one private directory.
+
+Why two kinds of file: rewriting a 50 MB conversation for every new message would cost the whole
+conversation per checkpoint (SPEC section 5), so changes go to an append-only journal and only
+``save``/``compact`` write a whole *generation*.
+
+On-disk layout (directory 0700, files 0600, re-asserted on every write)::
+
+    conversation-000000000007.json   generation 7
+    journal-000000000007.log         changes on top of generation 7
+    conversation-000000000006.json   the previous generation, kept as a fallback
+    journal-000000000006.log
+    *.corrupt-<UTC time>-<random>    unusable bytes moved aside (never deleted)
+
+A generation file is one compact JSON header line, ``\\n``, then exactly ``length`` body bytes::
+
+    {"format":"agentapi-persist","format_version":1,"seq":7,"saved_at":"2025-01-02T03:04:05.123456Z","length":1234,"sha256":"<hex>"}
+    {"messages":[...],"initial_prompt":...,"initial_prompt_sent":...,"prompt_origin":...}
+
+The body is ``Conversation`` as compact JSON. A short body, extra bytes, a bad header or a
+checksum mismatch marks the file torn or corrupt; an unknown ``format_version`` is refused.
+Generations are written with ``write_atomic`` (temp file, fsync, rename, directory fsync).
+
+A journal is one record per line, ``<crc32 as 8 hex digits> <compact JSON>\\n``. The first
+record binds the journal to its generation (``{"op":"base","seq":7,"sha256":"<body hex>"}``) so
+a journal can never be replayed on top of the wrong generation. Each later record is one
+``append()`` call, applied all or nothing::
+
+    {"op":"update","at":"<RFC 3339 UTC>",
+     "put":[{"id":12,"role":"agent","content":"...","time":"..."}],
+     "prompt":{"initial_prompt":"...","initial_prompt_sent":true,"prompt_origin":"agentapi_state"}}
+
+(shown wrapped here; on disk a record is always one line).
+
+``put`` upserts by id: an id equal to the current length appends, a smaller one replaces (the
+last agent message keeps changing while AgentAPI runs). ``prompt`` is present only when it
+changed. Replay stops at the first record whose crc, JSON or content is bad, and at a last line
+with no newline (a torn write): everything after is ignored and reported, never trusted. The
+next ``append`` cuts the file back to the last good record (bytes after a bad *complete* record
+are first copied aside, since they are more than a torn tail).
+
+Rules (SPEC section 4): loading takes the newest generation that verifies and never an older one
+while a newer one is valid; an unusable generation (and its journal) is quarantined and the
+previous one is used with its journal. ``save`` writes the new generation durably *before*
+deleting anything, and keeps the previous one. A save with fewer messages than the stored copy
+is refused unless asked for. One writer per directory; readers may load at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from ._fsutil import append_durable, fsync_dir, quarantine, read_capped_file, write_atomic
+from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
+from .models import MESSAGES_ADAPTER, Conversation, Message, PromptOrigin, dump_compact
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "LoadReport", "SaveReport", "StateStore"]
+
+log = structlog.get_logger(__name__)
+
+FORMAT = "agentapi-persist"
+FORMAT_VERSION = 1
+
+_GENERATION = re.compile(r"conversation-(\d{12})\.json")
+_JOURNAL = re.compile(r"journal-(\d{12})\.log")
+# Temp files write_atomic leaves behind when the process is killed mid-write.
+_STALE_TEMP = re.compile(r"\.conversation-\d{12}\.json\.[0-9a-f]+\.tmp")
+_STALE_TEMP_AGE_S = 300.0
+_HEADER_MAX = 4096
+_CONVERSATION: TypeAdapter[Conversation] = TypeAdapter(Conversation)
+
+
+def _generation_name(seq: int) -> str:
+    return f"conversation-{seq:012d}.json"
+
+
+def _journal_name(seq: int) -> str:
+    return f"journal-{seq:012d}.log"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _ms_since(start: float) -> int:
+    return round((time.perf_counter() - start) * 1000)
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What ``load()`` found: the conversation, where it came from, and what was wrong."""
+
+    conversation: Conversation | None
+    """``None`` when nothing is stored yet (or nothing stored was usable: see ``problems``)."""
+    seq: int | None
+    """The generation loaded."""
+    journal_records: int
+    """Journal records replayed on top of that generation."""
+    saved_at: datetime | None
+    """When the newest durable change was made."""
+    problems: tuple[str, ...]
+    """Sentences for a person: a corrupt generation moved aside, a torn journal tail dropped."""
+    quarantined: tuple[Path, ...]
+    """Where unusable bytes were moved (they are never deleted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveReport:
+    """What one ``save``/``append``/``compact`` wrote."""
+
+    seq: int
+    bytes_written: int
+    duration_ms: int
+    path: Path
+    kind: Literal["generation", "journal"]
+
+
+class _Prompt(BaseModel):
+    """The prompt fields a journal record carries; same types as on ``Conversation``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    initial_prompt: str | None
+    initial_prompt_sent: bool | None
+    prompt_origin: PromptOrigin
+
+
+class _Generation:
+    """A generation file that verified: its header facts and its conversation."""
+
+    __slots__ = ("conversation", "saved_at", "seq", "sha256", "size")
+
+    def __init__(
+        self, *, seq: int, sha256: str, saved_at: str, size: int, conversation: Conversation
+    ) -> None:
+        self.seq = seq
+        self.sha256 = sha256
+        self.saved_at = saved_at
+        self.size = size
+        self.conversation = conversation
+
+
+def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
+    """Verify header, length and checksum, then validate the body. Raises StateFileError."""
+    name = path.name
+
+    def corrupt(reason: str) -> StateFileCorrupt:
+        return StateFileCorrupt(f"{name}: {reason}", path=str(path))
+
+    end = data.find(b"\n", 0, _HEADER_MAX)
+    if end < 0:
+        raise corrupt(f"no header line in the first {_HEADER_MAX} bytes ({len(data)} bytes)")
+    try:
+        header = json.loads(data[:end])
+    except (ValueError, RecursionError):
+        raise corrupt("the header line is not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise corrupt(f"the header does not say format {FORMAT!r}")
+    version = header.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise StateFileVersionError(
+            f"{name}: format_version {version!r} is not one this release reads ({FORMAT_VERSION})",
+            path=str(path),
+        )
+    length, digest, saved_at = header.get("length"), header.get("sha256"), header.get("saved_at")
+    if header.get("seq") != seq:
+        raise corrupt(f"the header says seq {header.get('seq')!r}, the name says {seq}")
+    if type(length) is not int or not isinstance(digest, str) or not isinstance(saved_at, str):
+        raise corrupt("the header lacks length, sha256 or saved_at")
+    body = data[end + 1 :]
+    if len(body) != length:
+        raise corrupt(f"torn: the header promises {length} body bytes, the file has {len(body)}")
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise corrupt("checksum mismatch: the body is not what was written")
+    try:
+        conversation = _CONVERSATION.validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise corrupt(f"the body does not validate: {where}: {first['msg']}") from None
+    return _Generation(
+        seq=seq, sha256=digest, saved_at=saved_at, size=len(data), conversation=conversation
+    )
+
+
+def _encode_record(record: dict[str, Any]) -> bytes:
+    payload = dump_compact(record)
+    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+
+
+def _decode_record(line: bytes) -> dict[str, Any]:
+    """One journal line without its newline -> the record. ValueError says what is wrong."""
+    if len(line) < 10 or line[8:9] != b" ":
+        raise ValueError("not a '<crc> <json>' record")
+    try:
+        crc = int(line[:8], 16)
+    except ValueError:
+        raise ValueError("the crc is not hexadecimal") from None
+    payload = line[9:]
+    if zlib.crc32(payload) != crc:
+        raise ValueError("crc mismatch")
+    try:
+        record = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ValueError("the record is not JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError("the record is not a JSON object")
+    return record
+
+
+@dataclass(slots=True)
+class _Replay:
+    """The outcome of replaying one journal."""
+
+    records: int = 0
+    good_end: int = 0
+    last_at: str | None = None
+    problem: str | None = None
+    bad_complete_records: bool = False
+    foreign: bool = False
+
+
+class StateStore:
+    """The conversation's durable copy in ``directory``: generations plus a journal.
+
+    Sync methods take a lock, so the async wrappers (one ``asyncio.to_thread`` hop each) are
+    safe to call concurrently. A thread cannot be cancelled: a cancelled ``asave`` still finishes
+    its write, and the file is then the complete new generation.
+    """
+
+    def __init__(self, directory: Path, *, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self._loaded = False
+        self._seq: int | None = None
+        self._sha256: str | None = None
+        self._messages: list[Message] = []
+        self._prompt = _Prompt(
+            initial_prompt=None, initial_prompt_sent=None, prompt_origin="unknown"
+        )
+        self._cached: Conversation | None = None
+        self._generation_bytes = 0
+        self._journal_end = 0
+        self._preserve_tail = False
+        self._needs_generation = False
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def conversation(self) -> Conversation | None:
+        """The in-memory copy as last loaded, saved or appended (``None``: nothing stored)."""
+        with self._lock:
+            if self._seq is None:
+                return None
+            if self._cached is None:
+                # Every message was validated on the way in; rebuilding costs pointers only.
+                self._cached = Conversation.model_construct(
+                    messages=tuple(self._messages),
+                    initial_prompt=self._prompt.initial_prompt,
+                    initial_prompt_sent=self._prompt.initial_prompt_sent,
+                    prompt_origin=self._prompt.prompt_origin,
+                )
+            return self._cached
+
+    @property
+    def journal_bytes(self) -> int:
+        """Bytes of good records in the current journal: a hint for when to ``compact``."""
+        return self._journal_end
+
+    @property
+    def generation_bytes(self) -> int:
+        """Size of the current generation file; with ``journal_bytes``, when to ``compact``."""
+        return self._generation_bytes
+
+    @property
+    def seq(self) -> int | None:
+        """The generation the in-memory copy is based on."""
+        return self._seq
+
+    def load(self) -> LoadReport:
+        """Read the newest generation that verifies, then replay its journal.
+
+        Unusable generations newer than that one are quarantined (moved aside with their
+        journals, bytes kept) and reported. A directory that does not exist means nothing is
+        stored yet. Raises ``StateFileError`` only if the directory itself cannot be listed.
+        """
+        with self._lock:
+            return self._load()
+
+    def _load(self) -> LoadReport:
+        start = time.perf_counter()
+        problems: list[str] = []
+        moved: list[Path] = []
+        generations, _ = self._scan()
+        chosen: _Generation | None = None
+        for seq in sorted(generations, reverse=True):
+            path = self.directory / _generation_name(seq)
+            try:
+                chosen = _decode_generation(
+                    read_capped_file(path, self.max_bytes), seq=seq, path=path
+                )
+                break
+            except FileNotFoundError:
+                continue  # pruned by a writer since the listing: not a problem
+            except StateFileError as exc:
+                self._quarantine_generation(seq, str(exc), problems, moved)
+
+        self._reset()
+        replay = _Replay()
+        if chosen is not None:
+            self._seq, self._sha256 = chosen.seq, chosen.sha256
+            self._generation_bytes = chosen.size
+            self._messages = list(chosen.conversation.messages)
+            self._prompt = _Prompt(
+                initial_prompt=chosen.conversation.initial_prompt,
+                initial_prompt_sent=chosen.conversation.initial_prompt_sent,
+                prompt_origin=chosen.conversation.prompt_origin,
+            )
+            replay = self._replay_journal(chosen, problems, moved)
+        self._loaded = True
+        report = LoadReport(
+            conversation=self.conversation,
+            seq=self._seq,
+            journal_records=replay.records,
+            saved_at=_parse_time(replay.last_at or (chosen.saved_at if chosen else None)),
+            problems=tuple(problems),
+            quarantined=tuple(moved),
+        )
+        log.info(
+            "store.loaded",
+            seq=self._seq,
+            messages=len(self._messages),
+            journal_records=replay.records,
+            problems=len(problems),
+            ms=_ms_since(start),
+        )
+        return report
+
+    def _scan(self) -> tuple[set[int], set[int]]:
+        """Generation and journal sequence numbers present in the directory."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return set(), set()
+        except OSError as exc:
+            raise StateFileError(
+                f"cannot list {self.directory}: {exc.strerror or exc}", path=str(self.directory)
+            ) from exc
+        generations: set[int] = set()
+        journals: set[int] = set()
+        for name in names:
+            if match := _GENERATION.fullmatch(name):
+                generations.add(int(match[1]))
+            elif match := _JOURNAL.fullmatch(name):
+                journals.add(int(match[1]))
+        return generations, journals
+
+    def _reset(self) -> None:
+        self._seq = self._sha256 = None
+        self._messages = []
+        self._prompt = _Prompt(
+            initial_prompt=None, initial_prompt_sent=None, prompt_origin="unknown"
+        )
+        self._cached = None
+        self._generation_bytes = 0
+        self._journal_end = 0
+        self._preserve_tail = False
+        self._needs_generation = False
+
+    def _move_aside(self, path: Path, reason: str, problems: list[str], moved: list[Path]) -> None:
+        try:
+            dest = quarantine(path, reason=reason)
+        except FileNotFoundError:
+            return
+        except DurabilityError as exc:
+            problems.append(f"{path.name} could not be moved aside: {exc}")
+            return
+        moved.append(dest)
+        problems.append(f"{reason}; moved aside to {dest.name}")
+        log.warning("store.quarantined", path=str(path), moved_to=str(dest), reason=reason)
+
+    def _quarantine_generation(
+        self, seq: int, reason: str, problems: list[str], moved: list[Path]
+    ) -> None:
+        self._move_aside(
+            self.directory / _generation_name(seq),
+            f"generation {seq} is unusable ({reason})",
+            problems,
+            moved,
+        )
+        journal = self.directory / _journal_name(seq)
+        if journal.exists():
+            self._move_aside(
+                journal, f"journal {seq} belongs to unusable generation {seq}", problems, moved
+            )
+
+    def _replay_journal(
+        self, generation: _Generation, problems: list[str], moved: list[Path]
+    ) -> _Replay:
+        path = self.directory / _journal_name(generation.seq)
+        try:
+            data = read_capped_file(path, self.max_bytes)
+        except FileNotFoundError:
+            return _Replay()
+        except StateFileError as exc:
+            self._move_aside(path, f"journal {generation.seq} is unusable ({exc})", problems, moved)
+            return _Replay()
+        replay = self._apply_journal(data, generation)
+        if replay.foreign:
+            self._move_aside(
+                path,
+                f"journal {generation.seq} does not belong to generation {generation.seq}",
+                problems,
+                moved,
+            )
+            return _Replay()
+        self._journal_end = replay.good_end
+        self._preserve_tail = replay.bad_complete_records
+        if replay.problem is not None:
+            dropped = len(data) - replay.good_end
+            sentence = (
+                f"journal {generation.seq}: {replay.problem} after {replay.records} good "
+                f"records; the last {dropped} bytes were ignored"
+            )
+            problems.append(sentence)
+            log.warning(
+                "store.journal_torn",
+                seq=generation.seq,
+                records=replay.records,
+                dropped_bytes=dropped,
+                reason=replay.problem,
+            )
+        return replay
+
+    def _apply_journal(self, data: bytes, generation: _Generation) -> _Replay:
+        """Replay records in order onto the in-memory copy; stop at the first bad one."""
+        replay = _Replay()
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            if end < 0:
+                replay.problem = "a torn last line (no newline)"
+                break
+            try:
+                record = _decode_record(data[pos:end])
+                if pos == 0:
+                    if record.get("op") != "base":
+                        raise ValueError("the first record is not the base record")
+                    if record.get("seq") != generation.seq or (
+                        record.get("sha256") != generation.sha256
+                    ):
+                        replay.foreign = True
+                        return replay
+                else:
+                    self._apply_update(record)
+                    replay.records += 1
+                    at = record.get("at")
+                    replay.last_at = at if isinstance(at, str) else replay.last_at
+            except ValueError as exc:
+                replay.problem = f"a bad record ({exc})"
+                replay.bad_complete_records = True
+                break
+            pos = end + 1
+            replay.good_end = pos
+        return replay
+
+    def _apply_update(self, record: dict[str, Any]) -> None:
+        """Apply one journal record, all or nothing. ValueError if it cannot apply."""
+        if record.get("op") != "update":
+            raise ValueError(f"unknown op {str(record.get('op'))[:40]!r}")
+        try:
+            puts = MESSAGES_ADAPTER.validate_python(record.get("put", ()))
+            prompt = _Prompt.model_validate(record["prompt"]) if "prompt" in record else None
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            raise ValueError(f"invalid content: {first['msg']}") from None
+        length = len(self._messages)
+        for message in puts:
+            if message.id > length:
+                raise ValueError(f"message id {message.id} leaves a gap after {length} messages")
+            length = max(length, message.id + 1)
+        self._upsert(puts)
+        if prompt is not None:
+            self._prompt = prompt
+
+    def _upsert(self, puts: Sequence[Message]) -> None:
+        messages = self._messages
+        for message in puts:
+            if message.id < len(messages):
+                messages[message.id] = message
+            else:
+                messages.append(message)
+        self._cached = None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def save(self, conversation: Conversation, *, allow_shrink: bool = False) -> SaveReport:
+        """Write ``conversation`` as a new generation (the journal starts empty).
+
+        Refuses, with ``StateFileError``, a conversation with fewer messages than the stored one
+        unless ``allow_shrink``: a partial copy must never replace a good one by accident.
+        Loads first if this process has not. On ``DurabilityError`` the in-memory copy and the
+        previous generation are unchanged.
+        """
+        with self._lock:
+            if not self._loaded:
+                self._load()
+            stored = len(self._messages)
+            if len(conversation.messages) < stored and not allow_shrink:
+                raise StateFileError(
+                    f"refused to save {len(conversation.messages)} messages over the "
+                    f"{stored} stored in {self.directory}: that would lose messages "
+                    "(pass allow_shrink=True to mean it); the stored copy is kept",
+                    path=str(self.directory),
+                )
+            return self._write_generation(conversation)
+
+    def archive(self, *, reason: str) -> Path | None:
+        """Keep the current stored conversation aside, in ``archive/``, before it is replaced.
+
+        Used when a newer conversation diverges from the stored one (AgentAPI restarted
+        without its history, say): the newer one becomes current, and this one is kept whole
+        rather than left to age out with the generations. Same file format as a generation;
+        ``load`` never reads the archive. Returns the file, or ``None`` if nothing is stored.
+        """
+        with self._lock:
+            conversation = self.conversation
+            if conversation is None:
+                return None
+            body = _CONVERSATION.dump_json(conversation)
+            saved_at = _now()
+            header = dump_compact(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "seq": self._seq,
+                    "saved_at": saved_at,
+                    "length": len(body),
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                    "archived_because": reason,
+                }
+            )
+            stamp = saved_at.replace(":", "").replace("-", "")
+            path = self.directory / "archive" / f"conversation-{stamp}-{self._seq:012d}.json"
+            write_atomic(path, (header, b"\n", body))
+            log.info("store.archived", path=str(path), messages=len(conversation.messages))
+            return path
+
+    def compact(self) -> SaveReport:
+        """Fold the journal into a new generation (``save`` of the in-memory copy)."""
+        with self._lock:
+            conversation = self.conversation
+            if not self._loaded or conversation is None:
+                raise RuntimeError("compact() needs a stored conversation: load() or save() first")
+            return self._write_generation(conversation)
+
+    def append(
+        self, updates: Sequence[Message], *, prompt: Conversation | None = None
+    ) -> SaveReport:
+        """Record these message upserts (and the prompt fields of ``prompt``, if they changed).
+
+        Costs about the size of the change: one journal record, one fsync. Updates equal to
+        what is stored are skipped (AgentAPI replays every message on reconnect). Each id must
+        be at most the current length (append or replace). Needs a prior ``load()`` or
+        ``save()`` in this process. After a failed write, or when the journal would pass
+        ``max_bytes``, the change is written as a whole new generation instead.
+        """
+        start = time.perf_counter()
+        with self._lock:
+            if not self._loaded:
+                raise RuntimeError(
+                    "append() needs the stored state first: call load() or save() in this process"
+                )
+            puts = self._changed(updates)
+            new_prompt = self._prompt_change(prompt)
+            if self._seq is None:
+                return self._write_generation(self._preview(puts, new_prompt))
+            assert self._sha256 is not None
+            path = self.directory / _journal_name(self._seq)
+            if not puts and new_prompt is None:
+                return SaveReport(self._seq, 0, _ms_since(start), path, "journal")
+            record: dict[str, Any] = {
+                "op": "update",
+                "at": _now(),
+                "put": [
+                    {"id": m.id, "role": m.role, "content": m.content, "time": m.time} for m in puts
+                ],
+            }
+            if new_prompt is not None:
+                record["prompt"] = new_prompt.model_dump()
+            line = _encode_record(record)
+            base = b""
+            if self._journal_end == 0:
+                base = _encode_record({"op": "base", "seq": self._seq, "sha256": self._sha256})
+            data = base + line
+            if self._needs_generation or self._journal_end + len(data) > self.max_bytes:
+                return self._write_generation(self._preview(puts, new_prompt))
+            if self._preserve_tail:
+                self._preserve_journal_tail(path)
+            try:
+                append_durable(path, data, offset=self._journal_end)
+            except DurabilityError:
+                self._needs_generation = True
+                raise
+            self._upsert(puts)
+            if new_prompt is not None:
+                self._prompt = new_prompt
+            self._journal_end += len(data)
+            report = SaveReport(self._seq, len(data), _ms_since(start), path, "journal")
+            log.debug(
+                "store.appended",
+                seq=self._seq,
+                messages=len(puts),
+                bytes=len(data),
+                journal_bytes=self._journal_end,
+                ms=report.duration_ms,
+            )
+            return report
+
+    def _changed(self, updates: Sequence[Message]) -> list[Message]:
+        """The updates that change something, in id order; ValueError on a gap."""
+        pending: dict[int, Message] = {}
+        length = len(self._messages)
+        for message in updates:
+            if message.id > length:
+                raise ValueError(
+                    f"message id {message.id} would leave a gap: the store holds {length} "
+                    "messages (ids must be at most the current length)"
+                )
+            current = pending.get(message.id)
+            if current is None and message.id < len(self._messages):
+                current = self._messages[message.id]
+            if current != message:
+                pending[message.id] = message
+            length = max(length, message.id + 1)
+        return [pending[key] for key in sorted(pending)]
+
+    def _prompt_change(self, prompt: Conversation | None) -> _Prompt | None:
+        if prompt is None:
+            return None
+        fields = _Prompt(
+            initial_prompt=prompt.initial_prompt,
+            initial_prompt_sent=prompt.initial_prompt_sent,
+            prompt_origin=prompt.prompt_origin,
+        )
+        return None if fields == self._prompt else fields
+
+    def _preview(self, puts: Sequence[Message], prompt: _Prompt | None) -> Conversation:
+        """The conversation these changes would produce, without touching the in-memory copy."""
+        messages = list(self._messages)
+        for message in puts:
+            if message.id < len(messages):
+                messages[message.id] = message
+            else:
+                messages.append(message)
+        fields = prompt or self._prompt
+        return Conversation.model_construct(
+            messages=tuple(messages),
+            initial_prompt=fields.initial_prompt,
+            initial_prompt_sent=fields.initial_prompt_sent,
+            prompt_origin=fields.prompt_origin,
+        )
+
+    def _preserve_journal_tail(self, path: Path) -> None:
+        """Copy bytes after the last good record aside before ``append`` cuts them off: a bad
+        record followed by more lines is damage worth keeping for a person to look at."""
+        try:
+            tail = read_capped_file(path, self.max_bytes)[self._journal_end :]
+        except FileNotFoundError:
+            tail = b""
+        except StateFileError as exc:
+            raise DurabilityError(
+                f"could not copy the damaged end of {path} aside ({exc}); nothing was appended"
+            ) from exc
+        if tail:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            aside = path.with_name(f"{path.name}.corrupt-{stamp}-tail-at-{self._journal_end}")
+            write_atomic(aside, tail)
+            log.warning(
+                "store.quarantined", path=str(path), moved_to=str(aside), reason="journal tail"
+            )
+        self._preserve_tail = False
+
+    def _next_seq(self) -> int:
+        generations, journals = self._scan()
+        return max(generations | journals | {self._seq or 0}) + 1
+
+    def _write_generation(self, conversation: Conversation) -> SaveReport:
+        start = time.perf_counter()
+        for index, message in enumerate(conversation.messages):
+            # A model_construct()ed conversation skips validation; a generation that could
+            # not be read back would silently send the next load to the previous one.
+            if message.id != index:
+                raise ValueError(
+                    f"message ids must be 0..n-1; found id {message.id} at {index}: not saved"
+                )
+        seq = self._next_seq()
+        body = _CONVERSATION.dump_json(conversation)
+        digest = hashlib.sha256(body).hexdigest()
+        saved_at = _now()
+        header = dump_compact(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "seq": seq,
+                "saved_at": saved_at,
+                "length": len(body),
+                "sha256": digest,
+            }
+        )
+        size = len(header) + 1 + len(body)
+        if size > self.max_bytes:
+            raise StateFileError(
+                f"refused to save a {size}-byte generation: it is over the {self.max_bytes}-byte "
+                "cap, so it could not be read back; the stored copy is kept",
+                path=str(self.directory),
+            )
+        path = self.directory / _generation_name(seq)
+        try:
+            write_atomic(path, (header, b"\n", body))
+        except DurabilityError:
+            # If the rename happened but its directory fsync failed, the new generation may
+            # shadow the current one: journaling onto the current one would then be lost.
+            self._needs_generation = True
+            raise
+        previous = self._seq
+        self._seq, self._sha256 = seq, digest
+        self._messages = list(conversation.messages)
+        self._prompt = _Prompt(
+            initial_prompt=conversation.initial_prompt,
+            initial_prompt_sent=conversation.initial_prompt_sent,
+            prompt_origin=conversation.prompt_origin,
+        )
+        self._cached = conversation
+        self._generation_bytes = size
+        self._journal_end = 0
+        self._preserve_tail = False
+        self._needs_generation = False
+        self._loaded = True
+        self._prune(keep_from=previous, new=seq)
+        report = SaveReport(seq, size, _ms_since(start), path, "generation")
+        log.info(
+            "store.saved",
+            seq=seq,
+            messages=len(self._messages),
+            bytes=size,
+            ms=report.duration_ms,
+        )
+        return report
+
+    def _prune(self, *, keep_from: int | None, new: int) -> None:
+        """Delete generations and journals older than the previous one, after the new one is
+        durable. Files between the previous and the new one were unusable at load and are left
+        for a person (quarantine failed); nothing newer than the previous is ever deleted."""
+        removed = 0
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        now = time.time()
+        for name in names:
+            path = self.directory / name
+            match = _GENERATION.fullmatch(name) or _JOURNAL.fullmatch(name)
+            try:
+                if match is not None:
+                    if keep_from is not None and int(match[1]) < keep_from:
+                        path.unlink()
+                        removed += 1
+                elif _STALE_TEMP.fullmatch(name) and now - path.stat().st_mtime > _STALE_TEMP_AGE_S:
+                    path.unlink()
+                    removed += 1
+            except OSError as exc:
+                log.warning("store.prune_failed", path=str(path), error=str(exc))
+        if removed:
+            try:
+                fsync_dir(self.directory)
+            except DurabilityError as exc:
+                # The new generation is durable; a delete that does not stick is harmless.
+                log.warning("store.prune_failed", path=str(self.directory), error=str(exc))
+
+    # -- async wrappers: one executor hop each ---------------------------------------------------
+
+    async def aload(self) -> LoadReport:
+        """``load`` in a worker thread."""
+        return await asyncio.to_thread(self.load)
+
+    async def asave(self, conversation: Conversation, *, allow_shrink: bool = False) -> SaveReport:
+        """``save`` in a worker thread (it completes even if the awaiting task is cancelled)."""
+        return await asyncio.to_thread(self.save, conversation, allow_shrink=allow_shrink)
+
+    async def aappend(
+        self, updates: Sequence[Message], *, prompt: Conversation | None = None
+    ) -> SaveReport:
+        """``append`` in a worker thread."""
+        return await asyncio.to_thread(self.append, updates, prompt=prompt)
+
+    async def acompact(self) -> SaveReport:
+        """``compact`` in a worker thread."""
+        return await asyncio.to_thread(self.compact)

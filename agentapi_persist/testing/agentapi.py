@@ -1,0 +1,742 @@
+"""FakeAgentAPI: a real HTTP server on 127.0.0.1 that behaves like AgentAPI 0.12.x.
+
+It follows the contract in the SPEC (section 3, "AgentAPI"): ``GET /status``,
+``GET /messages``, ``GET /events`` (server-sent events: a replay of every message as
+``message_update``, one ``status_change``, then deltas; a subscriber 1024 events behind is
+dropped), ``POST /message``, and the Host-header check. In-process use::
+
+    async with FakeAgentAPI(messages=[("user", "hi"), ("agent", "hello")]) as agent:
+        agent.add_message("user", "more")      # every live /events subscriber sees it
+        agent.behaviour.delay_s = 2.0          # fault knobs apply to the next request
+        ...
+
+It is also the ``agentapi`` program itself, for tests that need a real process with a pid
+file, a state file and real signals. Write an executable script named ``agentapi``
+(``write_agentapi_script``) and run ``agentapi server --port N``: it writes its pid file,
+loads and saves the v1 state file the way AgentAPI does (SIGUSR1 from 0.12.0 on; before that
+SIGUSR1 kills it, as it kills the real one), and prints ``ready`` once it listens. Knobs that
+exist only in the fake come from ``FAKE_AGENTAPI_*`` environment variables (see ``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from aiohttp import web
+
+from ..models import AgentAPIState, Message, Role, parse_untrusted_json, sanitize_text
+
+__all__ = [
+    "DEFAULT_VERSION",
+    "SUBSCRIBER_BUFFER",
+    "AgentAPIBehaviour",
+    "FakeAgentAPI",
+    "RecordedRequest",
+    "free_port",
+    "main",
+    "rfc3339_nano",
+    "run_fake_agentapi_process",
+    "write_agentapi_script",
+]
+
+Status = Literal["running", "stable"]
+
+DEFAULT_VERSION = "0.12.1"
+#: AgentAPI closes a subscriber's channel once this many events are waiting in it.
+SUBSCRIBER_BUFFER = 1024
+_ALLOWED_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
+# Go's encoding/json escapes these inside strings; we write the state file the same way.
+_GO_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_GO_ESCAPE = re.compile("[<>&\u2028\u2029]")
+
+
+def rfc3339_nano(ns: int | None = None) -> str:
+    """A UTC time the way AgentAPI writes it: ``2025-01-02T03:04:05.123456789Z``."""
+    ns = time.time_ns() if ns is None else ns
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    match = _VERSION.match(version.strip())
+    if match is None:
+        return (0, 0, 0)
+    return (int(match[1]), int(match[2]), int(match[3]))
+
+
+@dataclass(slots=True)
+class AgentAPIBehaviour:
+    """Fault knobs; change them at any time, the next request sees the new values.
+
+    ``delay_s``, ``hang`` and ``error_status`` apply to ``/status``, ``/messages`` and the
+    start of ``/events``; the body knobs apply to ``/messages`` only. To stall a live event
+    stream, set ``FakeAgentAPI.stall_events``.
+    """
+
+    delay_s: float = 0.0
+    """Pause before answering."""
+    hang: bool = False
+    """Never answer; the request ends when the client goes away or the server stops."""
+    error_status: int | None = None
+    """Answer this status with ``error_body`` instead of the real answer."""
+    error_body: str = "internal error"
+    truncate: bool = False
+    """Declare a Content-Length larger than the body, send half of it, then close."""
+    messages_body: bytes | None = None
+    """Send exactly these bytes as the ``/messages`` body (bad UTF-8, deep nesting, ...)."""
+    stream_body_bytes: int | None = None
+    """Send a ``/messages`` body this big, generated as it goes (for size-cap tests)."""
+    stream_declares_length: bool = True
+    """With ``stream_body_bytes``: declare the Content-Length (else send it chunked)."""
+    bytes_streamed: int = 0
+    """How much of ``stream_body_bytes`` went out before the client stopped reading."""
+
+
+@dataclass(slots=True, eq=False)
+class _Subscriber:
+    queue: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as received."""
+
+    method: str
+    path: str
+    host: str
+
+
+class FakeAgentAPI:
+    """AgentAPI's HTTP API over an in-memory conversation, driven by the test."""
+
+    def __init__(
+        self,
+        *,
+        messages: Iterable[Message | tuple[Role, str]] = (),
+        status: Status = "stable",
+        version: str = DEFAULT_VERSION,
+        agent_type: str = "claude",
+        initial_prompt: str = "",
+        initial_prompt_sent: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.version = version
+        self.agent_type = agent_type
+        self.initial_prompt = initial_prompt
+        self.initial_prompt_sent = initial_prompt_sent
+        self.behaviour = AgentAPIBehaviour()
+        self.requests: list[RecordedRequest] = []
+        self.revision = 0
+        """Bumped by every change to the conversation; a save records the one it wrote."""
+        self._saved_revision = 0
+        self._status: Status = status
+        self._messages: list[Message] = []
+        self._subscribers: set[_Subscriber] = set()
+        self._unstalled = asyncio.Event()
+        self._unstalled.set()
+        self._closing = asyncio.Event()
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._url = ""
+        for item in messages:
+            if isinstance(item, Message):
+                self._append(item.role, item.content, item.time)
+            else:
+                self._append(item[0], item[1], rfc3339_nano())
+
+    # -- what a test reads ------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``; only valid once started."""
+        if not self._url:
+            raise RuntimeError("FakeAgentAPI is not started")
+        return self._url
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (chosen by the kernel unless given)."""
+        return int(self.url.rsplit(":", 1)[1])
+
+    @property
+    def messages(self) -> tuple[Message, ...]:
+        """The conversation as ``/messages`` reports it."""
+        return tuple(self._messages)
+
+    @property
+    def status(self) -> Status:
+        """``running`` or ``stable``."""
+        return self._status
+
+    @property
+    def subscribers(self) -> int:
+        """Live ``/events`` subscriptions."""
+        return len(self._subscribers)
+
+    @property
+    def stall_events(self) -> bool:
+        """True: event streams send nothing (events queue up, as for a slow reader)."""
+        return not self._unstalled.is_set()
+
+    @stall_events.setter
+    def stall_events(self, value: bool) -> None:
+        if value:
+            self._unstalled.clear()
+        else:
+            self._unstalled.set()
+
+    # -- driving the conversation -------------------------------------------------------
+
+    def add_message(self, role: Role, content: str) -> Message:
+        """Append a message (id = its index) and tell every subscriber."""
+        message = self._append(role, content, rfc3339_nano())
+        self._publish(_message_event(message))
+        return message
+
+    def update_last(self, content: str) -> Message:
+        """Change the last message's text, as a running agent does while it types."""
+        if not self._messages:
+            raise ValueError("there is no message to update")
+        message = self._messages[-1].model_copy(update={"content": sanitize_text(content)})
+        self._messages[-1] = message
+        self.revision += 1
+        self._publish(_message_event(message))
+        return message
+
+    def set_status(self, status: Status) -> None:
+        """Switch between ``running`` and ``stable``; subscribers hear of real changes only."""
+        if status == self._status:
+            return
+        self._status = status
+        self._publish(self._status_event())
+
+    def emit_agent_error(self, message: str, *, level: str = "error") -> None:
+        """Send an ``agent_error`` event to every subscriber."""
+        payload = {"message": message, "level": level, "time": rfc3339_nano()}
+        self._publish(_sse("agent_error", payload))
+
+    def inject_raw(self, data: bytes) -> None:
+        """Send these exact bytes to every subscriber (malformed events, odd line endings)."""
+        self._publish(data)
+
+    def drop_subscribers(self) -> None:
+        """End every event stream cleanly, as AgentAPI does to a subscriber it drops."""
+        for subscriber in list(self._subscribers):
+            self._drop(subscriber)
+
+    # -- AgentAPI's state file ------------------------------------------------------------
+
+    def state_document(self) -> dict[str, Any]:
+        """The v1 state file's content for the current conversation."""
+        return {
+            "version": 1,
+            "messages": [
+                {"id": m.id, "message": m.content, "role": m.role, "time": m.time}
+                for m in self._messages
+            ],
+            "initial_prompt": self.initial_prompt,
+            "initial_prompt_sent": self.initial_prompt_sent,
+        }
+
+    def save_state(self, path: Path, *, force: bool = False) -> bool:
+        """Write the state file like AgentAPI: compact JSON plus a newline, to the fixed name
+        ``<path>.tmp``, fsync, rename, no directory fsync. Skipped (``False``) when nothing
+        changed since the last save or load, unless ``force``."""
+        if not force and self.revision == self._saved_revision:
+            return False
+        text = json.dumps(self.state_document(), ensure_ascii=False, separators=(",", ":"))
+        data = (_GO_ESCAPE.sub(lambda m: _GO_ESCAPES[m.group()], text) + "\n").encode()
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._saved_revision = self.revision
+        return True
+
+    def load_state(self, path: Path) -> str | None:
+        """Replace the conversation with the file's; ``None`` on success, else why it was
+        not loaded (AgentAPI then starts empty and later overwrites the file)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror}"
+        try:
+            state = parse_untrusted_json(data, AgentAPIState)
+        except ValueError as exc:
+            return f"{path} is not a valid state file: {exc}"
+        self._messages = [
+            Message.model_construct(id=m.id, role=m.role, content=m.message, time=m.time)
+            for m in state.messages
+        ]
+        self.initial_prompt = state.initial_prompt
+        self.initial_prompt_sent = state.initial_prompt_sent
+        self.revision += 1
+        self._saved_revision = self.revision
+        return None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on ``host:port`` (port 0: a free one)."""
+
+        @web.middleware
+        async def host_check(
+            request: web.Request,
+            handler: Any,
+        ) -> web.StreamResponse:
+            host = request.headers.get("Host", "")
+            self.requests.append(RecordedRequest(request.method, request.path, host))
+            if _hostname(host) not in _ALLOWED_HOSTS:
+                return web.Response(
+                    status=400,
+                    text="Invalid host header. Allowed hosts: localhost, 127.0.0.1, [::1]\n",
+                )
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app = web.Application(middlewares=[host_check])
+        app.router.add_get("/status", self._handle_status)
+        app.router.add_get("/messages", self._handle_messages)
+        app.router.add_get("/events", self._handle_events)
+        app.router.add_post("/message", self._handle_message)
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self._url = f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        """Stop listening; streams end, hung requests are released."""
+        self._closing.set()
+        self._unstalled.set()
+        self.drop_subscribers()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeAgentAPI:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    async def _handle_status(self, request: web.Request) -> web.StreamResponse:
+        fault = await self._fault()
+        if fault is not None:
+            return fault
+        body: dict[str, Any] = {"status": self._status, "agent_type": self.agent_type}
+        if _version_tuple(self.version) >= (0, 12, 0):
+            body["transport"] = "pty"
+        return web.json_response(body)
+
+    async def _handle_messages(self, request: web.Request) -> web.StreamResponse:
+        fault = await self._fault()
+        if fault is not None:
+            return fault
+        behaviour = self.behaviour
+        if behaviour.stream_body_bytes is not None:
+            return await self._stream_body(request, behaviour.stream_body_bytes)
+        if behaviour.messages_body is not None:
+            body = behaviour.messages_body
+        else:
+            messages = [
+                {"id": m.id, "content": m.content, "role": m.role, "time": m.time}
+                for m in self._messages
+            ]
+            body = json.dumps({"messages": messages}, ensure_ascii=False).encode()
+        if behaviour.truncate:
+            return await self._truncated(request, body)
+        return web.Response(body=body, content_type="application/json")
+
+    async def _handle_events(self, request: web.Request) -> web.StreamResponse:
+        fault = await self._fault()
+        if fault is not None:
+            return fault
+        # Snapshot and subscribe with no await in between: nothing can fall in the gap.
+        replay = b"".join([*map(_message_event, self._messages), self._status_event()])
+        subscriber = _Subscriber()
+        self._subscribers.add(subscriber)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        try:
+            await response.prepare(request)
+            await self._unstalled.wait()
+            await response.write(replay)
+            while True:
+                await self._unstalled.wait()
+                item = await subscriber.queue.get()
+                if item is None:
+                    break
+                await response.write(item)
+        except ConnectionError:
+            pass  # the client went away
+        finally:
+            self._subscribers.discard(subscriber)
+        return response
+
+    async def _handle_message(self, request: web.Request) -> web.StreamResponse:
+        try:
+            payload = await request.json()
+        except ValueError:
+            return _problem(400, "the body is not JSON")
+        if not isinstance(payload, dict):
+            return _problem(400, "the body must be an object")
+        content, kind = payload.get("content"), payload.get("type")
+        if not isinstance(content, str) or kind not in ("user", "raw"):
+            return _problem(422, 'expected {"content": str, "type": "user" | "raw"}')
+        if kind == "user":
+            if self._status != "stable":
+                return _problem(400, "the agent is running; wait until it is stable")
+            self.add_message("user", content)
+            self.set_status("running")
+            self.add_message("agent", f"echo: {content}")
+            self.set_status("stable")
+        return web.json_response({"ok": True})
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _append(self, role: Role, content: str, at: str) -> Message:
+        message = Message(id=len(self._messages), role=role, content=content, time=at)
+        self._messages.append(message)
+        self.revision += 1
+        return message
+
+    def _status_event(self) -> bytes:
+        return _sse("status_change", {"status": self._status, "agent_type": self.agent_type})
+
+    def _publish(self, data: bytes) -> None:
+        for subscriber in list(self._subscribers):
+            if subscriber.queue.qsize() >= SUBSCRIBER_BUFFER:
+                self._drop(subscriber)  # like AgentAPI: a full channel is closed
+            else:
+                subscriber.queue.put_nowait(data)
+
+    def _drop(self, subscriber: _Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        subscriber.queue.put_nowait(None)  # what was queued is still delivered, then the end
+
+    async def _fault(self) -> web.StreamResponse | None:
+        behaviour = self.behaviour
+        if behaviour.hang:
+            await self._closing.wait()
+            return web.Response(status=503, text="shutting down")
+        if behaviour.delay_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), behaviour.delay_s)
+        if behaviour.error_status is not None:
+            return web.Response(status=behaviour.error_status, text=behaviour.error_body)
+        return None
+
+    async def _truncated(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body) + max(len(body), 16)
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await response.write(body[: len(body) // 2])
+        if request.transport is not None:
+            request.transport.close()
+        return response
+
+    async def _stream_body(self, request: web.Request, size: int) -> web.StreamResponse:
+        behaviour = self.behaviour
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if behaviour.stream_declares_length:
+            response.content_length = size
+        await response.prepare(request)
+        head, tail, filler = b'{"messages":[', b"]}", b" " * 65536
+        behaviour.bytes_streamed = 0
+        try:
+            await response.write(head)
+            sent = len(head)
+            while sent < size - len(tail):
+                piece = filler[: min(len(filler), size - len(tail) - sent)]
+                await response.write(piece)
+                sent += len(piece)
+                behaviour.bytes_streamed = sent
+            await response.write(tail)
+            behaviour.bytes_streamed = sent + len(tail)
+        except ConnectionError:
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+
+def _sse(event_type: str, payload: Mapping[str, Any]) -> bytes:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event_type}\ndata: {data}\n\n".encode()
+
+
+def _message_event(message: Message) -> bytes:
+    payload = {
+        "id": message.id,
+        "role": message.role,
+        "message": message.content,
+        "time": message.time,
+    }
+    return _sse("message_update", payload)
+
+
+def _problem(status: int, detail: str) -> web.Response:
+    """An RFC 9457 problem body, as AgentAPI's API framework answers errors."""
+    body = {"title": HTTPStatus(status).phrase, "status": status, "detail": detail}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+def _hostname(host: str) -> str:
+    """The host part of a Host header, port ignored (``[::1]:3284`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else ""
+    if host.count(":") == 1:
+        return host.split(":", 1)[0]
+    return host
+
+
+# -- the `agentapi` program ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``agentapi server --port``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_agentapi_script(directory: Path, *, version: str | None = None) -> Path:
+    """Create an executable ``directory/agentapi`` that runs this fake with this interpreter.
+
+    ``version`` is baked into the script, as the real binary has its version built in;
+    without it the script reports ``FAKE_AGENTAPI_VERSION`` or the default. The script
+    answers ``--version`` before importing anything heavy, so it is about as quick as the
+    real binary (callers give ``--version`` about a second).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "agentapi"
+    lines = [f"#!{sys.executable}", "import os", "import sys"]
+    if version is not None:
+        lines.append(f"os.environ['FAKE_AGENTAPI_VERSION'] = {version!r}")
+    lines += [
+        "if sys.argv[1:] == ['--version']:",
+        f"    v = os.environ.get('FAKE_AGENTAPI_VERSION') or {DEFAULT_VERSION!r}",
+        "    print('agentapi version ' + v)",
+        "    raise SystemExit(0)",
+        "from agentapi_persist.testing.agentapi import main",
+        "raise SystemExit(main())",
+        "",
+    ]
+    script.write_text("\n".join(lines))
+    script.chmod(0o755)
+    return script
+
+
+@contextlib.asynccontextmanager
+async def run_fake_agentapi_process(
+    script: Path,
+    *,
+    port: int | None = None,
+    pid_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 20.0,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start ``script server --port N`` and wait for ``ready``; killed on the way out."""
+    args = [str(script), "server", "--port", str(port if port is not None else free_port())]
+    if pid_file is not None:
+        args += ["--pid-file", str(pid_file)]
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(ready_timeout_s):
+            while (line := await process.stdout.readline()) != b"ready\n":
+                if not line:
+                    raise RuntimeError(f"fake agentapi exited early ({await process.wait()})")
+        yield process
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``agentapi --version`` | ``agentapi server --port N [--pid-file F] [-- agent ...]``.
+
+    Environment, as AgentAPI reads it: ``AGENTAPI_PID_FILE``, ``AGENTAPI_STATE_FILE``,
+    ``AGENTAPI_LOAD_STATE`` / ``AGENTAPI_SAVE_STATE`` (default true when a state file is
+    set), ``AGENTAPI_INITIAL_PROMPT``. Fake-only knobs: ``FAKE_AGENTAPI_VERSION`` (default
+    0.12.1), ``FAKE_AGENTAPI_SEED`` (a JSON file: a list of ``{role, content}`` to start
+    with), ``FAKE_AGENTAPI_SAVE_DELAY_S`` (pause before each save),
+    ``FAKE_AGENTAPI_IGNORE_SIGTERM`` (true: SIGTERM is ignored, as by a wedged process).
+    """
+    parser = argparse.ArgumentParser(prog="agentapi")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command")
+    server = commands.add_parser("server", help="run the server")
+    server.add_argument("--port", "-p", type=int, default=None)
+    server.add_argument("--pid-file", default=None)
+    server.add_argument("--state-file", default=None)
+    server.add_argument("--type", "-t", default="claude")
+    server.add_argument("--initial-prompt", "-I", default=None)
+    server.add_argument("agent", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    version = os.environ.get("FAKE_AGENTAPI_VERSION") or DEFAULT_VERSION
+    if args.version:
+        print(f"agentapi version {version}")
+        return 0
+    if args.command != "server":
+        parser.print_usage(sys.stderr)
+        return 2
+    fake, options = _prepare(args, version)
+    return asyncio.run(_serve(fake, options))
+
+
+def _env_bool(name: str, *, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    return value in {"1", "t", "true", "yes", "y", "on"}
+
+
+def _say(text: str) -> None:
+    print(f"agentapi: {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _ProcessOptions:
+    version: str
+    state_file: Path | None
+    save: bool
+    pid_file: Path | None
+    save_delay_s: float
+    ignore_sigterm: bool
+
+
+def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _ProcessOptions]:
+    """Read the environment, load the state file and the seed: all before serving."""
+    env = os.environ
+    port = args.port if args.port is not None else int(env.get("AGENTAPI_PORT") or 3284)
+    state_path = args.state_file or env.get("AGENTAPI_STATE_FILE") or None
+    state_file = Path(state_path) if state_path else None
+    pid_path = args.pid_file or env.get("AGENTAPI_PID_FILE") or None
+    options = _ProcessOptions(
+        version=version,
+        state_file=state_file,
+        save=_env_bool("AGENTAPI_SAVE_STATE", default=state_file is not None),
+        pid_file=Path(pid_path) if pid_path else None,
+        save_delay_s=float(env.get("FAKE_AGENTAPI_SAVE_DELAY_S") or 0),
+        ignore_sigterm=_env_bool("FAKE_AGENTAPI_IGNORE_SIGTERM", default=False),
+    )
+    fake = FakeAgentAPI(version=version, agent_type=args.type, port=port)
+    load = _env_bool("AGENTAPI_LOAD_STATE", default=state_file is not None)
+    if state_file is not None and load and state_file.exists():
+        problem = fake.load_state(state_file)
+        if problem is not None:
+            _say(f"could not load state, starting empty: {problem}")
+    _apply_initial_prompt(fake, args.initial_prompt or env.get("AGENTAPI_INITIAL_PROMPT") or "")
+    if seed := env.get("FAKE_AGENTAPI_SEED"):
+        for item in json.loads(Path(seed).read_text()):
+            fake.add_message(item["role"], item["content"])
+    return fake, options
+
+
+def _write_pid_file(path: Path) -> None:
+    path.write_text(f"{os.getpid()}\n")
+
+
+async def _serve(fake: FakeAgentAPI, options: _ProcessOptions) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    save_lock = asyncio.Lock()
+    saves: set[asyncio.Task[None]] = set()
+    state_file = options.state_file
+
+    async def save_now(reason: str) -> None:
+        if state_file is None or not options.save:
+            return
+        async with save_lock:
+            if options.save_delay_s > 0:
+                await asyncio.sleep(options.save_delay_s)
+            written = fake.save_state(state_file)
+            _say(f"state {'saved' if written else 'unchanged, save skipped'} ({reason})")
+
+    def on_save_signal() -> None:
+        task = loop.create_task(save_now("SIGUSR1"))
+        saves.add(task)
+        task.add_done_callback(saves.discard)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGTERM and options.ignore_sigterm:
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            loop.add_signal_handler(sig, stop.set)
+    if _version_tuple(options.version) >= (0, 12, 0):
+        loop.add_signal_handler(signal.SIGUSR1, on_save_signal)
+    # Before 0.12.0 SIGUSR1 keeps its default action: the process dies, like the real one.
+
+    await fake.start()
+    try:
+        if options.pid_file is not None:
+            _write_pid_file(options.pid_file)
+        print("ready", flush=True)
+        await stop.wait()
+        await save_now("shutdown")
+    finally:
+        await fake.close()
+    return 0
+
+
+def _apply_initial_prompt(fake: FakeAgentAPI, started_with: str) -> None:
+    """AgentAPI's rule on load: a different prompt is sent again, the same one keeps the saved
+    flag, none restores the saved one. An unsent prompt is sent now (user + agent reply)."""
+    if started_with and started_with != fake.initial_prompt:
+        fake.initial_prompt, fake.initial_prompt_sent = started_with, False
+    if fake.initial_prompt and not fake.initial_prompt_sent:
+        fake.add_message("user", fake.initial_prompt)
+        fake.add_message("agent", f"echo: {fake.initial_prompt}")
+        fake.initial_prompt_sent = True

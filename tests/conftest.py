@@ -1,0 +1,111 @@
+"""Shared fixtures: a workspace layout in a temp dir, settings built from its environment,
+and real loopback peers (``agentapi_persist.testing``) that follow the SPEC contract."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentapi_persist.config import Settings
+from agentapi_persist.models import Message, Role
+from agentapi_persist.testing.coder import FakeCoder
+
+TASK_ID = "5f1c7a0e-3b2d-4c1e-9f00-1234567890ab"
+#: A token that must never show up anywhere: tests search output and files for it.
+CANARY_TOKEN = "coder-token-CANARY-7f3e9b21d4"
+TIME = "2025-01-02T03:04:05.123456789Z"
+
+
+def make_messages(count: int, *, size: int = 40, prefix: str = "message") -> list[Message]:
+    """``count`` alternating user/agent messages with distinct, recognisable content."""
+    roles: tuple[Role, Role] = ("user", "agent")
+    out = []
+    for i in range(count):
+        body = f"{prefix} {i} "
+        out.append(
+            Message(
+                id=i, role=roles[i % 2], content=(body * (size // len(body) + 1))[:size], time=TIME
+            )
+        )
+    return out
+
+
+@dataclass
+class Workspace:
+    """A Coder-like home directory: the module dir, AgentAPI's files, our state dir."""
+
+    root: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / ".local" / "state" / "agentapi-persist"
+
+    @property
+    def module_dir(self) -> Path:
+        return self.home / ".agentapi-module"
+
+    @property
+    def state_file(self) -> Path:
+        return self.module_dir / "agentapi-state.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.module_dir / "agentapi.pid"
+
+    def settings(self, **flags: Any) -> Settings:
+        return Settings.load(flags, env=self.env)
+
+    def process_env(self, **extra: str) -> dict[str, str]:
+        """The environment for a real CLI process: ours plus the interpreter's basics."""
+        keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR")}
+        return {**keep, **self.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    """A fresh workspace whose environment uses the registry module's names."""
+    ws = Workspace(root=tmp_path)
+    ws.module_dir.mkdir(parents=True)
+    ws.env = {
+        "HOME": str(ws.home),
+        "ARG_MODULE_DIR_NAME": ".agentapi-module",
+        "AGENTAPI_STATE_FILE": str(ws.state_file),
+        "AGENTAPI_PID_FILE": str(ws.pid_file),
+    }
+    return ws
+
+
+@pytest.fixture
+async def coder() -> AsyncIterator[FakeCoder]:
+    """A Coder server that knows ``TASK_ID`` and accepts ``CANARY_TOKEN``."""
+    async with FakeCoder(token=CANARY_TOKEN, task_ids={TASK_ID}) as server:
+        yield server
+
+
+def coder_env(server: FakeCoder) -> dict[str, str]:
+    """What the registry module sets for the snapshot upload."""
+    return {
+        "ARG_TASK_ID": TASK_ID,
+        "CODER_AGENT_URL": server.url,
+        "CODER_AGENT_TOKEN": CANARY_TOKEN,
+    }
+
+
+@pytest.fixture
+def python() -> str:
+    """The real interpreter, for subprocess tests."""
+    return sys.executable
+
+
+Factory = Callable[..., Settings]

@@ -1,0 +1,265 @@
+"""The real command line, as a process, against real peers: AgentAPI as a process with a pid
+file and a state file, and the Coder endpoint on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agentapi_persist.agentapi_state import read_agentapi_state
+from agentapi_persist.cli import build_parser, main
+from agentapi_persist.config import OPTIONS
+from agentapi_persist.models import Conversation
+from agentapi_persist.store import StateStore
+from agentapi_persist.testing.agentapi import (
+    free_port,
+    run_fake_agentapi_process,
+    write_agentapi_script,
+)
+from agentapi_persist.testing.coder import FakeCoder
+
+from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+async def cli(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Result:
+    """Run ``python -m agentapi_persist ARGS`` with the workspace's environment."""
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agentapi_persist",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ws.process_env(**(env or {})),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode(), time.monotonic() - started)
+
+
+@asynccontextmanager
+async def agentapi_process(
+    ws: Workspace, *, messages: int, version: str = "0.12.1", **env: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """A fake AgentAPI process seeded with ``messages`` messages, writing the pid file."""
+    seed = ws.root / "seed.json"
+    seed.write_text(
+        json.dumps([{"role": m.role, "content": m.content} for m in make_messages(messages)])
+    )
+    script = write_agentapi_script(ws.root / "bin", version=version)
+    port = free_port()
+    async with run_fake_agentapi_process(
+        script,
+        port=port,
+        pid_file=ws.pid_file,
+        env={**ws.env, "FAKE_AGENTAPI_SEED": str(seed), **env},
+    ) as proc:
+        yield proc, port
+
+
+def assert_no_token(*texts: str) -> None:
+    for text in texts:
+        assert CANARY_TOKEN not in text
+        assert CANARY_TOKEN[:12] not in text
+
+
+async def test_shutdown_with_registry_environment(workspace: Workspace, coder: FakeCoder) -> None:
+    """40 messages: last 30 uploaded, AgentAPI's own file complete via SIGUSR1, exit 0."""
+    async with agentapi_process(workspace, messages=40) as (proc, port):
+        result = await cli(
+            workspace, "shutdown", env={**coder_env(coder), "ARG_AGENTAPI_PORT": str(port)}
+        )
+        assert proc.returncode is None  # SIGUSR1 saved, did not kill it
+    assert result.code == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("shutdown ok:")
+    assert "agentapi_save=confirmed_changed" in result.stdout
+    (upload,) = coder.uploads
+    assert [m["id"] for m in upload.json["messages"]] == list(range(10, 40))
+    state = read_agentapi_state(workspace.state_file, max_bytes=2**24)
+    assert len(state.messages) == 40
+    assert [m.id for m in state.messages] == list(range(40))
+    own = StateStore(workspace.state_dir).load().conversation
+    assert own is not None
+    assert len(own.messages) == 40
+    assert_no_token(result.stdout, result.stderr)
+    for path in workspace.root.rglob("*"):
+        if path.is_file():
+            assert CANARY_TOKEN.encode() not in path.read_bytes(), path
+
+
+async def test_shutdown_with_hung_coder_and_grace_3(workspace: Workspace) -> None:
+    """A hung Coder server and --grace 3: non-zero exit within 3.5 s, state saved."""
+    async with (
+        FakeCoder(token=CANARY_TOKEN, task_ids={TASK_ID}, hang=True) as hung,
+        agentapi_process(workspace, messages=40) as (_, port),
+    ):
+        result = await cli(
+            workspace,
+            "shutdown",
+            "--grace",
+            "3",
+            env={**coder_env(hung), "ARG_AGENTAPI_PORT": str(port)},
+        )
+    assert result.code == 4, result.stdout + result.stderr
+    assert result.seconds < 3.5
+    assert "snapshot=timed_out" in result.stdout
+    assert "40 messages durable" in result.stdout
+    own = StateStore(workspace.state_dir).load().conversation
+    assert own is not None
+    assert len(own.messages) == 40
+
+
+async def test_old_agentapi_never_gets_sigusr1(workspace: Workspace, coder: FakeCoder) -> None:
+    """AgentAPI 0.11 dies from SIGUSR1, so shutdown must not send it; it stays alive."""
+    async with agentapi_process(workspace, messages=4, version="0.11.0") as (proc, port):
+        result = await cli(
+            workspace, "shutdown", env={**coder_env(coder), "ARG_AGENTAPI_PORT": str(port)}
+        )
+        await asyncio.sleep(0.1)
+        assert proc.returncode is None
+    assert result.code == 0, result.stdout + result.stderr
+    assert "agentapi_save=skipped_old_version" in result.stdout
+
+
+async def test_reused_pid_is_not_signalled(workspace: Workspace, coder: FakeCoder) -> None:
+    """A pid file pointing at an unrelated process: nothing is signalled, the rest works."""
+    sleeper = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        workspace.pid_file.write_text(f"{sleeper.pid}\n")
+        async with agentapi_process(workspace, messages=3) as (_, port):
+            workspace.pid_file.write_text(f"{sleeper.pid}\n")  # the fake rewrote it
+            result = await cli(
+                workspace, "shutdown", env={**coder_env(coder), "ARG_AGENTAPI_PORT": str(port)}
+            )
+        assert result.code == 0, result.stdout + result.stderr
+        assert "agentapi_save=skipped" in result.stdout
+        assert sleeper.returncode is None
+    finally:
+        sleeper.kill()
+        await sleeper.wait()
+
+
+async def test_restore_repairs_a_truncated_state_file(workspace: Workspace) -> None:
+    """restore rebuilds a truncated AgentAPI file from the sidecar copy and keeps the bad bytes."""
+    full = Conversation(
+        messages=tuple(make_messages(25)),
+        initial_prompt="fix the bug",
+        initial_prompt_sent=True,
+        prompt_origin="agentapi_state",
+    )
+    StateStore(workspace.state_dir).save(full)
+    from agentapi_persist.agentapi_state import render_agentapi_state
+
+    good = render_agentapi_state(full)
+    torn = good[: len(good) // 2]
+    workspace.state_file.write_bytes(torn)
+    result = await cli(workspace, "restore", "--json")
+    assert result.code == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "written"
+    state = read_agentapi_state(workspace.state_file, max_bytes=2**24)
+    assert len(state.messages) == 25
+    assert state.initial_prompt == "fix the bug"
+    assert state.initial_prompt_sent is True
+    assert workspace.state_file.read_bytes() == good
+    (kept,) = report["quarantined"]
+    assert Path(kept).read_bytes() == torn  # noqa: ASYNC240
+
+
+async def test_restore_refuses_while_agentapi_runs(workspace: Workspace) -> None:
+    """AgentAPI owns its file while it runs: restore exits 6 and changes nothing."""
+    async with agentapi_process(workspace, messages=2) as (_, port):
+        before = workspace.state_file.read_bytes() if workspace.state_file.exists() else None
+        result = await cli(workspace, "restore", env={"ARG_AGENTAPI_PORT": str(port)})
+        after = workspace.state_file.read_bytes() if workspace.state_file.exists() else None
+    assert result.code == 6
+    assert "AgentAPI is running" in result.stderr
+    assert before == after
+
+
+async def test_snapshot_dry_run_of_box_drawing_tail(workspace: Workspace) -> None:
+    """70,000 box-drawing characters still give a < 64 KiB snapshot ending in the real tail."""
+    messages = make_messages(10)
+    tail_text = "".join("─│┌┐└┘├┤┬┴┼"[i % 11] for i in range(70_000)) + "END"
+    last = messages[-1].model_copy(update={"content": tail_text})
+    StateStore(workspace.state_dir).save(Conversation(messages=(*messages[:-1], last)))
+    result = await cli(
+        workspace, "snapshot", "--dry-run", "--agentapi-url", f"http://127.0.0.1:{free_port()}"
+    )
+    assert result.code == 0, result.stderr
+    payload = result.stdout.rstrip("\n").encode()
+    assert len(payload) <= 65_536
+    (kept,) = json.loads(payload)["messages"]
+    assert kept["content"].endswith("END")
+    assert tail_text.endswith(kept["content"].split("\n", 1)[1])
+
+
+async def test_status_json_reports_facts_without_the_token(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """status --json says what is stored and whether the snapshot is configured; no token."""
+    StateStore(workspace.state_dir).save(Conversation(messages=tuple(make_messages(3))))
+    result = await cli(
+        workspace,
+        "status",
+        "--json",
+        "--agentapi-url",
+        f"http://127.0.0.1:{free_port()}",
+        env=coder_env(coder),
+    )
+    facts = json.loads(result.stdout)
+    assert facts["checkpoint"]["messages"] == 3
+    assert facts["snapshot"]["token"] == "present"
+    assert facts["agentapi"]["reachable"] is False
+    assert facts["grace"]["grace_s"] == 10
+    assert_no_token(result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("command", ["shutdown", "restore", "snapshot", "status"])
+def test_help_names_every_flag_with_its_variable(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--help lists each flag with its environment variable and default."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in OPTIONS:
+        assert option.flag in text
+        for name in option.env:
+            assert f"${name}" in text
+    assert "exit codes:" in text
+
+
+def test_bad_environment_is_a_usage_error(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A malformed variable exits 2 and names it."""
+    monkeypatch.setenv("HOME", str(workspace.home))
+    monkeypatch.setenv("AGENTAPI_PERSIST_GRACE", "soon")
+    assert main(["status"]) == 2
+    assert "AGENTAPI_PERSIST_GRACE" in capsys.readouterr().err
+
+
+def test_parser_has_the_four_commands() -> None:
+    """The parser offers every documented command."""
+    parser = build_parser()
+    for command in ("shutdown", "restore", "snapshot", "status"):
+        assert parser.parse_args([command]).command == command

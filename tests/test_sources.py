@@ -1,0 +1,111 @@
+"""Choosing the freshest copy by content, and carrying the prompt fields forward."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from agentapi_persist.models import AgentAPIState, Conversation, Message, Role
+from agentapi_persist.sources import Candidate, Relation, choose, compare, with_prompt_fields
+
+T = "2025-01-02T03:04:05.123456789Z"
+
+
+def conv(*texts: str) -> tuple[Message, ...]:
+    roles: tuple[Role, Role] = ("user", "agent")
+    return tuple(Message(id=i, role=roles[i % 2], content=t, time=T) for i, t in enumerate(texts))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "relation"),
+    [
+        (conv("hi", "yo"), conv("hi", "yo"), Relation.SAME),
+        (conv("hi", "yo", "more"), conv("hi", "yo"), Relation.A_AHEAD),
+        (conv("hi"), conv("hi", "yo"), Relation.B_AHEAD),
+        (conv("hi", "yo there"), conv("hi", "yo"), Relation.LAST_DIFFERS),
+        (conv("hi", "yo there", "next"), conv("hi", "yo"), Relation.A_AHEAD),
+        (conv("HI", "yo", "x"), conv("hi", "yo"), Relation.DIVERGED),
+        ((), conv("hi"), Relation.B_AHEAD),
+        ((), (), Relation.SAME),
+    ],
+)
+def test_compare(a: tuple[Message, ...], b: tuple[Message, ...], relation: Relation) -> None:
+    """A streaming last message is an older version, not a divergence."""
+    assert compare(a, b) is relation
+
+
+def test_live_wins_when_equal_and_longer_copy_wins_otherwise() -> None:
+    """The copy that extends the others is chosen whatever the order."""
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    live = Candidate("live", conv("a", "b"))
+    sidecar = Candidate("sidecar", conv("a", "b", "c"), old)
+    file = Candidate("agentapi_state", conv("a"), old)
+    choice = choose([live, sidecar, file])
+    assert choice.winner is sidecar
+    assert any("ahead" in r for r in choice.reasons)
+    assert choose([live, Candidate("sidecar", conv("a", "b"), old)]).winner is live
+
+
+def test_diverged_copies_go_to_the_most_recent_and_say_so() -> None:
+    """Divergent copies are settled by time, and the loser is named."""
+    now = datetime.now(UTC)
+    newer = Candidate("sidecar", conv("x", "y"), now)
+    older = Candidate("agentapi_state", conv("a", "b", "c"), now - timedelta(hours=1))
+    choice = choose([newer, older])
+    assert choice.winner is newer
+    assert "agentapi_state was not used" in choice.reasons[0]
+
+
+def test_no_candidates() -> None:
+    """Nothing anywhere gives no winner."""
+    assert choose([]).winner is None
+
+
+def test_prompt_fields_come_from_agentapi_file_first() -> None:
+    """AgentAPI's file is the only true source of the prompt fields."""
+    state = AgentAPIState.model_validate(
+        {"version": 1, "messages": [], "initial_prompt": "p", "initial_prompt_sent": True}
+    )
+    updated, note = with_prompt_fields(
+        Conversation(messages=conv("a")), from_file=state, environment_prompt="other"
+    )
+    assert (updated.initial_prompt, updated.initial_prompt_sent, updated.prompt_origin) == (
+        "p",
+        True,
+        "agentapi_state",
+    )
+    assert note is None
+
+
+def test_known_prompt_fields_are_carried_forward() -> None:
+    """Without a readable file, the copy's own fields are kept."""
+    c = Conversation(
+        messages=conv("a"),
+        initial_prompt="p",
+        initial_prompt_sent=False,
+        prompt_origin="agentapi_state",
+    )
+    assert with_prompt_fields(c, from_file=None, environment_prompt="x") == (c, None)
+
+
+@pytest.mark.parametrize(
+    ("messages", "env_prompt", "sent", "origin"),
+    [
+        (conv("a", "b"), "do it", True, "environment"),
+        ((), "do it", False, "environment"),
+        (conv("a"), None, True, "unknown"),
+    ],
+)
+def test_never_seen_prompt_fields_are_assumed_and_reported(
+    messages: tuple[Message, ...], env_prompt: str | None, sent: bool, origin: str
+) -> None:
+    """With no source at all, the environment prompt is used and sent once a user spoke."""
+    updated, note = with_prompt_fields(
+        Conversation(messages=messages), from_file=None, environment_prompt=env_prompt
+    )
+    assert updated.initial_prompt == (env_prompt or "")
+    assert updated.initial_prompt_sent is sent
+    assert updated.prompt_origin == origin
+    assert note is not None
+    assert "assumed" in note

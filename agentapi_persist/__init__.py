@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         StateFileVersionError,
         UpstreamError,
     )
+    from .log import configure_logging
     from .models import AgentAPIState, AgentStatus, Conversation, Message
     from .repair import RestoreReport, restore
     from .sequence import ShutdownReport, gather, run_sequence
@@ -77,6 +78,7 @@ __all__ = [
     "__version__",
     "build_snapshot",
     "collect_status",
+    "configure_logging",
     "find_agentapi",
     "gather",
     "read_agentapi_state",
@@ -125,6 +127,7 @@ _HOME: dict[str, str] = {
     "build_snapshot": "snapshot",
     "StatusReport": "status",
     "collect_status": "status",
+    "configure_logging": "log",
     "LoadReport": "store",
     "SaveReport": "store",
     "StateStore": "store",

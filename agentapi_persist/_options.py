@@ -180,7 +180,7 @@ OPTIONS: tuple[Option, ...] = (
         "--log-level",
         ("AGENTAPI_PERSIST_LOG_LEVEL",),
         "debug, info, warning or error.",
-        "info",
+        "error for one-shot commands (their result states every problem), info for run",
         str,
         "LEVEL",
     ),

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from stat import S_ISREG
 from typing import Literal
 
 import structlog
@@ -232,7 +233,7 @@ def find_agentapi(pid_file: Path) -> tuple[AgentProcess | None, str]:
         program=_program(pid, argv),
         state_file=_state_file(pid, argv, environ),
         save_state=_save_state(argv, environ),
-        start_ticks=stat[1],
+        start_ticks=stat[1] if stat[1] >= 0 else None,
     )
     log.info(
         "agentapi.found",
@@ -245,12 +246,20 @@ def find_agentapi(pid_file: Path) -> tuple[AgentProcess | None, str]:
 
 def _read_pid_file(pid_file: Path) -> tuple[int | None, str]:
     try:
-        with pid_file.open("rb") as handle:
-            raw = handle.read(_PID_FILE_MAX_BYTES + 1)
+        # O_NONBLOCK: a FIFO in its place must not block us until someone writes to it.
+        fd = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None, f"no pid file at {pid_file} (AgentAPI not started, or keeps no pid file)"
     except OSError as exc:
         return None, f"cannot read pid file {pid_file}: {exc.strerror or exc}"
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            return None, f"pid file {pid_file} is not a regular file"
+        raw = os.read(fd, _PID_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        return None, f"cannot read pid file {pid_file}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
     text = raw.decode("ascii", errors="replace").strip()
     if len(raw) > _PID_FILE_MAX_BYTES or not text.isdigit() or not text.isascii():
         shown = cap_text(repr(raw[:40]), 60) if text else "empty"
@@ -576,15 +585,17 @@ async def request_save(
         return done(SaveOutcome.SKIPPED_NOT_PERMITTED, why)
     log.info("agentapi.save_requested", pid=process.pid, version=str(version))
     watch = _SaveWatch(state_file, before, expected, max_bytes)
-    while True:
-        found = await watch.check()
-        if found is not None:
-            outcome, detail, held = found
-            return done(outcome, detail, signalled=True, held=held)
-        left = budget.remaining()
-        if left <= 0:
-            break
-        await asyncio.sleep(min(_POLL_S, left))
+    try:
+        # The timeout also cuts a slow read of a big file (the read's thread finishes alone).
+        async with asyncio.timeout(budget.remaining()):
+            while True:
+                found = await watch.check()
+                if found is not None:
+                    outcome, detail, held = found
+                    return done(outcome, detail, signalled=True, held=held)
+                await asyncio.sleep(_POLL_S)
+    except TimeoutError:
+        pass
     waited = (time.monotonic() - started) * 1000
     return done(
         SaveOutcome.NOT_CONFIRMED,

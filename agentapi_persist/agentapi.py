@@ -233,7 +233,7 @@ class AgentAPIClient:
             raise _transport_error(exc, url, connect_timeout_s) from exc
         try:
             if response.status != 200:
-                raise await _status_error(response, url)
+                raise await _status_error(response, url, read_timeout_s=connect_timeout_s)
             if response.content_type != "text/event-stream":
                 raise AgentAPIBodyError(
                     f"AgentAPI at {url} answered {response.content_type!r}, "
@@ -398,10 +398,13 @@ class _SSEDecoder:
         return _RawEvent(type=event_type, data="\n".join(data), id=self._last_id)
 
 
-async def _status_error(response: aiohttp.ClientResponse, url: str) -> AgentAPIError:
+async def _status_error(
+    response: aiohttp.ClientResponse, url: str, *, read_timeout_s: float | None = None
+) -> AgentAPIError:
     """An error for a non-2xx answer, quoting (a capped part of) its body."""
     try:
-        head = await response.content.read(_ERROR_BODY_BYTES)
+        async with asyncio.timeout(read_timeout_s):
+            head = await response.content.read(_ERROR_BODY_BYTES)
     except (aiohttp.ClientError, TimeoutError, OSError):
         head = b""
     text = cap_text(head.decode("utf-8", errors="replace").strip())

@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {o.field: getattr(args, o.field) for o in OPTIONS if hasattr(args, o.field)}
     as_json: bool = args.json
     try:
-        flags.setdefault("log_level", os.environ.get("AGENTAPI_PERSIST_LOG_LEVEL") or "warning")
+        # One-shot commands print a result that states every problem; logs add only errors
+        # unless asked for (--log-level or AGENTAPI_PERSIST_LOG_LEVEL).
+        flags.setdefault("log_level", os.environ.get("AGENTAPI_PERSIST_LOG_LEVEL") or "error")
         settings = Settings.load(flags)
         from .log import configure_logging
 

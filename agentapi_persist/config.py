@@ -185,11 +185,12 @@ class Settings(BaseModel):
         ``ConfigError`` naming the flag or variable at fault.
         """
         env = os.environ if env is None else env
-        flags = dict(flags or {})
+        # A flag whose value is None was not passed (argparse and embedders both do this).
+        flags = {name: value for name, value in (flags or {}).items() if value is not None}
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for option in OPTIONS:
-            if option.field in flags and flags[option.field] is not None:
+            if option.field in flags:
                 values[option.field] = flags.pop(option.field)
                 sources[option.field] = option.flag
                 continue

@@ -194,13 +194,13 @@ def _read_file(
     try:
         state = read_agentapi_state(path, max_bytes=max_bytes)
     except FileNotFoundError:
-        report.found.append(f"AgentAPI state file {path}: missing.")
+        report.found.append(f"AgentAPI's state file {path} is missing.")
         return None, None
     except StateFileError as exc:
-        report.found.append(f"AgentAPI state file {path}: unusable ({exc}).")
+        report.found.append(f"{exc}.")
         log.warning("restore.file_unusable", path=str(path), error=str(exc))
         return None, str(exc)
-    report.found.append(f"AgentAPI state file {path}: valid, {len(state.messages)} messages.")
+    report.found.append(f"AgentAPI's state file {path} is valid: {len(state.messages)} messages.")
     return state, None
 
 

@@ -317,6 +317,9 @@ async def run_sequence(
             report.durable = state_result.ok
             for task in best_effort:
                 report.steps.append(await task)
+            saved = report.step("agentapi_save")
+            if report.durable and saved is not None and saved.outcome == "confirmed_changed":
+                await _adopt_saved_prompt(settings, store)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
             if settings.stop_agentapi:
@@ -450,6 +453,23 @@ async def _agentapi_save_step(
     return StepResult(
         "agentapi_save", outcome, ok or outcome.startswith("skipped"), 0, confirmation.detail
     )
+
+
+async def _adopt_saved_prompt(settings: Settings, store: StateStore) -> None:
+    """Take the prompt fields from the file AgentAPI just saved: it is their only source."""
+    try:
+        state = await asyncio.to_thread(
+            read_agentapi_state, settings.agentapi_state_file, max_bytes=settings.max_body_bytes
+        )
+        current = store.conversation
+        if current is None:
+            return
+        fields = (state.initial_prompt, state.initial_prompt_sent, "agentapi_state")
+        if fields != (current.initial_prompt, current.initial_prompt_sent, current.prompt_origin):
+            updated, _ = with_prompt_fields(current, from_file=state, environment_prompt=None)
+            await store.aappend((), prompt=updated)
+    except (FileNotFoundError, PersistError) as exc:
+        log.info("shutdown.prompt_fields_kept", reason=str(exc))
 
 
 async def _snapshot_step(

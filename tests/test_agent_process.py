@@ -266,6 +266,19 @@ def test_pid_file_garbage(tmp_path, content, reason):
     assert reason in why
 
 
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_pid_file_that_is_not_a_file(tmp_path, kind):
+    """A FIFO (which would block a plain read) or a directory: refused at once."""
+    pid_file = tmp_path / "agentapi.pid"
+    if kind == "fifo":
+        os.mkfifo(pid_file)
+    else:
+        pid_file.mkdir()
+    process, reason = find_agentapi(pid_file)
+    assert process is None
+    assert "not a regular file" in reason
+
+
 def test_pid_file_of_a_dead_process(tmp_path):
     """A pid that no longer runs: the pid file is stale."""
     dead = subprocess.Popen(["true"])

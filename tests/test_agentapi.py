@@ -117,6 +117,29 @@ async def test_refused_port(session):
     assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
 
 
+async def test_reset_connection(agent, session):
+    """A connection reset instead of an answer: AgentAPIError saying so."""
+    agent.behaviour.reset = True
+    with pytest.raises(AgentAPIError, match="reset the connection") as caught:
+        await client_for(agent, session).status(budget=Budget(5))
+    assert not isinstance(caught.value, AgentAPIBodyError)
+
+
+async def test_connection_closed_without_answer(session):
+    """A peer that accepts and hangs up at once: AgentAPIError, not a hang."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client = AgentAPIClient(f"http://127.0.0.1:{port}", session=session)
+        with pytest.raises(AgentAPIError, match="closed the connection without answering"):
+            await client.status(budget=Budget(5))
+
+
 @pytest.mark.parametrize("knob", ["delay", "hang"])
 async def test_slow_or_hung_agentapi_is_cut_at_the_budget(agent, session, knob):
     """A server slower than the budget, or one that never answers, costs the budget only."""

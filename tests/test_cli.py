@@ -82,7 +82,10 @@ def assert_no_token(*texts: str) -> None:
 
 async def test_shutdown_with_registry_environment(workspace: Workspace, coder: FakeCoder) -> None:
     """40 messages: last 30 uploaded, AgentAPI's own file complete via SIGUSR1, exit 0."""
-    async with agentapi_process(workspace, messages=40) as (proc, port):
+    async with agentapi_process(workspace, messages=38, AGENTAPI_INITIAL_PROMPT="build it") as (
+        proc,
+        port,
+    ):
         result = await cli(
             workspace, "shutdown", env={**coder_env(coder), "ARG_AGENTAPI_PORT": str(port)}
         )
@@ -95,9 +98,17 @@ async def test_shutdown_with_registry_environment(workspace: Workspace, coder: F
     state = read_agentapi_state(workspace.state_file, max_bytes=2**24)
     assert len(state.messages) == 40
     assert [m.id for m in state.messages] == list(range(40))
+    assert state.initial_prompt == "build it"
+    assert state.initial_prompt_sent is True
     own = StateStore(workspace.state_dir).load().conversation
     assert own is not None
     assert len(own.messages) == 40
+    # The prompt fields come from the file AgentAPI saved on SIGUSR1, not from a guess.
+    assert (own.initial_prompt, own.initial_prompt_sent, own.prompt_origin) == (
+        "build it",
+        True,
+        "agentapi_state",
+    )
     assert_no_token(result.stdout, result.stderr)
     for path in workspace.root.rglob("*"):
         if path.is_file():

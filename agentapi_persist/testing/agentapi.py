@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -90,15 +91,17 @@ def _version_tuple(version: str) -> tuple[int, int, int]:
 class AgentAPIBehaviour:
     """Fault knobs; change them at any time, the next request sees the new values.
 
-    ``delay_s``, ``hang`` and ``error_status`` apply to ``/status``, ``/messages`` and the
-    start of ``/events``; the body knobs apply to ``/messages`` only. To stall a live event
-    stream, set ``FakeAgentAPI.stall_events``.
+    ``delay_s``, ``hang``, ``reset`` and ``error_status`` apply to ``/status``,
+    ``/messages`` and the start of ``/events``; the body knobs apply to ``/messages`` only.
+    To stall a live event stream, set ``FakeAgentAPI.stall_events``.
     """
 
     delay_s: float = 0.0
     """Pause before answering."""
     hang: bool = False
     """Never answer; the request ends when the client goes away or the server stops."""
+    reset: bool = False
+    """Abort the connection with a TCP reset instead of answering."""
     error_status: int | None = None
     """Answer this status with ``error_body`` instead of the real answer."""
     error_body: str = "internal error"
@@ -360,7 +363,7 @@ class FakeAgentAPI:
     # -- handlers ---------------------------------------------------------------------------
 
     async def _handle_status(self, request: web.Request) -> web.StreamResponse:
-        fault = await self._fault()
+        fault = await self._fault(request)
         if fault is not None:
             return fault
         body: dict[str, Any] = {"status": self._status, "agent_type": self.agent_type}
@@ -369,7 +372,7 @@ class FakeAgentAPI:
         return web.json_response(body)
 
     async def _handle_messages(self, request: web.Request) -> web.StreamResponse:
-        fault = await self._fault()
+        fault = await self._fault(request)
         if fault is not None:
             return fault
         behaviour = self.behaviour
@@ -388,7 +391,7 @@ class FakeAgentAPI:
         return web.Response(body=body, content_type="application/json")
 
     async def _handle_events(self, request: web.Request) -> web.StreamResponse:
-        fault = await self._fault()
+        fault = await self._fault(request)
         if fault is not None:
             return fault
         # Snapshot and subscribe with no await in between: nothing can fall in the gap.
@@ -455,8 +458,11 @@ class FakeAgentAPI:
         self._subscribers.discard(subscriber)
         subscriber.queue.put_nowait(None)  # what was queued is still delivered, then the end
 
-    async def _fault(self) -> web.StreamResponse | None:
+    async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         behaviour = self.behaviour
+        if behaviour.reset:
+            _reset(request)
+            return web.Response(status=500, text="reset")  # never reaches the client
         if behaviour.hang:
             await self._closing.wait()
             return web.Response(status=503, text="shutting down")
@@ -520,6 +526,17 @@ def _problem(status: int, detail: str) -> web.Response:
     """An RFC 9457 problem body, as AgentAPI's API framework answers errors."""
     body = {"title": HTTPStatus(status).phrase, "status": status, "detail": detail}
     return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+def _reset(request: web.Request) -> None:
+    """Close with RST (linger 0) so the client sees a reset, not a clean end of stream."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 def _hostname(host: str) -> str:

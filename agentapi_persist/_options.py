@@ -8,6 +8,7 @@ sidecar is running. Together with ``config`` this is the only code that reads th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,25 @@ OPTIONS: tuple[Option, ...] = (
         "BOOL",
     ),
     Option(
+        "checkpoint_interval_s",
+        "--checkpoint-interval",
+        ("AGENTAPI_PERSIST_CHECKPOINT_INTERVAL",),
+        "run: changes are grouped for this long, then made durable with one fsync.",
+        "0.25",
+        float,
+        "SECONDS",
+    ),
+    Option(
+        "snapshot_interval_s",
+        "--snapshot-interval",
+        ("AGENTAPI_PERSIST_SNAPSHOT_INTERVAL",),
+        "run: upload the log snapshot when the agent turns stable after a change, at most "
+        "this often, so the paused page has history even after a SIGKILL; 0 turns it off.",
+        "60",
+        float,
+        "SECONDS",
+    ),
+    Option(
         "max_body_bytes",
         "--max-body-bytes",
         ("AGENTAPI_PERSIST_MAX_BODY_BYTES",),
@@ -187,12 +207,15 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def quick_settings(flags: Mapping[str, Any], env: Mapping[str, str]) -> tuple[Path, float]:
+def quick_settings(
+    flags: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> tuple[Path, float]:
     """``(state_dir, grace_s)`` as ``Settings.load`` would resolve them, without pydantic.
 
     Only for reaching a running sidecar fast; anything invalid here is left for the full
     validation in ``Settings.load`` to report.
     """
+    env = os.environ if env is None else env
     state_dir = flags.get("state_dir") or env.get("AGENTAPI_PERSIST_STATE_DIR")
     if not state_dir:
         home = env.get("HOME") or str(Path.home())

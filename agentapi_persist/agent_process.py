@@ -39,6 +39,7 @@ from .models import AgentAPIState, Message
 
 __all__ = [
     "MIN_SIGUSR1_VERSION",
+    "VERSION_CAP_S",
     "AgentProcess",
     "SaveConfirmation",
     "SaveOutcome",

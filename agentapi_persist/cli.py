@@ -19,12 +19,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._options import OPTIONS
+from ._options import OPTIONS, quick_settings
 from ._version import __version__
-from .config import Settings
 from .errors import ExitCode, PersistError
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .sequence import ShutdownReport
 
 __all__ = ["build_parser", "main"]
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"agentapi-persist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {
+        "run": "The sidecar: restore, then keep the conversation durable until stopped "
+        "(SIGTERM/SIGINT: shutdown sequence; SIGUSR1: checkpoint now).",
         "shutdown": "Run the shutdown sequence within the grace budget (the run_on_stop step).",
         "restore": "Validate AgentAPI's state file and repair it from the newest good copy "
         "(before AgentAPI starts).",
@@ -122,15 +124,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {o.field: getattr(args, o.field) for o in OPTIONS if hasattr(args, o.field)}
     as_json: bool = args.json
+    command = args.command
+    if command == "shutdown":
+        answered = _shutdown_via_sidecar(flags, as_json=as_json, started_at=started_at)
+        if answered is not None:
+            return answered
     try:
         # One-shot commands print a result that states every problem; logs add only errors
-        # unless asked for (--log-level or AGENTAPI_PERSIST_LOG_LEVEL).
-        flags.setdefault("log_level", os.environ.get("AGENTAPI_PERSIST_LOG_LEVEL") or "error")
+        # unless asked for (--log-level or AGENTAPI_PERSIST_LOG_LEVEL). The sidecar logs info.
+        default_level = "info" if command == "run" else "error"
+        flags.setdefault("log_level", os.environ.get("AGENTAPI_PERSIST_LOG_LEVEL") or default_level)
+        from .config import Settings
+
         settings = Settings.load(flags)
         from .log import configure_logging
 
         configure_logging(level=settings.log_level)
-        command = args.command
+        if command == "run":
+            from .daemon import run
+
+            return run(settings)
         if command == "shutdown":
             return _shutdown(settings, as_json=as_json, started_at=started_at)
         if command == "restore":
@@ -147,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _emit_error(exc: PersistError, *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"ok": False, "exit_code": int(exc.exit_code), "error": str(exc)}))
-    print(f"agentapi-persist: {exc}", file=sys.stderr)
+    _emit_error_text(str(exc), exc.exit_code, as_json=as_json)
 
 
 def _print(payload: dict[str, Any] | str, *, as_json: bool) -> None:
@@ -180,6 +191,43 @@ def _arm_watchdog(settings: Settings, started_at: float) -> threading.Timer:
     timer.daemon = True
     timer.start()
     return timer
+
+
+def _shutdown_via_sidecar(flags: dict[str, Any], *, as_json: bool, started_at: float) -> int | None:
+    """Ask a running sidecar to run the sequence; ``None`` if there is none (do it here).
+
+    Imports only the standard library: with a sidecar, the whole command should take tens of
+    milliseconds, and pydantic plus aiohttp alone cost a few hundred.
+    """
+    from .control_client import SidecarUnavailable, ask_sidecar
+
+    state_dir, grace_s = quick_settings(flags)
+    elapsed = time.monotonic() - started_at
+    request: dict[str, Any] = {"op": "shutdown", "grace_s": grace_s, "elapsed_s": elapsed}
+    if "stop_agentapi" in flags:
+        request["stop_agentapi"] = bool(flags["stop_agentapi"])
+    try:
+        result = ask_sidecar(state_dir, request, timeout_s=max(grace_s - elapsed - 0.05, 0.1))
+    except SidecarUnavailable:
+        return None
+    except TimeoutError as exc:
+        message = f"{exc}; the sidecar's last checkpoint is on disk"
+        _emit_error_text(message, ExitCode.DEADLINE, as_json=as_json)
+        return int(ExitCode.DEADLINE)
+    if "summary" not in result:
+        code = int(result.get("exit_code", ExitCode.ERROR))
+        _emit_error_text(
+            f"sidecar: {result.get('error', 'no result')}", ExitCode(code), as_json=as_json
+        )
+        return code
+    _print(result["report"] if as_json else result["summary"] + " (via sidecar)", as_json=as_json)
+    return int(result["exit_code"])
+
+
+def _emit_error_text(message: str, code: ExitCode, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "exit_code": int(code), "error": message}))
+    print(f"agentapi-persist: {message}", file=sys.stderr)
 
 
 def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:

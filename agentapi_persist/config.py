@@ -94,6 +94,12 @@ class Settings(BaseModel):
     initial_prompt: str | None = None
     """``AGENTAPI_INITIAL_PROMPT``: used only when no saved state ever told us the prompt."""
 
+    checkpoint_interval_s: float = Field(default=0.25, ge=0.01, le=1.0)
+    """The sidecar groups changes this long before one durable append (the 1 s promise)."""
+
+    snapshot_interval_s: float = Field(default=60.0, ge=0.0, le=86_400.0)
+    """Minimum seconds between periodic snapshot uploads while running; 0 disables them."""
+
     max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     """Cap on any AgentAPI body or state file we read: input from AgentAPI is untrusted."""
 

@@ -83,6 +83,8 @@ class ShutdownReport:
     kept: str = ""
     notes: list[str] = field(default_factory=list)
     total_ms: int = 0
+    internal_error: bool = False
+    """The sidecar stopped because one of its tasks crashed (the state was still saved)."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -91,7 +93,7 @@ class ShutdownReport:
             return ExitCode.DEADLINE if self.deadline_hit else ExitCode.NOT_DURABLE
         if not self.snapshot_ok:
             return ExitCode.SNAPSHOT_FAILED
-        return ExitCode.OK
+        return ExitCode.ERROR if self.internal_error else ExitCode.OK
 
     def step(self, name: StepName) -> StepResult | None:
         """The result of step ``name``, if it ran."""
@@ -315,8 +317,9 @@ async def run_sequence(
             state_result = await asyncio.shield(write_task)
             report.steps.append(state_result)
             report.durable = state_result.ok
-            for task in best_effort:
-                report.steps.append(await task)
+            names: tuple[StepName, ...] = ("agentapi_save", "snapshot")
+            for task, name in zip(best_effort, names, strict=True):
+                report.steps.append(await _best_effort(task, name, force))
             saved = report.step("agentapi_save")
             if report.durable and saved is not None and saved.outcome == "confirmed_changed":
                 await _adopt_saved_prompt(settings, store)
@@ -400,6 +403,30 @@ async def _after_deadline(
     for name in cut:
         if name not in ("state", "fetch"):
             report.steps.append(StepResult(name, "cut", False, 0, "the budget ran out"))
+
+
+async def _best_effort(
+    task: asyncio.Task[StepResult], name: StepName, force: asyncio.Event | None
+) -> StepResult:
+    """Await a best-effort step, unless a second stop signal says to cut it short."""
+    if force is None:
+        return await task
+    forced = asyncio.create_task(force.wait(), name="persist.force_watch")
+    try:
+        await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        forced.cancel()
+    if task.done():
+        return task.result()
+    task.cancel(msg="second stop signal")
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves: never swallow that
+    log.warning("shutdown.forced", step=name)
+    return StepResult(name, "forced", False, 0, "cut short by a second stop signal")
 
 
 def _kept_sentence(report: ShutdownReport, store: StateStore) -> str:

@@ -7,7 +7,6 @@ most ``probe_s``). The token is reported only as present or absent.
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,14 +18,12 @@ from .agentapi import AgentAPIClient
 from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .config import Settings
+from .control_client import SidecarUnavailable, ask_sidecar
 from .errors import ConfigError, ExitCode, PersistError, StateFileError
 from .sources import Relation, compare
 from .store import StateStore
 
-__all__ = ["CONTROL_SOCKET", "StatusReport", "collect_status", "sidecar_running"]
-
-#: The running sidecar's control channel, inside the state directory.
-CONTROL_SOCKET = "control.sock"
+__all__ = ["StatusReport", "collect_status", "sidecar_view"]
 
 
 @dataclass(slots=True)
@@ -60,25 +57,23 @@ class StatusReport:
         return "\n".join(lines)
 
 
-def sidecar_running(settings: Settings) -> bool:
-    """True if a sidecar answers on its control socket."""
-    path = settings.state_dir / CONTROL_SOCKET
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
+def sidecar_view(settings: Settings) -> dict[str, Any]:
+    """The running sidecar's own facts, or ``{"running": False}``."""
+    try:
+        result = ask_sidecar(settings.state_dir, {"op": "status"}, timeout_s=1.0)
+    except (SidecarUnavailable, TimeoutError, ValueError):
+        return {"running": False}
+    view = result.get("status")
+    return {"running": True, **view} if isinstance(view, dict) else {"running": True}
 
 
 async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusReport:
     """Gather every fact, each bounded; never raises for what it finds."""
     report = StatusReport()
     facts = report.facts
-    facts["sidecar"] = {"running": sidecar_running(settings)}
+    facts["sidecar"] = await asyncio.to_thread(sidecar_view, settings)
 
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
     loaded = await store.aload()
     report.problems.extend(loaded.problems)
     stored = loaded.conversation

@@ -252,9 +252,13 @@ class StateStore:
     its write, and the file is then the complete new generation.
     """
 
-    def __init__(self, directory: Path, *, max_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self, directory: Path, *, max_bytes: int = 256 * 1024 * 1024, read_only: bool = False
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.read_only = read_only
+        """A read-only store never moves, cuts or writes anything (``status`` looks with one)."""
         self._lock = threading.RLock()
         self._loaded = False
         self._seq: int | None = None
@@ -392,7 +396,14 @@ class StateStore:
         self._preserve_tail = False
         self._needs_generation = False
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"this StateStore for {self.directory} is read-only")
+
     def _move_aside(self, path: Path, reason: str, problems: list[str], moved: list[Path]) -> None:
+        if self.read_only:
+            problems.append(f"{reason} (left in place: read-only look)")
+            return
         try:
             dest = quarantine(path, reason=reason)
         except FileNotFoundError:
@@ -527,6 +538,7 @@ class StateStore:
         Loads first if this process has not. On ``DurabilityError`` the in-memory copy and the
         previous generation are unchanged.
         """
+        self._check_writable()
         with self._lock:
             if not self._loaded:
                 self._load()
@@ -548,6 +560,7 @@ class StateStore:
         rather than left to age out with the generations. Same file format as a generation;
         ``load`` never reads the archive. Returns the file, or ``None`` if nothing is stored.
         """
+        self._check_writable()
         with self._lock:
             conversation = self.conversation
             if conversation is None:
@@ -573,6 +586,7 @@ class StateStore:
 
     def compact(self) -> SaveReport:
         """Fold the journal into a new generation (``save`` of the in-memory copy)."""
+        self._check_writable()
         with self._lock:
             conversation = self.conversation
             if not self._loaded or conversation is None:
@@ -590,6 +604,7 @@ class StateStore:
         ``save()`` in this process. After a failed write, or when the journal would pass
         ``max_bytes``, the change is written as a whole new generation instead.
         """
+        self._check_writable()
         start = time.perf_counter()
         with self._lock:
             if not self._loaded:

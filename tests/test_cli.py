@@ -191,7 +191,7 @@ async def test_restore_repairs_a_truncated_state_file(workspace: Workspace) -> N
     assert state.initial_prompt_sent is True
     assert workspace.state_file.read_bytes() == good
     (kept,) = report["quarantined"]
-    assert Path(kept).read_bytes() == torn  # noqa: ASYNC240
+    assert Path(kept).read_bytes() == torn
 
 
 async def test_restore_refuses_while_agentapi_runs(workspace: Workspace) -> None:

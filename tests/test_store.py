@@ -649,3 +649,32 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts(tmp_path):
         zygote.stdin.close()
         assert zygote.wait(timeout=30) == 0
     assert loaded_step >= 10  # the writers made real progress across the trials
+
+
+def test_read_only_store_reports_but_moves_nothing(tmp_path: Path) -> None:
+    """A read-only look (status) reports a corrupt generation but leaves every byte in place."""
+    writer = StateStore(tmp_path)
+    writer.save(Conversation(messages=tuple(_ro_messages(3))))
+    writer.save(Conversation(messages=tuple(_ro_messages(4))))
+    newest = max(tmp_path.glob("conversation-*.json"))
+    newest.write_bytes(newest.read_bytes()[:-5])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    report = StateStore(tmp_path, read_only=True).load()
+    assert report.conversation is not None
+    assert len(report.conversation.messages) == 3
+    assert any("left in place" in p for p in report.problems)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(RuntimeError, match="read-only"):
+        StateStore(tmp_path, read_only=True).save(Conversation())
+
+
+def _ro_messages(n: int) -> list[Message]:
+    return [
+        Message(
+            id=i,
+            role="user" if i % 2 == 0 else "agent",
+            content=f"m{i}",
+            time="2025-01-02T03:04:05Z",
+        )
+        for i in range(n)
+    ]

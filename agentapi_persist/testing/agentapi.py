@@ -175,7 +175,7 @@ class FakeAgentAPI:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>``; only valid once started."""
+        """``http://127.0.0.1:<port>`` (or the host given); only valid once started."""
         if not self._url:
             raise RuntimeError("FakeAgentAPI is not started")
         return self._url
@@ -309,6 +309,7 @@ class FakeAgentAPI:
 
     async def start(self) -> None:
         """Listen on ``host:port`` (port 0: a free one)."""
+        self._closing.clear()
 
         @web.middleware
         async def host_check(
@@ -337,7 +338,7 @@ class FakeAgentAPI:
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
         host, port = self._runner.addresses[0][:2]
-        self._url = f"http://{host}:{port}"
+        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def close(self) -> None:
         """Stop listening; streams end, hung requests are released."""
@@ -629,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     set), ``AGENTAPI_INITIAL_PROMPT``. Fake-only knobs: ``FAKE_AGENTAPI_VERSION`` (default
     0.12.1), ``FAKE_AGENTAPI_SEED`` (a JSON file: a list of ``{role, content}`` to start
     with), ``FAKE_AGENTAPI_SAVE_DELAY_S`` (pause before each save),
-    ``FAKE_AGENTAPI_IGNORE_SIGTERM`` (true: SIGTERM is ignored, as by a wedged process).
+    ``FAKE_AGENTAPI_IGNORE_SIGTERM`` (true: SIGTERM is ignored, as by a wedged process),
+    ``FAKE_AGENTAPI_CHATTER_MS`` (change the conversation by itself at this interval) and
+    ``FAKE_AGENTAPI_CHATTER_LOG`` (a file logging each such change with its wall time).
     """
     parser = argparse.ArgumentParser(prog="agentapi")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -737,15 +740,49 @@ async def _serve(fake: FakeAgentAPI, options: _ProcessOptions) -> int:
     # Before 0.12.0 SIGUSR1 keeps its default action: the process dies, like the real one.
 
     await fake.start()
+    chatter: asyncio.Task[None] | None = None
     try:
         if options.pid_file is not None:
             _write_pid_file(options.pid_file)
+        interval_ms = float(os.environ.get("FAKE_AGENTAPI_CHATTER_MS") or 0)
+        if interval_ms > 0:
+            log_path = os.environ.get("FAKE_AGENTAPI_CHATTER_LOG")
+            chatter = loop.create_task(
+                _chatter(fake, interval_ms / 1000, Path(log_path) if log_path else None)
+            )
         print("ready", flush=True)
         await stop.wait()
         await save_now("shutdown")
     finally:
+        if chatter is not None:
+            chatter.cancel()
         await fake.close()
     return 0
+
+
+async def _chatter(fake: FakeAgentAPI, interval_s: float, log_path: Path | None) -> None:
+    """Change the conversation every ``interval_s``: alternately extend the last agent message
+    and add a new one, like an agent streaming output. Each change is logged (wall time, id,
+    content length) before the next, so a test that SIGKILLs everything knows what existed
+    when. The log is written with plain ``write``: a SIGKILL does not lose the page cache."""
+    log_file = log_path.open("a", buffering=1) if log_path is not None else None
+    step = 0
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            last = fake.messages[-1] if fake.messages else None
+            if last is not None and last.role == "agent" and step % 2 == 1:
+                message = fake.update_last(last.content + f" +{step}")
+            else:
+                role: Role = "user" if last is not None and last.role == "agent" else "agent"
+                message = fake.add_message(role, f"chatter {step}")
+            step += 1
+            if log_file is not None:
+                entry = {"t": time.time(), "id": message.id, "length": len(message.content)}
+                log_file.write(json.dumps(entry) + "\n")
+    finally:
+        if log_file is not None:
+            log_file.close()
 
 
 def _apply_initial_prompt(fake: FakeAgentAPI, started_with: str) -> None:

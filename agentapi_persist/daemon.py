@@ -1,0 +1,571 @@
+"""The sidecar: keep the conversation durable all the time, then stop within the grace period.
+
+Layering (later modules import earlier ones, never the reverse)::
+
+    errors, _options, config, models, log        shapes and settings
+    budget, _http, _fsutil                        plumbing
+    agentapi, coder, agent_process                peers (never import the store)
+    snapshot (pure), store, agentapi_state        data at rest (never import aiohttp)
+    sources, sequence, repair, status             what a stop, a start and a look do
+    mirror, shutdown, control                     the sidecar's parts
+    daemon                                        this file: composes them
+    cli                                           the only reader of argv
+
+Lifecycle of ``serve``:
+
+1. **Start**: ``restore`` (skipped with a log line if AgentAPI is already up: its file is its
+   own then), load the store, open the control socket, log ``daemon.ready``.
+2. **Run** (named tasks, all ours, supervised until a stop or a crash): *follow* AgentAPI's
+   event stream (reconnecting with backoff, resynchronising from ``GET /messages`` when the
+   stream drops);
+   *checkpoint* changes within ``checkpoint_interval_s`` (one journal append, one fsync;
+   compaction when the journal outgrows the generation); *upload* a snapshot when the agent
+   turns stable after a change, at most once per ``snapshot_interval_s``.
+3. **Stop** on SIGTERM/SIGINT/SIGHUP, a control-channel ``shutdown``, or the embedder's
+   trigger: cancel only our tasks, flush the last changes, run the shutdown sequence with the
+   in-memory copy, answer waiting control clients, return the report. A second stop request
+   forces: best-effort steps are skipped, the durable write is not. SIGUSR1 forces a
+   checkpoint now.
+
+Idle means idle: with AgentAPI connected and silent, every task is blocked on a read or an
+event; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import structlog
+
+from . import history
+from ._http import make_session
+from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
+from .budget import Budget
+from .coder import CoderClient
+from .config import Settings
+from .control import ControlServer
+from .errors import AgentAPIError, AgentRunningError, PersistError
+from .mirror import Gap, Mirror, build_replay
+from .models import Conversation, Message
+from .repair import restore
+from .sequence import ShutdownReport, persist, run_sequence
+from .shutdown import StopController, install_signal_handlers
+from .snapshot import build_snapshot
+from .store import StateStore
+
+__all__ = ["Daemon", "DaemonState", "run", "serve"]
+
+log = structlog.get_logger(__name__)
+
+#: Compact the journal into a generation once it is this big and bigger than the generation.
+COMPACT_MIN_BYTES = 8 * 1024 * 1024
+_RECONNECT_MIN_S = 0.05
+_RECONNECT_MAX_S = 5.0
+_RESYNC_CAP_S = 2.0
+_UPLOAD_CAP_S = 10.0
+
+Trigger = Callable[[], Awaitable[object]]
+
+
+class DaemonState(enum.Enum):
+    """Where the daemon is in its life; a daemon is used once."""
+
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+
+class Daemon:
+    """The sidecar, as an async context manager: ``async with Daemon(s) as d: await d.serve()``.
+
+    Sessions and the store may be passed in (tests, embedders); otherwise the daemon makes
+    and closes its own.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: StateStore | None = None,
+        agent_session: aiohttp.ClientSession | None = None,
+        coder_session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+        self.state = DaemonState.NEW
+        self.mirror = Mirror()
+        self.stopper = StopController(hard_margin_s=min(0.15, settings.margin_s / 2))
+        self._own_sessions = agent_session is None, coder_session is None
+        self._agent_session = agent_session
+        self._coder_session = coder_session
+        self._agent: AgentAPIClient | None = None
+        self._coder: CoderClient | None = None
+        self._changed = asyncio.Event()
+        self._checkpoint_now = asyncio.Event()
+        self._stable = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._checkpoint_waiters: list[asyncio.Future[None]] = []
+        self._done: asyncio.Future[ShutdownReport] | None = None
+        self._control: ControlServer | None = None
+        self._facts: dict[str, Any] = {
+            "connected": False,
+            "agent_status": None,
+            "last_event_at": None,
+            "last_checkpoint_at": None,
+            "last_checkpoint_ms": None,
+            "checkpoints": 0,
+            "checkpoint_errors": 0,
+            "reconnects": 0,
+            "uploads": 0,
+        }
+        self._stop_agentapi: bool | None = None
+        self._uploaded_revision = -1
+        self._last_upload_at = 0.0
+
+    # -- context management -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Daemon:
+        if self.state is not DaemonState.NEW:
+            raise RuntimeError(f"a Daemon is used once; this one is {self.state.value}")
+        if self._agent_session is None:
+            self._agent_session = make_session(total_timeout_s=3600)
+        if self._coder_session is None:
+            self._coder_session = make_session()
+        self._agent = AgentAPIClient(
+            self.settings.agentapi_url,
+            session=self._agent_session,
+            max_body_bytes=self.settings.max_body_bytes,
+        )
+        target = None
+        with contextlib.suppress(PersistError):  # reported by the sequence if half-configured
+            target = self.settings.coder_target()
+        self._coder = CoderClient(target, session=self._coder_session) if target else None
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.state = DaemonState.CLOSED
+        self.stopper.disarm()
+        own_agent, own_coder = self._own_sessions
+        if own_agent and self._agent_session is not None:
+            await self._agent_session.close()
+        if own_coder and self._coder_session is not None:
+            await self._coder_session.close()
+
+    # -- the whole life -----------------------------------------------------------------------
+
+    async def serve(self, *, shutdown_trigger: Trigger | None = None) -> ShutdownReport:
+        """Run until stopped, then run the shutdown sequence and return its report.
+
+        Without ``shutdown_trigger`` the daemon owns the process: it installs signal
+        handlers and arms a hard-exit watchdog on stop. With one (embedders, tests), it
+        installs neither and stops when the trigger returns.
+        """
+        if self.state is not DaemonState.NEW or self._agent is None:
+            raise RuntimeError("serve() runs once, inside `async with Daemon(...)`")
+        self.state = DaemonState.RUNNING
+        self._done = asyncio.get_running_loop().create_future()
+        owns_process = shutdown_trigger is None
+        self.stopper.hard_exit = owns_process
+        signals = (
+            install_signal_handlers(self._on_signal, self.request_checkpoint)
+            if owns_process
+            else contextlib.nullcontext(False)
+        )
+        with signals:
+            await self._start()
+            crashed = await self._run_until_stopped(shutdown_trigger)
+            report = await self._stop()
+        if crashed:
+            report.internal_error = True
+            report.notes.append(f"internal error in {', '.join(crashed)}; state saved anyway")
+        return report
+
+    async def _run_until_stopped(self, trigger: Trigger | None) -> list[str]:
+        """Run our tasks until a stop is requested or one of them crashes; cancel only ours.
+
+        Not a ``TaskGroup`` ended by an exception: on Python 3.11 that leaves a stray
+        cancellation request on this task, which would then cut the shutdown sequence.
+        A crashed worker is logged and turns into a stop, so the state is still saved.
+        """
+        workers = {
+            asyncio.create_task(self._follow(), name="daemon.follow"),
+            asyncio.create_task(self._checkpoint_loop(), name="daemon.checkpoint"),
+        }
+        if self._coder is not None and self.settings.snapshot_interval_s > 0:
+            workers.add(asyncio.create_task(self._upload_loop(), name="daemon.upload"))
+        stop = asyncio.create_task(self._wait_for_stop(trigger), name="daemon.stop")
+        everything = {*workers, stop}
+        try:
+            done, _ = await asyncio.wait(everything, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in everything:
+                task.cancel(msg="daemon stopping")
+            await asyncio.wait(everything)
+        crashed = []
+        for task in done - {stop}:
+            error = None if task.cancelled() else task.exception()
+            crashed.append(task.get_name())
+            log.error("daemon.task_crashed", task=task.get_name(), error=repr(error))
+        if crashed and self.stopper.request is None:
+            self.stopper.request_stop("internal error", grace_s=self.settings.grace_s)
+        return crashed
+
+    async def _start(self) -> None:
+        try:
+            outcome = await asyncio.to_thread(restore, self.settings, store=self.store)
+            log.info("daemon.restored", outcome=outcome.outcome, messages=outcome.messages)
+        except AgentRunningError:
+            log.info("daemon.restore_skipped", reason="AgentAPI is already running")
+        except PersistError as exc:
+            log.error("daemon.restore_failed", error=str(exc))
+        if self.store.conversation is None:
+            report = await self.store.aload()
+            for problem in report.problems:
+                log.warning("daemon.store_problem", problem=problem)
+        self._control = ControlServer(self.settings.state_dir, self._handle_control)
+        await self._control.start()
+        stored = self.store.conversation
+        log.info(
+            "daemon.ready",
+            pid=os.getpid(),
+            agentapi_url=self.settings.agentapi_url,
+            stored_messages=len(stored.messages) if stored else 0,
+            snapshot=self._coder is not None,
+        )
+
+    async def _wait_for_stop(self, trigger: Trigger | None) -> None:
+        if trigger is None:
+            await self.stopper.stop.wait()
+        else:
+            waiter = asyncio.create_task(self.stopper.stop.wait(), name="daemon.stop_flag")
+            external = asyncio.ensure_future(trigger())
+            try:
+                await asyncio.wait({waiter, external}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (waiter, external):
+                    task.cancel()
+            if self.stopper.request is None:
+                self.stopper.request_stop("trigger", grace_s=self.settings.grace_s)
+
+    def _on_signal(self, name: str) -> None:
+        self.stopper.request_stop(name, grace_s=self.settings.grace_s)
+
+    def request_checkpoint(self) -> None:
+        """Checkpoint now instead of at the end of the grouping window (SIGUSR1)."""
+        log.info("daemon.checkpoint_requested")
+        self._changed.set()
+        self._checkpoint_now.set()
+
+    # -- following AgentAPI ---------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        assert self._agent is not None
+        backoff = _RECONNECT_MIN_S
+        while True:
+            try:
+                await self._stream_once()
+                log.info("agentapi.stream_ended")
+                backoff = _RECONNECT_MIN_S
+            except AgentAPIError as exc:
+                log.info("agentapi.unavailable", error=str(exc), retry_in_s=round(backoff, 2))
+            except Gap as exc:
+                log.warning("agentapi.events_missed", detail=str(exc))
+            self._facts["connected"] = False
+            await self._resync()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RECONNECT_MAX_S)
+            self._facts["reconnects"] += 1
+
+    async def _stream_once(self) -> None:
+        """Follow one event stream: collect the replay, take it as the truth, apply deltas."""
+        assert self._agent is not None
+        replay: list[Message] = []
+        replaying = True
+        async with contextlib.aclosing(self._agent.events(connect_timeout_s=2.0)) as events:
+            async for event in events:
+                self._facts["last_event_at"] = time.time()
+                if isinstance(event, MessageUpdate):
+                    if replaying:
+                        replay.append(event.as_message())
+                    elif self.mirror.apply(event.as_message()):
+                        self._changed.set()
+                        self._stable.clear()
+                elif isinstance(event, StatusChange):
+                    if replaying:
+                        replaying = False
+                        self._facts["connected"] = True
+                        self.mirror.replace(build_replay(replay))
+                        self._changed.set()
+                        log.info("agentapi.synced", messages=len(self.mirror.messages))
+                    self._facts["agent_status"] = event.status
+                    if event.status == "stable":
+                        self._stable.set()
+                    else:
+                        self._stable.clear()
+                elif isinstance(event, AgentErrorEvent):
+                    log.warning("agentapi.agent_error", message=event.message, level=event.level)
+
+    async def _resync(self) -> None:
+        """After a dropped stream: take ``GET /messages`` as the truth, if AgentAPI answers."""
+        assert self._agent is not None
+        try:
+            messages = await self._agent.messages(budget=Budget(_RESYNC_CAP_S))
+        except AgentAPIError:
+            return
+        self.mirror.replace(messages)
+        self._changed.set()
+        log.info("agentapi.resynced", messages=len(messages))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        interval = self.settings.checkpoint_interval_s
+        while True:
+            await self._changed.wait()
+            if not self._checkpoint_now.is_set():
+                # Group the changes of the next `interval` into one fsync.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._checkpoint_now.wait()
+            self._changed.clear()
+            self._checkpoint_now.clear()
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Make the mirror's changes durable now (journal append, or a full compare after a
+        resync), and compact the journal when it has outgrown the generation."""
+        async with self._write_lock:
+            started = time.perf_counter()
+            try:
+                if not self.mirror.synced:
+                    await self._checkpoint_full()
+                else:
+                    updates = self.mirror.take_dirty()
+                    if updates:
+                        try:
+                            await self.store.aappend(updates)
+                        except PersistError:
+                            self.mirror.requeue(updates)
+                            raise
+                await self._maybe_compact()
+            except PersistError as exc:
+                self._facts["checkpoint_errors"] += 1
+                log.error("daemon.checkpoint_failed", error=str(exc))
+                return
+            finally:
+                waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            ms = round((time.perf_counter() - started) * 1000, 2)
+            self._facts.update(
+                last_checkpoint_at=time.time(),
+                last_checkpoint_ms=ms,
+                checkpoints=self._facts["checkpoints"] + 1,
+            )
+            log.debug("daemon.checkpoint", ms=ms, journal_bytes=self.store.journal_bytes)
+
+    async def _checkpoint_full(self) -> None:
+        messages = tuple(self.mirror.messages)
+        self.mirror.dirty.clear()
+        stored = self.store.conversation or Conversation()
+        conversation = Conversation.model_construct(
+            messages=messages,
+            initial_prompt=stored.initial_prompt,
+            initial_prompt_sent=stored.initial_prompt_sent,
+            prompt_origin=stored.prompt_origin,
+        )
+        outcome, detail = await asyncio.to_thread(persist, self.store, conversation)
+        current = self.store.conversation
+        # Synced once the store holds exactly the mirror; while the stored copy is ahead
+        # (AgentAPI came back with less), every checkpoint compares again.
+        self.mirror.synced = current is not None and current.messages == messages
+        log.info(
+            "daemon.resync_checkpoint", outcome=outcome, detail=detail, synced=self.mirror.synced
+        )
+
+    async def _maybe_compact(self) -> None:
+        journal = self.store.journal_bytes
+        if journal > COMPACT_MIN_BYTES and journal > self.store.generation_bytes:
+            report = await self.store.acompact()
+            log.info("store.compacted", seq=report.seq, bytes=report.bytes_written)
+
+    # -- periodic snapshots ---------------------------------------------------------------------
+
+    async def _upload_loop(self) -> None:
+        """Upload when the agent is stable after a change, at most once per interval."""
+        interval = self.settings.snapshot_interval_s
+        while True:
+            await self._stable.wait()
+            if self.mirror.revision == self._uploaded_revision:
+                # Nothing new since the last upload: wait for the next change to come and go.
+                self._stable.clear()
+                continue
+            wait = self._last_upload_at + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            await self.upload_snapshot()
+
+    async def upload_snapshot(self) -> None:
+        """Upload the durable copy's snapshot now (after flushing pending changes)."""
+        if self._coder is None:
+            return
+        revision = self.mirror.revision
+        await self.checkpoint()
+        conversation = self.store.conversation
+        self._last_upload_at = time.monotonic()
+        if conversation is None or not conversation.messages:
+            self._uploaded_revision = revision
+            return
+        snapshot = build_snapshot(
+            conversation.messages,
+            max_messages=self.settings.snapshot_messages,
+            max_bytes=self.settings.snapshot_max_bytes,
+        )
+        result = await self._coder.upload_snapshot(snapshot.payload, budget=Budget(_UPLOAD_CAP_S))
+        self._facts["uploads"] += 1
+        if result.delivered:
+            self._uploaded_revision = revision
+        record = {
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "outcome": str(result.outcome),
+            "delivered": result.delivered,
+            "status": result.status,
+            "attempts": result.attempts,
+            "messages": len(snapshot.messages),
+            "bytes": snapshot.size,
+            "detail": result.detail,
+            "periodic": True,
+        }
+        with contextlib.suppress(PersistError):
+            await asyncio.to_thread(
+                history.write_record, self.settings.state_dir, history.LAST_UPLOAD, record
+            )
+
+    # -- stopping -------------------------------------------------------------------------------
+
+    async def _stop(self) -> ShutdownReport:
+        self.state = DaemonState.STOPPING
+        request = self.stopper.request
+        reason = request.reason if request else "unknown"
+        margin = self.settings.margin_s
+        # The last changes seen on the stream go to disk first; the sequence then compares
+        # with a fresh GET /messages and writes only what is still missing.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(self.stopper.remaining() - margin, 0.05) / 2):
+                await self.checkpoint()
+        budget = Budget(max(self.stopper.remaining() - margin, 0.05))
+        assert self._agent is not None
+        settings = self.settings
+        if self._stop_agentapi is not None:
+            settings = settings.model_copy(update={"stop_agentapi": self._stop_agentapi})
+        report = await run_sequence(
+            settings,
+            store=self.store,
+            agent=self._agent,
+            coder=self._coder,
+            budget=budget,
+            live_copy=self.store.conversation,
+            force=self.stopper.force,
+        )
+        report.notes.insert(0, f"stopped by {reason}")
+        log.info(
+            "daemon.stopped", reason=reason, exit_code=int(report.exit_code), ms=report.total_ms
+        )
+        with contextlib.suppress(PersistError):
+            await asyncio.to_thread(
+                history.write_record,
+                self.settings.state_dir,
+                history.LAST_SHUTDOWN,
+                report.as_dict(),
+            )
+        assert self._done is not None
+        self._done.set_result(report)
+        if self._control is not None:
+            await self._control.close()
+        self.stopper.disarm()
+        return report
+
+    # -- control channel ------------------------------------------------------------------------
+
+    async def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "status":
+            return {"ok": True, "status": self.view()}
+        if op == "checkpoint":
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._checkpoint_waiters.append(waiter)
+            self.request_checkpoint()
+            await waiter
+            return {"ok": True, "status": self.view()}
+        if op == "shutdown":
+            grace = float(request.get("grace_s") or self.settings.grace_s)
+            elapsed = float(request.get("elapsed_s") or 0.0)
+            if request.get("stop_agentapi") is not None:
+                self._stop_agentapi = bool(request["stop_agentapi"])
+            self.stopper.request_stop(
+                "control", grace_s=max(grace - elapsed, 0.1), started_at=time.monotonic()
+            )
+            assert self._done is not None
+            report = await asyncio.shield(self._done)
+            return {
+                "ok": report.exit_code == 0,
+                "exit_code": int(report.exit_code),
+                "summary": report.summary(),
+                "report": report.as_dict(),
+            }
+        return {"ok": False, "error": f"unknown op {op!r}", "exit_code": 2}
+
+    def view(self) -> dict[str, Any]:
+        """The live sidecar's facts for ``status``."""
+        stored = self.store.conversation
+        now = time.time()
+        last = self._facts["last_checkpoint_at"]
+        return {
+            "pid": os.getpid(),
+            "state": self.state.value,
+            "connected": self._facts["connected"],
+            "agent_status": self._facts["agent_status"],
+            "live_messages": len(self.mirror.messages),
+            "stored_messages": len(stored.messages) if stored else 0,
+            "pending_changes": len(self.mirror.dirty) + (0 if self.mirror.synced else 1),
+            "last_checkpoint_age_s": None if last is None else round(now - last, 3),
+            "last_checkpoint_ms": self._facts["last_checkpoint_ms"],
+            "checkpoints": self._facts["checkpoints"],
+            "checkpoint_errors": self._facts["checkpoint_errors"],
+            "journal_bytes": self.store.journal_bytes,
+            "generation": self.store.seq,
+            "reconnects": self._facts["reconnects"],
+            "uploads": self._facts["uploads"],
+            "last_upload": history.read_record(self.settings.state_dir, history.LAST_UPLOAD),
+        }
+
+
+async def serve(settings: Settings, *, shutdown_trigger: Trigger | None = None) -> ShutdownReport:
+    """Run the sidecar until stopped; see ``Daemon.serve``."""
+    async with Daemon(settings) as daemon:
+        return await daemon.serve(shutdown_trigger=shutdown_trigger)
+
+
+def run(settings: Settings) -> int:
+    """The ``run`` command: serve until a stop signal, return the exit code."""
+    report = asyncio.run(serve(settings))
+    return int(report.exit_code)

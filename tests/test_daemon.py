@@ -1,0 +1,200 @@
+"""The sidecar in-process: follow, checkpoint, reconnect, resync, control channel, uploads.
+
+Peers are real loopback servers; the daemon runs with ``shutdown_trigger`` (no signal
+handlers), as an embedder would run it. Waits poll the daemon's own facts with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from agentapi_persist.control_client import ask_sidecar
+from agentapi_persist.daemon import Daemon, DaemonState
+from agentapi_persist.errors import ExitCode
+from agentapi_persist.models import Conversation
+from agentapi_persist.sequence import ShutdownReport
+from agentapi_persist.store import StateStore
+from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
+from agentapi_persist.testing.coder import FakeCoder
+
+from .conftest import Workspace, coder_env, make_messages
+
+
+async def eventually(check: Callable[[], bool], *, within: float = 5.0) -> None:
+    """Wait until ``check()`` holds, failing after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)
+
+
+def on_disk(ws: Workspace) -> Conversation:
+    """What a fresh process would load right now (empty if nothing yet)."""
+    return StateStore(ws.state_dir, read_only=True).load().conversation or Conversation()
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    stop: asyncio.Event
+    task: asyncio.Task[ShutdownReport]
+
+    async def finish(self) -> ShutdownReport:
+        self.stop.set()
+        return await asyncio.wait_for(self.task, 15)
+
+
+@asynccontextmanager
+async def sidecar(ws: Workspace, **flags: object) -> AsyncIterator[Running]:
+    flags.setdefault("checkpoint_interval_s", 0.05)
+    settings = ws.settings(**flags)
+    stop = asyncio.Event()
+    async with Daemon(settings) as daemon:
+        task = asyncio.create_task(daemon.serve(shutdown_trigger=stop.wait))
+        running = Running(daemon, stop, task)
+        try:
+            await eventually(lambda: (ws.state_dir / "control.sock").exists() or task.done())
+            yield running
+        finally:
+            if not task.done():
+                stop.set()
+                await asyncio.wait_for(task, 15)
+
+
+async def test_follows_and_checkpoints_every_change(workspace: Workspace) -> None:
+    """Replay, new messages and a growing last message all reach the disk within a second."""
+    async with (
+        FakeAgentAPI(messages=make_messages(5)) as agent,
+        sidecar(workspace, agentapi_url=agent.url) as running,
+    ):
+        await eventually(lambda: len(on_disk(workspace).messages) == 5)
+        agent.add_message("user", "and now?")
+        agent.add_message("agent", "working")
+        await eventually(lambda: len(on_disk(workspace).messages) == 7)
+        agent.update_last("working... done")
+        await eventually(lambda: on_disk(workspace).messages[-1].content == "working... done")
+        assert running.daemon.store.journal_bytes > 0  # changes were journalled, not rewritten
+        report = await running.finish()
+    assert report.exit_code is ExitCode.OK
+    assert running.daemon.state is DaemonState.CLOSED
+
+
+async def test_reconnects_after_a_dropped_subscription(workspace: Workspace) -> None:
+    """When AgentAPI drops the stream, the daemon resyncs and keeps following."""
+    async with (
+        FakeAgentAPI(messages=make_messages(3)) as agent,
+        sidecar(workspace, agentapi_url=agent.url) as running,
+    ):
+        await eventually(lambda: running.daemon.view()["connected"])
+        agent.drop_subscribers()
+        agent.add_message("user", "missed while dropped?")
+        await eventually(lambda: len(on_disk(workspace).messages) == 4)
+        await eventually(lambda: running.daemon.view()["connected"])
+        assert running.daemon.view()["reconnects"] >= 1
+        agent.add_message("agent", "after reconnect")
+        await eventually(lambda: len(on_disk(workspace).messages) == 5)
+
+
+async def test_agentapi_starting_late_and_restarting(workspace: Workspace) -> None:
+    """AgentAPI may start after the sidecar and restart; the sidecar waits and reconnects."""
+    port = free_port()
+    async with sidecar(workspace, agentapi_url=f"http://127.0.0.1:{port}") as running:
+        await asyncio.sleep(0.3)
+        assert not running.daemon.view()["connected"]
+        async with FakeAgentAPI(messages=make_messages(4), port=port):
+            await eventually(lambda: len(on_disk(workspace).messages) == 4)
+        # Restarted with its history reloaded plus one new message.
+        async with FakeAgentAPI(messages=make_messages(5), port=port):
+            await eventually(lambda: len(on_disk(workspace).messages) == 5, within=8)
+
+
+async def test_agentapi_back_with_less_never_shrinks_the_copy(workspace: Workspace) -> None:
+    """AgentAPI restarting empty must not wipe the durable copy."""
+    port = free_port()
+    async with sidecar(workspace, agentapi_url=f"http://127.0.0.1:{port}") as running:
+        async with FakeAgentAPI(messages=make_messages(6), port=port):
+            await eventually(lambda: len(on_disk(workspace).messages) == 6)
+        async with FakeAgentAPI(messages=(), port=port):
+            await eventually(lambda: running.daemon.view()["connected"], within=8)
+            await asyncio.sleep(0.2)
+            assert len(on_disk(workspace).messages) == 6
+
+
+async def test_control_channel_status_checkpoint_and_shutdown(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """The control socket answers status and checkpoint, and a shutdown ends the sidecar."""
+    workspace.env.update(coder_env(coder))
+    async with (
+        FakeAgentAPI(messages=make_messages(40)) as agent,
+        sidecar(workspace, agentapi_url=agent.url, snapshot_interval_s=0) as running,
+    ):
+        await eventually(lambda: running.daemon.view()["connected"])
+        status = await asyncio.to_thread(
+            ask_sidecar, workspace.state_dir, {"op": "status"}, timeout_s=2
+        )
+        assert status["status"]["live_messages"] == 40
+        done = await asyncio.to_thread(
+            ask_sidecar, workspace.state_dir, {"op": "checkpoint"}, timeout_s=2
+        )
+        assert done["status"]["stored_messages"] == 40
+        result = await asyncio.to_thread(
+            ask_sidecar,
+            workspace.state_dir,
+            {"op": "shutdown", "grace_s": 10, "elapsed_s": 0.1},
+            timeout_s=10,
+        )
+        assert result["exit_code"] == 0, result
+        assert "snapshot=delivered" in result["summary"]
+        report = await asyncio.wait_for(running.task, 5)
+    assert report.exit_code is ExitCode.OK
+    assert [m["id"] for m in coder.uploads[-1].json["messages"]] == list(range(10, 40))
+    assert not (workspace.state_dir / "control.sock").exists()
+
+
+async def test_periodic_snapshot_when_stable_after_a_change(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """A change followed by `stable` uploads a snapshot without waiting for the stop."""
+    workspace.env.update(coder_env(coder))
+    async with (
+        FakeAgentAPI(messages=make_messages(3), status="stable") as agent,
+        sidecar(workspace, agentapi_url=agent.url, snapshot_interval_s=0.2),
+    ):
+        await eventually(lambda: len(coder.uploads) == 1)
+        agent.set_status("running")
+        agent.add_message("agent", "more output")
+        agent.set_status("stable")
+        await eventually(lambda: len(coder.uploads) == 2)
+        assert len(coder.uploads[-1].json["messages"]) == 4
+        await asyncio.sleep(0.5)
+        assert len(coder.uploads) == 2  # nothing changed: no more uploads
+
+
+async def test_second_sidecar_on_the_same_directory_is_refused(workspace: Workspace) -> None:
+    """One sidecar per state directory: a second one fails clearly instead of racing."""
+    from agentapi_persist.control import SidecarAlreadyRunning
+
+    async with FakeAgentAPI() as agent, sidecar(workspace, agentapi_url=agent.url):
+        with pytest.raises(SidecarAlreadyRunning):
+            async with Daemon(workspace.settings(agentapi_url=agent.url)) as second:
+                await second.serve(shutdown_trigger=asyncio.Event().wait)
+
+
+async def test_a_daemon_is_used_once(workspace: Workspace) -> None:
+    """Reusing a closed daemon raises instead of half-working."""
+    stop = asyncio.Event()
+    stop.set()
+    daemon = Daemon(workspace.settings(agentapi_url=f"http://127.0.0.1:{free_port()}"))
+    async with daemon:
+        await daemon.serve(shutdown_trigger=stop.wait)
+    with pytest.raises(RuntimeError, match="used once"):
+        async with daemon:
+            pass

@@ -1,0 +1,261 @@
+"""The sidecar as a real process: real signals, PID 1, the CLI through the control channel,
+and a SIGKILL of everything while the conversation changes every 100 ms."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentapi_persist.agentapi_state import read_agentapi_state
+from agentapi_persist.store import StateStore
+from agentapi_persist.testing.agentapi import (
+    FakeAgentAPI,
+    free_port,
+    run_fake_agentapi_process,
+    write_agentapi_script,
+)
+from agentapi_persist.testing.coder import FakeCoder
+
+from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
+
+
+class Sidecar:
+    """A running ``agentapi-persist run`` process and the JSON events it logged."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.other: list[str] = []
+        """stderr lines that are not JSON events (tracebacks), for failure messages."""
+        self._reader = asyncio.create_task(self._read())
+        self.ready = asyncio.Event()
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                self.other.append(line.decode(errors="replace"))
+                continue
+            self.events.append(event)
+            if event.get("event") == "daemon.ready":
+                self.ready.set()
+
+    def saw(self, name: str) -> bool:
+        return any(e.get("event") == name for e in self.events)
+
+    async def wait(self, timeout: float = 15) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await asyncio.wait_for(self._reader, 5)
+        return code
+
+
+@asynccontextmanager
+async def sidecar_process(
+    ws: Workspace,
+    *args: str,
+    command: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Sidecar]:
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        sys.executable,
+        "-m",
+        "agentapi_persist",
+        "run",
+        "--checkpoint-interval",
+        "0.1",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=ws.process_env(**(env or {})),
+        start_new_session=True,  # cleanup kills the group, namespaced children included
+    )
+    sidecar = Sidecar(proc)
+    try:
+        await asyncio.wait_for(sidecar.ready.wait(), 20)
+        yield sidecar
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def eventually(check: Any, *, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)
+
+
+def stored_count(ws: Workspace) -> int:
+    conversation = StateStore(ws.state_dir, read_only=True).load().conversation
+    return len(conversation.messages) if conversation else 0
+
+
+async def test_sigterm_runs_the_shutdown_sequence(workspace: Workspace, coder: FakeCoder) -> None:
+    """SIGTERM: the sequence runs, the snapshot is uploaded, exit 0 (STYLE's e2e recipe)."""
+    async with FakeAgentAPI(messages=make_messages(12)) as agent:
+        env = {**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(workspace, env=env) as sidecar:
+            await eventually(lambda: stored_count(workspace) == 12)
+            agent.add_message("user", "one more")
+            await eventually(lambda: stored_count(workspace) == 13)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            code = await sidecar.wait()
+    assert code == 0
+    assert sidecar.saw("daemon.stopped")
+    assert len(coder.uploads[-1].json["messages"]) == 13
+    text = json.dumps(sidecar.events)
+    assert CANARY_TOKEN not in text
+
+
+async def test_sigusr1_forces_a_checkpoint(workspace: Workspace) -> None:
+    """SIGUSR1 asks for a checkpoint now; the change is on disk and the request logged."""
+    async with (
+        FakeAgentAPI(messages=make_messages(2)) as agent,
+        sidecar_process(
+            workspace,
+            "--checkpoint-interval",
+            "1.0",
+            env={"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url},
+        ) as sidecar,
+    ):
+        await eventually(lambda: stored_count(workspace) == 2)
+        agent.add_message("user", "checkpoint me")
+        await asyncio.sleep(0.05)
+        sidecar.proc.send_signal(signal.SIGUSR1)
+        await eventually(lambda: stored_count(workspace) == 3)
+        await eventually(lambda: sidecar.saw("daemon.checkpoint_requested"))
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert await sidecar.wait() == 0
+
+
+async def test_second_signal_skips_the_best_effort_steps(workspace: Workspace) -> None:
+    """With a hung Coder server, a second SIGTERM ends the wait; the state is still durable."""
+    async with (
+        FakeCoder(token=CANARY_TOKEN, task_ids={TASK_ID}, hang=True) as hung,
+        FakeAgentAPI(messages=make_messages(5)) as agent,
+    ):
+        env = {**coder_env(hung), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(
+            workspace, "--grace", "30", "--snapshot-interval", "0", env=env
+        ) as sidecar:
+            await eventually(lambda: stored_count(workspace) == 5)
+            started = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            await eventually(lambda: len(hung.uploads) >= 1)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            code = await sidecar.wait()
+            elapsed = time.monotonic() - started
+    assert sidecar.saw("daemon.stop_forced")
+    assert code == 4, "".join(sidecar.other)  # durable, snapshot not delivered
+    assert elapsed < 10  # far from the 30 s budget the hung upload would have used
+    assert stored_count(workspace) == 5
+
+
+async def test_shutdown_command_goes_through_the_sidecar(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """`agentapi-persist shutdown` asks the running sidecar, prints its result, and exits 0."""
+    async with FakeAgentAPI(messages=make_messages(40)) as agent:
+        env = {**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(workspace, env=env) as sidecar:
+            await eventually(lambda: stored_count(workspace) == 40)
+            status = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agentapi_persist", "status", "--json",
+                stdout=asyncio.subprocess.PIPE, env=workspace.process_env(**env),
+            )  # fmt: skip
+            out, _ = await status.communicate()
+            assert json.loads(out)["sidecar"]["running"] is True
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agentapi_persist", "shutdown",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=workspace.process_env(**env),
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 15)
+            assert proc.returncode == 0, out + err
+            assert out.decode().startswith("shutdown ok:")
+            assert "(via sidecar)" in out.decode()
+            assert await sidecar.wait() == 0
+    assert [m["id"] for m in coder.uploads[-1].json["messages"]] == list(range(10, 40))
+
+
+async def test_works_as_pid_1(workspace: Workspace, coder: FakeCoder) -> None:
+    """As PID 1 of a PID namespace, SIGTERM still runs the sequence (handlers installed)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = await asyncio.create_subprocess_exec(unshare, "-fp", "--mount-proc", "true")
+    if await probe.wait() != 0:
+        pytest.skip("PID namespaces are not permitted here")
+    async with FakeAgentAPI(messages=make_messages(3)) as agent:
+        env = {**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(
+            workspace, command=(unshare, "-fp", "--mount-proc"), env=env
+        ) as sidecar:
+            children = Path(f"/proc/{sidecar.proc.pid}/task/{sidecar.proc.pid}/children")
+            (child,) = (int(pid) for pid in children.read_text().split())
+            status = Path(f"/proc/{child}/status").read_text()
+            (ns_line,) = (line for line in status.splitlines() if line.startswith("NSpid:"))
+            assert ns_line.split()[-1] == "1"  # it really is PID 1 in its namespace
+            await eventually(lambda: stored_count(workspace) == 3)
+            os.kill(child, signal.SIGTERM)
+            code = await sidecar.wait()
+    assert code == 0
+    assert sidecar.saw("daemon.stopped")
+    assert len(coder.uploads) >= 1
+
+
+async def test_sigkill_everything_loses_nothing_older_than_a_second(workspace: Workspace) -> None:
+    """AgentAPI changes the conversation every 100 ms; SIGKILL it and the sidecar together.
+    `restore` then gives AgentAPI a file with every change older than 1 s, ids 0..n-1."""
+    script = write_agentapi_script(workspace.root / "bin", version="0.12.1")
+    chatter_log = workspace.root / "chatter.log"
+    port = free_port()
+    agent_env = {
+        **workspace.env,
+        "FAKE_AGENTAPI_CHATTER_MS": "100",
+        "FAKE_AGENTAPI_CHATTER_LOG": str(chatter_log),
+    }
+    async with (
+        run_fake_agentapi_process(
+            script, port=port, pid_file=workspace.pid_file, env=agent_env
+        ) as agent_proc,
+        sidecar_process(workspace, env={"ARG_AGENTAPI_PORT": str(port)}) as sidecar,
+    ):
+        await asyncio.sleep(3.0)
+        killed_at = time.time()
+        agent_proc.kill()
+        sidecar.proc.kill()
+        await agent_proc.wait()
+        await sidecar.wait()
+    changes = [json.loads(line) for line in chatter_log.read_text().splitlines() if line.strip()]
+    assert len(changes) >= 20
+    # AgentAPI is dead and never saved (SIGKILL): only the sidecar's copy can restore it.
+    restore = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentapi_persist", "restore", "--force", "--json",
+        stdout=asyncio.subprocess.PIPE, env=workspace.process_env(),
+    )  # fmt: skip
+    out, _ = await restore.communicate()
+    assert restore.returncode == 0, out
+    state = read_agentapi_state(workspace.state_file, max_bytes=2**26)
+    assert [m.id for m in state.messages] == list(range(len(state.messages)))
+    old_enough = [c for c in changes if c["t"] <= killed_at - 1.0]
+    assert old_enough
+    for change in old_enough:
+        assert change["id"] < len(state.messages), change
+        assert len(state.messages[change["id"]].message) >= change["length"], change

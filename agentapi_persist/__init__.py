@@ -8,12 +8,14 @@ checkers see the real imports below.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from ._version import __version__
 
+# Not `from typing import ...`: every command imports this package first, and the `shutdown`
+# client path counts milliseconds. mypy treats a name TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .agent_process import AgentProcess, Version, find_agentapi
     from .agentapi import AgentAPIClient
     from .agentapi_state import read_agentapi_state, render_agentapi_state, write_agentapi_state
@@ -135,6 +137,8 @@ _HOME: dict[str, str] = {
 
 
 def __getattr__(name: str) -> Any:
+    import importlib
+
     module = _HOME.get(name)
     if module is None:
         raise AttributeError(f"module 'agentapi_persist' has no attribute {name!r}")

@@ -9,12 +9,17 @@ sidecar is running. Together with ``config`` this is the only code that reads th
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from .errors import ConfigError
+
+# Not `from typing import ...`: this module is on the `shutdown` client path, where every
+# import counts; mypy treats a name TYPE_CHECKING as true whatever its origin.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any, Literal
+
+    Kind = Literal["str", "int", "float", "bool", "path"]
 
 __all__ = [
     "DEFAULT_AGENTAPI_PORT",
@@ -42,17 +47,35 @@ def parse_bool(value: str, *, name: str) -> bool:
     raise ConfigError(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no)")
 
 
-@dataclass(frozen=True, slots=True)
 class Option:
-    """One setting: its flag, the variables that feed it, and the help the CLI prints."""
+    """One setting: its flag, the variables that feed it, and the help the CLI prints.
 
-    field: str
-    flag: str
-    env: tuple[str, ...]
-    help: str
-    default_text: str
-    kind: type = str
-    metavar: str | None = None
+    A plain slotted class rather than a dataclass: ``dataclasses`` imports ``inspect``, a
+    measurable cost on the client path. ``kind`` names the type: ``config`` converts.
+    """
+
+    __slots__ = ("default_text", "env", "field", "flag", "help", "kind", "metavar")
+
+    def __init__(
+        self,
+        field: str,
+        flag: str,
+        env: tuple[str, ...],
+        help: str,
+        default_text: str,
+        kind: Kind = "str",
+        metavar: str | None = None,
+    ) -> None:
+        self.field = field
+        self.flag = flag
+        self.env = env
+        self.help = help
+        self.default_text = default_text
+        self.kind: Kind = kind
+        self.metavar = metavar
+
+    def __repr__(self) -> str:
+        return f"Option({self.field!r}, {self.flag!r})"
 
 
 #: Every configurable setting, in the order ``--help`` lists them. The CLI builds its flags
@@ -64,7 +87,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_GRACE",),
         "Seconds the container runtime allows before SIGKILL; every wait fits inside it.",
         "10",
-        float,
+        "float",
         "SECONDS",
     ),
     Option(
@@ -73,7 +96,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_STATE_DIR",),
         "Directory of the sidecar's own durable copy (put it on the persistent volume).",
         "${XDG_STATE_HOME:-$HOME/.local/state}/agentapi-persist",
-        Path,
+        "path",
         "DIR",
     ),
     Option(
@@ -82,7 +105,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_AGENTAPI_URL",),
         "Base URL of AgentAPI.",
         "http://localhost:$ARG_AGENTAPI_PORT (or $AGENTAPI_PORT, or 3284)",
-        str,
+        "str",
         "URL",
     ),
     Option(
@@ -91,7 +114,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_SNAPSHOT_MESSAGES",),
         "How many of the latest messages the log snapshot keeps.",
         "30",
-        int,
+        "int",
         "N",
     ),
     Option(
@@ -100,7 +123,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_TASK_ID", "ARG_TASK_ID"),
         "Coder task UUID for the log snapshot; empty means no snapshot.",
         "empty",
-        str,
+        "str",
         "UUID",
     ),
     Option(
@@ -109,7 +132,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_TASK_LOG_SNAPSHOT", "ARG_TASK_LOG_SNAPSHOT"),
         "Upload the log snapshot at all (true/false).",
         "true",
-        bool,
+        "bool",
         "BOOL",
     ),
     Option(
@@ -118,7 +141,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_CODER_URL", "CODER_AGENT_URL"),
         "Coder server URL for the snapshot upload (the token comes from CODER_AGENT_TOKEN only).",
         "unset",
-        str,
+        "str",
         "URL",
     ),
     Option(
@@ -127,7 +150,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_AGENTAPI_STATE_FILE", "AGENTAPI_STATE_FILE", "ARG_STATE_FILE_PATH"),
         "AgentAPI's own state file.",
         "$HOME/$ARG_MODULE_DIR_NAME/agentapi-state.json",
-        Path,
+        "path",
         "FILE",
     ),
     Option(
@@ -136,7 +159,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_AGENTAPI_PID_FILE", "AGENTAPI_PID_FILE", "ARG_PID_FILE_PATH"),
         "AgentAPI's pid file.",
         "$HOME/$ARG_MODULE_DIR_NAME/agentapi.pid",
-        Path,
+        "path",
         "FILE",
     ),
     Option(
@@ -146,7 +169,7 @@ OPTIONS: tuple[Option, ...] = (
         "Whether AgentAPI saves its own state (enables the SIGUSR1 save on stop). "
         "Unset: true when AgentAPI's process has AGENTAPI_STATE_FILE set.",
         "auto",
-        bool,
+        "bool",
         "BOOL",
     ),
     Option(
@@ -155,7 +178,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_AGENTAPI_BIN",),
         "AgentAPI binary used for `--version` when the running process's own is unreadable.",
         "agentapi",
-        str,
+        "str",
         "PATH",
     ),
     Option(
@@ -164,7 +187,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_STOP_AGENTAPI",),
         "After saving, SIGTERM AgentAPI and wait for it (bounded by the budget).",
         "false",
-        bool,
+        "bool",
         "BOOL",
     ),
     Option(
@@ -173,7 +196,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_CHECKPOINT_INTERVAL",),
         "run: changes are grouped for this long, then made durable with one fsync.",
         "0.25",
-        float,
+        "float",
         "SECONDS",
     ),
     Option(
@@ -183,7 +206,7 @@ OPTIONS: tuple[Option, ...] = (
         "run: upload the log snapshot when the agent turns stable after a change, at most "
         "this often, so the paused page has history even after a SIGKILL; 0 turns it off.",
         "60",
-        float,
+        "float",
         "SECONDS",
     ),
     Option(
@@ -192,7 +215,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_MAX_BODY_BYTES",),
         "Largest AgentAPI response or state file we accept, in bytes.",
         str(256 * 1024 * 1024),
-        int,
+        "int",
         "BYTES",
     ),
     Option(
@@ -201,7 +224,7 @@ OPTIONS: tuple[Option, ...] = (
         ("AGENTAPI_PERSIST_LOG_LEVEL",),
         "debug, info, warning or error.",
         "error for one-shot commands (their result states every problem), info for run",
-        str,
+        "str",
         "LEVEL",
     ),
 )
@@ -209,7 +232,7 @@ OPTIONS: tuple[Option, ...] = (
 
 def quick_settings(
     flags: Mapping[str, Any], env: Mapping[str, str] | None = None
-) -> tuple[Path, float]:
+) -> tuple[str, float]:
     """``(state_dir, grace_s)`` as ``Settings.load`` would resolve them, without pydantic.
 
     Only for reaching a running sidecar fast; anything invalid here is left for the full
@@ -218,13 +241,14 @@ def quick_settings(
     env = os.environ if env is None else env
     state_dir = flags.get("state_dir") or env.get("AGENTAPI_PERSIST_STATE_DIR")
     if not state_dir:
-        home = env.get("HOME") or str(Path.home())
-        state_dir = (
-            Path(env.get("XDG_STATE_HOME") or Path(home) / ".local" / "state") / "agentapi-persist"
+        home = env.get("HOME") or os.path.expanduser("~")
+        state_dir = os.path.join(
+            env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state"),
+            "agentapi-persist",
         )
     grace: Any = flags.get("grace_s") or env.get("AGENTAPI_PERSIST_GRACE") or 10.0
     try:
         grace_s = float(grace)
     except ValueError:
         grace_s = 10.0
-    return Path(state_dir).expanduser(), grace_s
+    return os.path.expanduser(str(state_dir)), grace_s

@@ -9,21 +9,24 @@ stdout carries the result (a summary line, or JSON with ``--json``); logs go to 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
 import sys
-import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 from ._options import OPTIONS, quick_settings
 from ._version import __version__
 from .errors import ExitCode, PersistError
 
+# Not `from typing import ...`: see _options (the `shutdown` client path counts imports).
+TYPE_CHECKING = False
+
 if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+    from typing import Any
+
     from .config import Settings
     from .sequence import ShutdownReport
 
@@ -54,7 +57,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         env = ", ".join(f"${name}" for name in option.env)
         help_text = f"{option.help} [env: {env}; default: {option.default_text}]"
         dest = option.field
-        if option.kind is bool:
+        if option.kind == "bool":
             group.add_argument(
                 option.flag,
                 dest=dest,
@@ -67,11 +70,25 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                 option.flag,
                 dest=dest,
                 metavar=option.metavar,
-                type=option.kind,
+                type=_CONVERTERS[option.kind],
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
     parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+
+
+def _path(value: str) -> Path:
+    from pathlib import Path
+
+    return Path(value).expanduser()
+
+
+_CONVERTERS: dict[str, Callable[[str], object]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "path": _path,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +193,8 @@ def _arm_watchdog(settings: Settings, started_at: float) -> threading.Timer:
     A thread timer, not a loop callback: a blocked event loop (a hung fsync, say) must not be
     able to keep us past the grace period.
     """
+    import threading
+
     elapsed = time.monotonic() - started_at
     delay = max(settings.grace_s - elapsed - min(0.15, settings.margin_s / 2), 0.05)
 
@@ -231,6 +250,8 @@ def _emit_error_text(message: str, code: ExitCode, *, as_json: bool) -> None:
 
 
 def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
+    import asyncio
+
     watchdog = _arm_watchdog(settings, started_at)
     try:
         report = asyncio.run(_shutdown_async(settings, started_at=started_at))
@@ -241,6 +262,9 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
 
 
 async def _shutdown_async(settings: Settings, *, started_at: float) -> ShutdownReport:
+    import asyncio
+    import contextlib
+
     from . import history
     from ._http import make_session
     from .agentapi import AgentAPIClient
@@ -278,6 +302,8 @@ def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
 
 
 def _status(settings: Settings, *, as_json: bool) -> int:
+    import asyncio
+
     from .status import collect_status
 
     report = asyncio.run(collect_status(settings))
@@ -286,6 +312,8 @@ def _status(settings: Settings, *, as_json: bool) -> int:
 
 
 def _snapshot(settings: Settings, *, as_json: bool, dry_run: bool) -> int:
+    import asyncio
+
     return asyncio.run(_snapshot_async(settings, as_json=as_json, dry_run=dry_run))
 
 

@@ -202,7 +202,7 @@ class Settings(BaseModel):
                 continue
             for name in option.env:
                 raw = env.get(name)
-                if raw is None or (raw == "" and option.kind is not str):
+                if raw is None or (raw == "" and option.kind != "str"):
                     continue
                 values[option.field] = _convert(raw, option, name)
                 sources[option.field] = name
@@ -241,13 +241,14 @@ class Settings(BaseModel):
 
 
 def _convert(raw: str, option: Option, name: str) -> Any:
-    if option.kind is bool:
+    if option.kind == "bool":
         return parse_bool(raw, name=name)
-    if option.kind in (int, float):
+    if option.kind in ("int", "float"):
+        convert = int if option.kind == "int" else float
         try:
-            return option.kind(raw.strip())
+            return convert(raw.strip())
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if option.kind is Path:
+    if option.kind == "path":
         return Path(raw).expanduser()
     return raw

@@ -17,10 +17,12 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # not `typing`: the client path counts every import
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 __all__ = [
     "ACCEPT_TIMEOUT_S",
@@ -40,19 +42,20 @@ _SUN_PATH_MAX = 100
 
 
 @contextmanager
-def socket_address(path: Path) -> Iterator[str]:
+def socket_address(path: str | os.PathLike[str]) -> Iterator[str]:
     """An address for ``path`` that fits a Unix socket, however deep the state directory.
 
     Long paths are reached as ``/proc/self/fd/<dir fd>/<name>``: still a filesystem socket,
     so the directory's 0700 mode keeps protecting it (an abstract socket would not).
     """
-    text = str(path)
+    text = os.fspath(path)
     if len(text.encode()) < _SUN_PATH_MAX:
         yield text
         return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    directory, name = os.path.split(text)
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
+        yield f"/proc/self/fd/{fd}/{name}"
     finally:
         os.close(fd)
 
@@ -61,7 +64,9 @@ class SidecarUnavailable(Exception):
     """No sidecar answered; the caller should do the work itself."""
 
 
-def ask_sidecar(state_dir: Path, request: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+def ask_sidecar(
+    state_dir: str | os.PathLike[str], request: dict[str, Any], *, timeout_s: float
+) -> dict[str, Any]:
     """Send ``request`` to the sidecar and return its result, within ``timeout_s``.
 
     Raises ``SidecarUnavailable`` if nothing listens, it does not accept in time, or it dies
@@ -69,7 +74,7 @@ def ask_sidecar(state_dir: Path, request: dict[str, Any], *, timeout_s: float) -
     finish in time (not safe to fall back: it may be writing right now).
     """
     deadline = time.monotonic() + timeout_s
-    path = state_dir / SOCKET_NAME
+    path = os.path.join(os.fspath(state_dir), SOCKET_NAME)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(min(ACCEPT_TIMEOUT_S, timeout_s))

@@ -488,6 +488,8 @@ class Daemon:
         log.info(
             "daemon.stopped", reason=reason, exit_code=int(report.exit_code), ms=report.total_ms
         )
+        assert self._done is not None
+        self._done.set_result(report)  # a waiting `shutdown` command gets its answer now
         with contextlib.suppress(PersistError):
             await asyncio.to_thread(
                 history.write_record,
@@ -495,8 +497,6 @@ class Daemon:
                 history.LAST_SHUTDOWN,
                 report.as_dict(),
             )
-        assert self._done is not None
-        self._done.set_result(report)
         if self._control is not None:
             await self._control.close()
         self.stopper.disarm()

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .budget import Budget
     from .coder import CoderClient, UploadOutcome, UploadResult
     from .config import CoderTarget, Settings
+    from .daemon import Daemon, DaemonState, run, serve
     from .errors import (
         AgentAPIError,
         AgentRunningError,
@@ -57,6 +58,8 @@ __all__ = [
     "CoderTarget",
     "ConfigError",
     "Conversation",
+    "Daemon",
+    "DaemonState",
     "DurabilityError",
     "ExitCode",
     "LoadReport",
@@ -86,7 +89,9 @@ __all__ = [
     "read_agentapi_state",
     "render_agentapi_state",
     "restore",
+    "run",
     "run_sequence",
+    "serve",
     "write_agentapi_state",
 ]
 
@@ -104,6 +109,10 @@ _HOME: dict[str, str] = {
     "UploadResult": "coder",
     "CoderTarget": "config",
     "Settings": "config",
+    "Daemon": "daemon",
+    "DaemonState": "daemon",
+    "run": "daemon",
+    "serve": "daemon",
     "AgentAPIError": "errors",
     "AgentRunningError": "errors",
     "CoderAPIError": "errors",

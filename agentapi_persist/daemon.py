@@ -555,7 +555,6 @@ class Daemon:
             "generation": self.store.seq,
             "reconnects": self._facts["reconnects"],
             "uploads": self._facts["uploads"],
-            "last_upload": history.read_record(self.settings.state_dir, history.LAST_UPLOAD),
         }
 
 

@@ -3,10 +3,11 @@
 
 1. Starts a Coder log-snapshot endpoint and an AgentAPI (0.12.1) process with a 40-message
    conversation, a pid file and a state file, in a temporary workspace.
-2. Runs ``agentapi-persist shutdown`` as a stop script would, with the registry module's
-   environment, and shows what the Coder server received.
-3. Stops AgentAPI, tears its state file in half, and runs ``agentapi-persist restore``.
-4. Runs ``agentapi-persist status``.
+2. Starts the sidecar, ``agentapi-persist run``, as a boot script would, and shows its view.
+3. Runs ``agentapi-persist shutdown`` as a stop script would, with the registry module's
+   environment: the running sidecar does the work. Shows what the Coder server received.
+4. Stops AgentAPI, tears its state file in half, and runs ``agentapi-persist restore``.
+5. Runs ``agentapi-persist status``.
 
 Nothing leaves 127.0.0.1; the workspace is deleted at the end.
 """
@@ -83,8 +84,21 @@ async def main() -> int:
                 pid_file=module / "agentapi.pid",
                 env={**env, "FAKE_AGENTAPI_SEED": str(seed)},
             ) as agentapi:
+                banner("Boot: the sidecar starts next to AgentAPI")
+                print("$ agentapi-persist run &", flush=True)
+                sidecar = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "agentapi_persist",
+                    "run",
+                    env={**env, "AGENTAPI_PERSIST_LOG_LEVEL": "warning"},
+                )
+                await asyncio.sleep(1.5)  # restore, connect, first checkpoint
+                await command(env, "status")
+
                 banner("Workspace stops: the run_on_stop script runs")
                 shutdown = await command(env, "shutdown", "--grace", "10")
+                await sidecar.wait()
                 if coder.uploads:
                     sent = coder.uploads[-1].json["messages"]
                     ids = f"{sent[0]['id']}..{sent[-1]['id']}"

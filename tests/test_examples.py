@@ -67,3 +67,23 @@ async def test_custom_snapshot(workspace: Workspace) -> None:
     code, out = await run_example(workspace, "custom_snapshot.py")
     assert code == 0, out
     assert "1 of 2 messages" in out  # the huge one pushes the older one out
+
+
+async def test_embed_in_app(workspace: Workspace) -> None:
+    """embed_in_app.py follows AgentAPI, checkpoints, and stops on its own trigger."""
+    async with FakeAgentAPI(messages=make_messages(6)) as agent:
+        code, out = await run_example(
+            workspace,
+            "embed_in_app.py",
+            "--agentapi-url",
+            agent.url,
+            "--state-dir",
+            str(workspace.state_dir),
+            "--seconds",
+            "1.0",
+        )
+    assert code == 0, out
+    assert "shutdown ok" in out
+    conversation = StateStore(workspace.state_dir).load().conversation
+    assert conversation is not None
+    assert len(conversation.messages) == 6

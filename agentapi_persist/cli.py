@@ -22,7 +22,6 @@ from .errors import ExitCode, PersistError
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:
-    import threading
     from collections.abc import Callable, Sequence
     from pathlib import Path
     from typing import Any
@@ -187,31 +186,6 @@ def _print(payload: dict[str, Any] | str, *, as_json: bool) -> None:
         print(payload)
 
 
-def _arm_watchdog(settings: Settings, started_at: float) -> threading.Timer:
-    """Exit on our own just before the runtime's SIGKILL, even if the loop is stuck.
-
-    A thread timer, not a loop callback: a blocked event loop (a hung fsync, say) must not be
-    able to keep us past the grace period.
-    """
-    import threading
-
-    elapsed = time.monotonic() - started_at
-    delay = max(settings.grace_s - elapsed - min(0.15, settings.margin_s / 2), 0.05)
-
-    def hard_exit() -> None:
-        sys.stderr.write(
-            "agentapi-persist: grace period about to end; exiting before SIGKILL "
-            "(state: see previous lines; the previous durable copy is intact)\n"
-        )
-        sys.stderr.flush()
-        os._exit(int(ExitCode.DEADLINE))
-
-    timer = threading.Timer(delay, hard_exit)
-    timer.daemon = True
-    timer.start()
-    return timer
-
-
 def _shutdown_via_sidecar(flags: dict[str, Any], *, as_json: bool, started_at: float) -> int | None:
     """Ask a running sidecar to run the sequence; ``None`` if there is none (do it here).
 
@@ -252,7 +226,10 @@ def _emit_error_text(message: str, code: ExitCode, *, as_json: bool) -> None:
 def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
     import asyncio
 
-    watchdog = _arm_watchdog(settings, started_at)
+    from .shutdown import arm_watchdog
+
+    # Exit on our own just before the runtime's SIGKILL, even if the loop is stuck.
+    watchdog = arm_watchdog(started_at + settings.grace_s - min(0.15, settings.margin_s / 2))
     try:
         report = asyncio.run(_shutdown_async(settings, started_at=started_at))
     finally:

@@ -26,7 +26,13 @@ import structlog
 
 from .errors import ExitCode
 
-__all__ = ["STOP_SIGNALS", "StopController", "StopRequest", "install_signal_handlers"]
+__all__ = [
+    "STOP_SIGNALS",
+    "StopController",
+    "StopRequest",
+    "arm_watchdog",
+    "install_signal_handlers",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -86,10 +92,7 @@ class StopController:
             return
         if self._watchdog is not None:
             self._watchdog.cancel()
-        delay = max(deadline - time.monotonic() - self._hard_margin_s, 0.0)
-        self._watchdog = threading.Timer(delay, _hard_exit)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self._watchdog = arm_watchdog(deadline - self._hard_margin_s)
 
     def disarm(self) -> None:
         """Cancel the watchdog once the stop has completed in time."""
@@ -98,13 +101,26 @@ class StopController:
             self._watchdog = None
 
 
-def _hard_exit() -> None:
-    sys.stderr.write(
-        "agentapi-persist: stop deadline reached; exiting before SIGKILL "
-        "(the last durable checkpoint is intact)\n"
-    )
-    sys.stderr.flush()
-    os._exit(int(ExitCode.DEADLINE))
+def arm_watchdog(at: float) -> threading.Timer:
+    """Exit the process with code 5 at monotonic time ``at``, unless cancelled first.
+
+    A thread timer, not a loop callback: a blocked event loop (a hung fsync, say) must not be
+    able to keep us past the grace period. Whatever was durable before stays durable: every
+    write is a rename of a complete file or a checksummed journal record.
+    """
+
+    def hard_exit() -> None:
+        sys.stderr.write(
+            "agentapi-persist: grace period about to end; exiting before SIGKILL "
+            "(the last durable copy is intact)\n"
+        )
+        sys.stderr.flush()
+        os._exit(int(ExitCode.DEADLINE))
+
+    timer = threading.Timer(max(at - time.monotonic(), 0.0), hard_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 @contextmanager

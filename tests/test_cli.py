@@ -20,6 +20,7 @@ from agentapi_persist.config import OPTIONS
 from agentapi_persist.models import Conversation
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import (
+    FakeAgentAPI,
     free_port,
     run_fake_agentapi_process,
     write_agentapi_script,
@@ -274,3 +275,31 @@ def test_parser_has_the_four_commands() -> None:
     parser = build_parser()
     for command in ("shutdown", "restore", "snapshot", "status"):
         assert parser.parse_args([command]).command == command
+
+
+async def test_wedged_sidecar_falls_back_to_doing_the_work(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """A control socket that accepts but never answers must not cost the stop: the command
+    notices within half a second and runs the sequence itself."""
+    import socket
+
+    from agentapi_persist.control_client import socket_address
+
+    workspace.state_dir.mkdir(parents=True, mode=0o700)
+    wedged = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket_address(workspace.state_dir / "control.sock") as address:
+        wedged.bind(address)
+    wedged.listen(8)  # accepts into the backlog, never reads or answers
+    try:
+        async with FakeAgentAPI(messages=make_messages(5)) as agent:
+            result = await cli(
+                workspace,
+                "shutdown",
+                env={**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url},
+            )
+    finally:
+        wedged.close()
+    assert result.code == 0, result.stdout + result.stderr
+    assert "(via sidecar)" not in result.stdout
+    assert "snapshot=delivered" in result.stdout

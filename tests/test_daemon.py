@@ -84,6 +84,11 @@ async def test_follows_and_checkpoints_every_change(workspace: Workspace) -> Non
         report = await running.finish()
     assert report.exit_code is ExitCode.OK
     assert running.daemon.state is DaemonState.CLOSED
+    # On exit the journal was folded into a generation: the next start reads one file.
+    loaded = StateStore(workspace.state_dir).load()
+    assert loaded.journal_records == 0
+    assert loaded.conversation is not None
+    assert loaded.conversation.messages[-1].content == "working... done"
 
 
 async def test_reconnects_after_a_dropped_subscription(workspace: Workspace) -> None:

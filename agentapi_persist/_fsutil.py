@@ -11,7 +11,8 @@ The atomic replace follows SPEC section 4 step by step:
 2. refuse a symlink planted at the target;
 3. create a temp file *exclusively*, with a random name, in that same directory;
 4. write every byte (short writes loop), ``fsync`` the file, close it;
-5. ``rename`` it over the target, then ``fsync`` the directory so the rename itself is durable.
+5. ``rename`` it over the target, then ``fsync`` the directory so the rename itself is durable;
+6. delete this target's temp files that writes killed half way left behind (older than 5 min).
 
 Any failure removes the temp file and raises ``DurabilityError`` naming the step. A failed
 ``fsync`` is never retried: after EIO the kernel may have dropped the dirty pages, so a second
@@ -26,6 +27,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +53,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Room for the ".", ".<random>.tmp" decoration inside NAME_MAX (255).
 _TMP_NAME_KEEP = 200
+# A temp file this old belongs to a write that was killed half way, never to one in flight.
+_STALE_TEMP_AGE_S = 300.0
 
 
 def _why(exc: OSError) -> str:
@@ -72,7 +76,7 @@ def _open_private_dir(path: Path) -> int:
                 f"refusing to use directory {path}: it is a symlink (not following it); "
                 "nothing was written"
             )
-        path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        _make_dirs(path)
         fd = os.open(path, _DIR_FLAGS)
     except DurabilityError:
         raise
@@ -93,6 +97,39 @@ def _open_private_dir(path: Path) -> int:
             f"cannot make directory {path} private (chmod 0700): {_why(exc)}; nothing was written"
         ) from exc
     return fd
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` where every directory created, parents included, is 0700.
+
+    ``Path.mkdir(parents=True)`` makes missing parents 0777 minus the umask: world-writable
+    under umask 000, and a writable parent lets anyone swap the private directory itself.
+    """
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        _make_dirs(path.parent)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, _DIR_MODE)
+
+
+def _open_dir(path: Path, *, doing: str) -> int:
+    """Open an existing directory without following a symlink in its place."""
+    try:
+        return os.open(path, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+            raise DurabilityError(
+                f"refusing to {doing} in {path}: it is a symlink (not following it); "
+                "nothing was changed"
+            ) from None
+        raise DurabilityError(
+            f"cannot open directory {path} to {doing}: {_why(exc)}; nothing was changed"
+        ) from exc
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -186,6 +223,7 @@ def write_atomic(
         renamed = True
         step = "directory fsync"
         os.fsync(dir_fd)
+        _sweep_stale_temps(dir_fd, path)
     except OSError as exc:
         if renamed:
             raise DurabilityError(
@@ -204,6 +242,39 @@ def write_atomic(
                     "fs.temp_cleanup_failed", path=str(path.parent / tmp), error=_why(cleanup_exc)
                 )
         os.close(dir_fd)
+
+
+def _sweep_stale_temps(dir_fd: int, path: Path) -> None:
+    """Delete temp files that earlier writes of ``path`` left when they were killed half way.
+
+    Without this, every write killed mid-way (a SIGKILL at the end of a grace period, say)
+    would leave a copy the size of the file behind for good. Only our own temp names for this
+    target, only regular files, only older than ``_STALE_TEMP_AGE_S`` (a concurrent writer's
+    temp is never touched). Best effort: a failure is logged, the write already succeeded.
+    """
+    prefix = f".{path.name[:_TMP_NAME_KEEP]}."
+    try:
+        names = os.listdir(dir_fd)
+    except OSError as exc:
+        log.warning("fs.temp_sweep_failed", path=str(path.parent), error=_why(exc))
+        return
+    now = time.time()
+    for name in names:
+        token = name[len(prefix) : -len(".tmp")]
+        if not (name.startswith(prefix) and name.endswith(".tmp") and _is_token(token)):
+            continue
+        try:
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > _STALE_TEMP_AGE_S:
+                os.unlink(name, dir_fd=dir_fd)
+                log.info("fs.stale_temp_removed", path=str(path.parent / name))
+        except OSError as exc:
+            log.warning("fs.temp_sweep_failed", path=str(path.parent / name), error=_why(exc))
+
+
+def _is_token(text: str) -> bool:
+    """``secrets.token_hex(8)``: exactly 16 lowercase hex digits."""
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
 
 
 def append_durable(path: Path, data: bytes, *, offset: int, mode: int = _FILE_MODE) -> None:
@@ -263,29 +334,53 @@ def quarantine(path: Path, *, into: Path | None = None, reason: str) -> Path:
     The new name is ``<name>.corrupt-<UTC timestamp>-<random>`` next to the file (or in
     ``into``, which must be on the same filesystem: this is a rename, never a copy). The file is
     made 0600 and the directory fsynced, so the move survives a crash. Nothing is ever deleted.
+    Like every write here it works through directory descriptors opened without following a
+    symlink: a directory swapped for a symlink cannot make it move someone else's file.
     """
     target_dir = path.parent if into is None else into
     if into is not None:
         ensure_private_dir(into)
+    src_fd = _open_dir(path.parent, doing=f"move {path.name} aside")
+    try:
+        dst_fd = src_fd if into is None else _open_dir(into, doing=f"move {path.name} aside")
+        try:
+            return _quarantine_at(path, src_fd, target_dir, dst_fd, reason)
+        finally:
+            if dst_fd != src_fd:
+                os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+
+
+def _quarantine_at(path: Path, src_fd: int, target_dir: Path, dst_fd: int, reason: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     while True:
-        dest = target_dir / f"{path.name}.corrupt-{stamp}-{secrets.token_hex(3)}"
-        if not os.path.lexists(dest):
+        name = f"{path.name}.corrupt-{stamp}-{secrets.token_hex(3)}"
+        try:
+            os.stat(name, dir_fd=dst_fd, follow_symlinks=False)
+        except OSError:  # free (or unreadable: then the rename below says why)
             break
+    dest = target_dir / name
     try:
-        os.rename(path, dest)
+        os.rename(path.name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
     except OSError as exc:
         raise DurabilityError(
             f"could not move {path} aside: {_why(exc)}; it was left where it was"
         ) from exc
     try:
-        if not dest.is_symlink():
-            os.chmod(dest, _FILE_MODE)
+        if not stat.S_ISLNK(os.stat(name, dir_fd=dst_fd, follow_symlinks=False).st_mode):
+            os.chmod(name, _FILE_MODE, dir_fd=dst_fd)
     except OSError as exc:
         log.warning("fs.quarantine_chmod_failed", path=str(dest), error=_why(exc))
-    fsync_dir(target_dir)
-    if target_dir != path.parent:
-        fsync_dir(path.parent)
+    try:
+        os.fsync(dst_fd)
+        if dst_fd != src_fd:
+            os.fsync(src_fd)
+    except OSError as exc:
+        raise DurabilityError(
+            f"moved {path} aside to {dest}, but the directory fsync failed: {_why(exc)}; "
+            "the move is not proven durable"
+        ) from exc
     log.warning("fs.quarantined", path=str(path), moved_to=str(dest), reason=reason)
     return dest
 

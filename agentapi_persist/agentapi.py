@@ -330,6 +330,8 @@ class _SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[_RawEvent]:
         """Consume ``chunk`` and return the events it completed, in order."""
+        if not chunk:
+            return []  # nothing to see; above all, a CR's pending LF may still come next
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = False

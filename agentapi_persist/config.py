@@ -119,6 +119,10 @@ class Settings(BaseModel):
             raise ValueError(f"{value!r} is not an http(s) URL")
         if parts.query or parts.fragment:
             raise ValueError(f"{value!r} must not carry a query or fragment")
+        try:
+            parts.port  # noqa: B018  # raises for a port out of range or not a number
+        except ValueError:
+            raise ValueError(f"{value!r} does not have a valid TCP port number") from None
         return value.rstrip("/")
 
     @field_validator("task_id")
@@ -218,7 +222,10 @@ class Settings(BaseModel):
         if "agentapi_url" not in values:
             port = env.get("ARG_AGENTAPI_PORT") or env.get("AGENTAPI_PORT") or ""
             port = port.strip() or str(DEFAULT_AGENTAPI_PORT)
-            if not port.isdigit() or not 0 < int(port) < 65536:
+            # isdigit() alone would pass "²" or "٣" (int() refuses or misreads them) and
+            # 5,000 digits (int() refuses those too).
+            digits = port.isascii() and port.isdigit() and len(port) <= 5
+            if not digits or not 0 < int(port) < 65536:
                 raise ConfigError(f"AgentAPI port {port!r} is not a TCP port number")
             values["agentapi_url"] = f"http://localhost:{port}"
         values["agentapi_state_file_explicit"] = "agentapi_state_file" in values
@@ -250,5 +257,8 @@ def _convert(raw: str, option: Option, name: str) -> Any:
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
     if option.kind == "path":
-        return Path(raw).expanduser()
+        try:
+            return Path(raw).expanduser()
+        except RuntimeError:  # "~someone" for a user that does not exist
+            raise ConfigError(f"{name}={raw!r}: cannot expand '~': no such user") from None
     return raw

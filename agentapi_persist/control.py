@@ -107,8 +107,10 @@ class ControlServer:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise ValueError("a request is a JSON object with a string 'op'")
-        except (ValueError, TimeoutError, asyncio.LimitOverrunError) as exc:
-            await _send(writer, {"accepted": False, "error": f"bad request: {exc}"})
+        except (ValueError, RecursionError, TimeoutError, asyncio.LimitOverrunError) as exc:
+            # RecursionError: JSON nested deeper than the interpreter's stack allows.
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            await _send(writer, {"accepted": False, "error": f"bad request: {reason}"})
             return
         await _send(writer, {"accepted": True})
         log.info("control.request", op=request["op"])

@@ -70,8 +70,14 @@ log = structlog.get_logger(__name__)
 COMPACT_MIN_BYTES = 8 * 1024 * 1024
 _RECONNECT_MIN_S = 0.05
 _RECONNECT_MAX_S = 5.0
+#: A stream followed this long was healthy: its failure starts the reconnect backoff over.
+_HEALTHY_S = 1.0
 _RESYNC_CAP_S = 2.0
 _UPLOAD_CAP_S = 10.0
+#: A failed checkpoint (disk full, EIO) is tried again after this long, doubling up to the
+#: max: the change must not wait in memory until AgentAPI happens to change something else.
+_RETRY_MIN_S = 0.5
+_RETRY_MAX_S = 30.0
 
 Trigger = Callable[[], Awaitable[object]]
 
@@ -115,6 +121,8 @@ class Daemon:
         self._stable = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._checkpoint_waiters: list[asyncio.Future[None]] = []
+        self._retry_s = _RETRY_MIN_S
+        self._retry: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[ShutdownReport] | None = None
         self._control: ControlServer | None = None
         self._facts: dict[str, Any] = {
@@ -129,6 +137,8 @@ class Daemon:
             "uploads": 0,
         }
         self._stop_agentapi: bool | None = None
+        self._stop_grace_s: float | None = None
+        self._synced_at: float | None = None
         self._uploaded_revision = -1
         self._last_upload_at = 0.0
 
@@ -160,6 +170,8 @@ class Daemon:
     ) -> None:
         self.state = DaemonState.CLOSED
         self.stopper.disarm()
+        if self._retry is not None:
+            self._retry.cancel()
         own_agent, own_coder = self._own_sessions
         if own_agent and self._agent_session is not None:
             await self._agent_session.close()
@@ -277,19 +289,29 @@ class Daemon:
         assert self._agent is not None
         backoff = _RECONNECT_MIN_S
         while True:
+            self._synced_at = None
             try:
                 await self._stream_once()
                 log.info("agentapi.stream_ended")
                 backoff = _RECONNECT_MIN_S
-            except AgentAPIError as exc:
-                log.info("agentapi.unavailable", error=str(exc), retry_in_s=round(backoff, 2))
-            except Gap as exc:
-                log.warning("agentapi.events_missed", detail=str(exc))
+            except (AgentAPIError, Gap) as exc:
+                if self._followed_for() >= _HEALTHY_S:
+                    # It had been following fine: a new failure starts the backoff over, or an
+                    # old run of failures would keep changes off the disk for seconds.
+                    backoff = _RECONNECT_MIN_S
+                if isinstance(exc, Gap):
+                    log.warning("agentapi.events_missed", detail=str(exc))
+                else:
+                    log.info("agentapi.unavailable", error=str(exc), retry_in_s=round(backoff, 2))
             self._facts["connected"] = False
             await self._resync()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _RECONNECT_MAX_S)
             self._facts["reconnects"] += 1
+
+    def _followed_for(self) -> float:
+        """Seconds the current stream has been synced (0 if it never synced)."""
+        return 0.0 if self._synced_at is None else time.monotonic() - self._synced_at
 
     async def _stream_once(self) -> None:
         """Follow one event stream: collect the replay, take it as the truth, apply deltas."""
@@ -309,6 +331,7 @@ class Daemon:
                     if replaying:
                         replaying = False
                         self._facts["connected"] = True
+                        self._synced_at = time.monotonic()
                         self.mirror.replace(build_replay(replay))
                         self._changed.set()
                         log.info("agentapi.synced", messages=len(self.mirror.messages))
@@ -365,13 +388,15 @@ class Daemon:
                 await self._maybe_compact()
             except PersistError as exc:
                 self._facts["checkpoint_errors"] += 1
-                log.error("daemon.checkpoint_failed", error=str(exc))
+                delay = self._retry_later()
+                log.error("daemon.checkpoint_failed", error=str(exc), retry_in_s=delay)
                 return
             finally:
                 waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(None)
+            self._retry_s = _RETRY_MIN_S
             ms = round((time.perf_counter() - started) * 1000, 2)
             self._facts.update(
                 last_checkpoint_at=time.time(),
@@ -379,6 +404,14 @@ class Daemon:
                 checkpoints=self._facts["checkpoints"] + 1,
             )
             log.debug("daemon.checkpoint", ms=ms, journal_bytes=self.store.journal_bytes)
+
+    def _retry_later(self) -> float:
+        """Ask the checkpoint loop to try again after the current backoff; return it."""
+        if self._retry is not None:
+            self._retry.cancel()
+        delay, self._retry_s = self._retry_s, min(self._retry_s * 2, _RETRY_MAX_S)
+        self._retry = asyncio.get_running_loop().call_later(delay, self._changed.set)
+        return delay
 
     async def _checkpoint_full(self) -> None:
         messages = tuple(self.mirror.messages)
@@ -464,7 +497,17 @@ class Daemon:
         self.state = DaemonState.STOPPING
         request = self.stopper.request
         reason = request.reason if request else "unknown"
-        margin = self.settings.margin_s
+        settings = self.settings
+        updates: dict[str, Any] = {}
+        if self._stop_agentapi is not None:
+            updates["stop_agentapi"] = self._stop_agentapi
+        if self._stop_grace_s is not None:
+            # `shutdown --grace N` over the control channel: this stop's margin follows N, not
+            # the sidecar's own grace (a 2 s margin would leave 0.9 s of a 3 s grace).
+            updates["grace_s"] = self._stop_grace_s
+        if updates:
+            settings = settings.model_copy(update=updates)
+        margin = settings.margin_s
         # The last changes seen on the stream go to disk first; the sequence then compares
         # with a fresh GET /messages and writes only what is still missing.
         with contextlib.suppress(TimeoutError):
@@ -472,9 +515,6 @@ class Daemon:
                 await self.checkpoint()
         budget = Budget(max(self.stopper.remaining() - margin, 0.05))
         assert self._agent is not None
-        settings = self.settings
-        if self._stop_agentapi is not None:
-            settings = settings.model_copy(update={"stop_agentapi": self._stop_agentapi})
         report = await run_sequence(
             settings,
             store=self.store,
@@ -541,6 +581,8 @@ class Daemon:
             elapsed = float(request.get("elapsed_s") or 0.0)
             if request.get("stop_agentapi") is not None:
                 self._stop_agentapi = bool(request["stop_agentapi"])
+            if self.stopper.request is None and 0 < grace <= 3600:
+                self._stop_grace_s = grace
             self.stopper.request_stop(
                 "control", grace_s=max(grace - elapsed, 0.1), started_at=time.monotonic()
             )

@@ -65,7 +65,7 @@ class ExitCode(IntEnum):
     NO_GOOD_COPY = 7
     """`restore` found no valid copy of the conversation anywhere (bad bytes quarantined)."""
     DEGRADED = 8
-    """`status`: something needs attention (the output says what)."""
+    """`status` found something that needs attention, or `doctor` a failing check."""
 
 
 def cap_text(text: str, limit: int = TEXT_ERROR_MAX_CHARS) -> str:

@@ -33,6 +33,6 @@ def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
         if path.is_symlink() or path.stat().st_size > _MAX_RECORD_BYTES:
             return None
         data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     return data if isinstance(data, dict) else None

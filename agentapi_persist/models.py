@@ -5,6 +5,10 @@ untrusted, so the models are strict about what we rely on (roles, ids, RFC 3339 
 offset) and tolerant about what we do not (unknown extra fields are ignored on the wire and
 carried forward in AgentAPI's state file).
 
+Numbers and booleans are strict, as in Go: an ``int`` field refuses ``1.0``, ``"1"`` and ``true``,
+a ``bool`` refuses ``"true"`` and ``1``, and ``NaN``/``Infinity`` (not JSON) are refused anywhere.
+AgentAPI refuses to load such a file and starts empty, so calling it good would lose history.
+
 Text is sanitised once, on the way in: a lone UTF-16 surrogate (legal in JSON escapes, illegal
 in UTF-8) becomes U+FFFD, which is what AgentAPI's own Go decoder does. After that every
 string here encodes to UTF-8 without error, which the byte-exact snapshot limit relies on.
@@ -22,10 +26,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     TypeAdapter,
     ValidationError,
+    field_validator,
     model_validator,
 )
+from pydantic_core import from_json
 
 __all__ = [
     "AgentAPIState",
@@ -67,7 +74,7 @@ def _check_time(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(sanitize_text)]
 Time = Annotated[str, AfterValidator(_check_time)]
-MessageId = Annotated[int, Field(ge=0, lt=2**31)]
+MessageId = Annotated[int, Field(ge=0, lt=2**31, strict=True)]
 
 
 class AgentStatus(BaseModel):
@@ -117,8 +124,18 @@ class AgentAPIState(BaseModel):
 
     version: Literal[1]
     messages: tuple[AgentAPIStateMessage, ...]
-    initial_prompt: Text = ""
-    initial_prompt_sent: bool = False
+    # Required, not defaulted: AgentAPI always writes both. A file without them (a damaged key
+    # name, say) would otherwise read as "prompt not sent" and make AgentAPI re-run it.
+    initial_prompt: Text
+    initial_prompt_sent: StrictBool
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: object) -> object:
+        # Literal[1] alone would take true and 1.0, which AgentAPI's int field refuses.
+        if type(value) is not int:
+            raise ValueError(f"version must be the integer 1, not {repr(value)[:40]}")
+        return value
 
     @model_validator(mode="after")
     def _ids_are_contiguous(self) -> AgentAPIState:
@@ -175,18 +192,33 @@ def parse_untrusted_json(body: bytes, model: type[_M]) -> _M:
     validators then replace any lone surrogate). Raises ``ValueError`` with a short reason.
     """
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as exc:
         if not any(err["type"] == "json_invalid" for err in exc.errors()):
             raise ValueError(_summarise(exc)) from None
+    else:
+        # pydantic's parser takes NaN and Infinity, which are not JSON (Go refuses them). Only
+        # a body that holds those letters at all is parsed again, strictly, to be sure.
+        if b"NaN" in body or b"Infinity" in body:
+            try:
+                from_json(body, allow_inf_nan=False)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON (NaN or Infinity?): {str(exc)[:120]}") from None
+        return parsed
     try:
-        data: Any = json.loads(body.decode("utf-8", errors="replace"))
+        data: Any = json.loads(
+            body.decode("utf-8", errors="replace"), parse_constant=_refuse_constant
+        )
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"not valid JSON: {str(exc)[:120]}") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ValueError(_summarise(exc)) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _summarise(exc: ValidationError) -> str:

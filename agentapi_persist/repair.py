@@ -15,6 +15,7 @@ valid, diverged        diverged                     the more recent wins; a repl
 missing                present                      write the file from the copy
 corrupt/unknown ver.   present                      quarantine, write from the copy
 corrupt/unknown ver.   absent                       quarantine; exit 7 (no good copy)
+missing or corrupt     unusable (moved aside)       exit 7 (no good copy)
 missing                absent                       nothing to do (first start)
 =====================  ===========================  ======================================
 
@@ -137,8 +138,11 @@ def restore(
 
     if file_state is None:
         if stored is None:
-            report.outcome = "no_good_copy" if file_problem else "nothing"
-            if file_problem:
+            # A sidecar copy that was there but unusable is no first start: nothing good is
+            # left anywhere, and the exit code must say so, as for a bad file.
+            lost = file_problem is not None or bool(loaded.problems)
+            report.outcome = "no_good_copy" if lost else "nothing"
+            if lost:
                 report.did.append(
                     "No other copy exists: AgentAPI will start with an empty conversation."
                 )

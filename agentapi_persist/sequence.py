@@ -59,6 +59,9 @@ log = structlog.get_logger(__name__)
 
 StepName = Literal["fetch", "agentapi_save", "state", "snapshot", "stop"]
 
+#: The upload's budget ends this long before the sequence's, so its result is collected.
+_REPORT_SLACK_S = 0.05
+
 
 @dataclass(slots=True)
 class StepResult:
@@ -104,7 +107,13 @@ class ShutdownReport:
         verdict = "ok" if self.exit_code is ExitCode.OK else f"FAILED (exit {int(self.exit_code)})"
         parts = [f"{s.name}={s.outcome} {s.ms}ms" for s in self.steps]
         line = f"shutdown {verdict}: " + "; ".join(parts) + f"; total {self.total_ms}ms"
-        problems = [f"{s.name}: {s.detail}" for s in self.steps if not s.ok and s.detail]
+        # A fetch that found a copy is ok, but when AgentAPI's answer could not be used the
+        # reason still belongs on the line: the sidecar's copy was kept instead of the live one.
+        problems = [
+            f"{s.name}: {s.detail}"
+            for s in self.steps
+            if s.detail and (not s.ok or (s.name == "fetch" and s.outcome != "live"))
+        ]
         if problems:
             line += " | " + " | ".join(problems)
         if self.kept:
@@ -309,7 +318,10 @@ async def run_sequence(
             )
             process, process_reason = find_agentapi(settings.agentapi_pid_file)
             save = _agentapi_save_step(settings, process, process_reason, conversation, budget)
-            upload = _snapshot_step(settings, coder, conversation, budget, force)
+            # The upload ends a moment before the sequence's deadline, so that its own outcome
+            # (timed out, server error, ...) is reported rather than a bare "cut".
+            upload_budget = budget.child(max(budget.remaining() - _REPORT_SLACK_S, 0.0))
+            upload = _snapshot_step(settings, coder, conversation, upload_budget, force)
             best_effort = [
                 asyncio.create_task(_timed(save, "agentapi_save"), name="persist.agentapi_save"),
                 asyncio.create_task(_timed(upload, "snapshot"), name="persist.snapshot"),
@@ -361,6 +373,8 @@ async def _fetch_step(
     report.notes.extend(gathered.notes)
     found = gathered.conversation is not None
     detail = "" if found else "; ".join(gathered.notes) or "no copy anywhere"
+    if found and gathered.live_error is not None and agent is not None:
+        detail = f"live messages unavailable: {gathered.live_error}"
     report.steps.append(StepResult("fetch", gathered.source, found, ms, detail))
     log.info("shutdown.fetch", source=gathered.source, ms=ms, notes=len(gathered.notes))
     if gathered.conversation is None:
@@ -383,15 +397,26 @@ async def _after_deadline(
 ) -> None:
     """Say what the deadline cut, cancel the best-effort steps, and finish the durable write."""
     done = {step.name for step in report.steps}
+    # A best-effort step may have finished while the sequence waited on a slow write: its
+    # outcome (the snapshot delivered, say) is reported as it was, not as cut.
+    finished_early = {
+        task.result().name: task.result()
+        for task in best_effort
+        if task.done() and not task.cancelled() and task.exception() is None
+    }
     all_steps: tuple[StepName, ...] = ("fetch", "state", "agentapi_save", "snapshot")
-    cut = [name for name in all_steps if name not in done]
+    cut = [name for name in all_steps if name not in done and name not in finished_early]
     for task in best_effort:
         task.cancel(msg="grace budget exhausted")
     log.warning("shutdown.deadline", cut=cut, budget_s=round(budget.total_s, 3))
     report.notes.append(f"the {budget.total_s:.1f}s budget ran out during: {', '.join(cut)}")
     if write_task is not None and "state" not in done:
-        # Never abandoned: the write gets part of the grace margin kept back for this.
-        finished, _ = await asyncio.wait({write_task}, timeout=settings.margin_s * 0.8)
+        # Never abandoned: the write gets part of the grace margin kept back for this, but not
+        # the watchdog's last moments (min(0.15 s, margin / 2) before the grace ends): on a
+        # hung disk it would exit before this summary is printed.
+        margin = settings.margin_s
+        wait_s = max(min(margin * 0.8, margin - min(0.15, margin / 2) - _REPORT_SLACK_S), 0.0)
+        finished, _ = await asyncio.wait({write_task}, timeout=wait_s)
         if finished:
             result = write_task.result()
             report.steps.append(result)
@@ -400,9 +425,13 @@ async def _after_deadline(
             report.steps.append(
                 StepResult("state", "unfinished", False, 0, "the write did not finish in time")
             )
-    for name in cut:
-        if name not in ("state", "fetch"):
+    for name in ("agentapi_save", "snapshot"):
+        if name in finished_early and name not in done:
+            report.steps.append(finished_early[name])
+        elif name in cut:
             report.steps.append(StepResult(name, "cut", False, 0, "the budget ran out"))
+    snapshot = report.step("snapshot")
+    report.snapshot_ok = snapshot is not None and snapshot.ok
 
 
 async def _best_effort(
@@ -523,9 +552,14 @@ async def _snapshot_step(
         max_bytes=settings.snapshot_max_bytes,
     )
     result = await coder.upload_snapshot(snapshot.payload, budget=budget)
-    await _record_upload(
-        settings.state_dir, result, messages=len(snapshot.messages), size=snapshot.size
+    record = asyncio.ensure_future(
+        _record_upload(
+            settings.state_dir, result, messages=len(snapshot.messages), size=snapshot.size
+        )
     )
+    # The record is informational: on a hung disk it must not hold back (and so lose to the
+    # deadline) the outcome of an upload that went through.
+    await asyncio.wait({record}, timeout=budget.remaining())
     detail = "" if result.delivered else result.detail
     if result.delivered:
         detail = f"{len(snapshot.messages)} messages, {snapshot.size} bytes"

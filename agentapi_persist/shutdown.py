@@ -101,21 +101,28 @@ class StopController:
             self._watchdog = None
 
 
-def arm_watchdog(at: float) -> threading.Timer:
+def arm_watchdog(
+    at: float, *, exit_code: Callable[[], int | None] | None = None
+) -> threading.Timer:
     """Exit the process with code 5 at monotonic time ``at``, unless cancelled first.
 
     A thread timer, not a loop callback: a blocked event loop (a hung fsync, say) must not be
     able to keep us past the grace period. Whatever was durable before stays durable: every
-    write is a rename of a complete file or a checksummed journal record.
+    write is a rename of a complete file or a checksummed journal record. ``exit_code`` may
+    name the code to exit with instead: once the outcome is known (and printed), cleaning up
+    after it must not turn it into a 5.
     """
 
     def hard_exit() -> None:
-        sys.stderr.write(
-            "agentapi-persist: grace period about to end; exiting before SIGKILL "
-            "(the last durable copy is intact)\n"
-        )
-        sys.stderr.flush()
-        os._exit(int(ExitCode.DEADLINE))
+        code = exit_code() if exit_code is not None else None
+        if code is None:
+            sys.stderr.write(
+                "agentapi-persist: grace period about to end; exiting before SIGKILL "
+                "(the last durable copy is intact)\n"
+            )
+            code = int(ExitCode.DEADLINE)
+            sys.stderr.flush()
+        os._exit(code)
 
     timer = threading.Timer(max(at - time.monotonic(), 0.0), hard_exit)
     timer.daemon = True

@@ -278,6 +278,12 @@ class StateStore:
     @property
     def conversation(self) -> Conversation | None:
         """The in-memory copy as last loaded, saved or appended (``None``: nothing stored)."""
+        cached = self._cached
+        if cached is not None:
+            # An immutable snapshot of the last completed change, read without the lock: a
+            # look at the copy (the shutdown summary, say) never waits behind a write that is
+            # stuck in fsync on a hung disk.
+            return cached
         with self._lock:
             if self._seq is None:
                 return None
@@ -355,7 +361,9 @@ class StateStore:
             problems=tuple(problems),
             quarantined=tuple(moved),
         )
-        log.info(
+        # Routine loads (status, polling) stay quiet; a load that found problems is news.
+        emit = log.warning if problems else log.debug
+        emit(
             "store.loaded",
             seq=self._seq,
             messages=len(self._messages),

@@ -128,18 +128,12 @@ class Settings(BaseModel):
     @field_validator("task_id")
     @classmethod
     def _task_uuid(cls, value: str) -> str:
+        # Only normalised here. A malformed task id must not stop the state from being saved
+        # (a typo in ARG_TASK_ID would otherwise turn persistence off entirely): it is
+        # refused in coder_target(), before it can go into a URL, and reported as a
+        # misconfigured snapshot.
         value = value.strip()
-        if value == "":
-            return ""
-        try:
-            parsed = uuid.UUID(value)
-        except ValueError:
-            raise ValueError(f"task id {value[:64]!r} is not a UUID") from None
-        if str(parsed) != value.lower():
-            # uuid.UUID also accepts braces, urn: prefixes and missing hyphens; the
-            # URL wants the canonical form and nothing that could smuggle a path.
-            raise ValueError(f"task id {value[:64]!r} is not a canonical UUID") from None
-        return str(parsed)
+        return value.lower() if _canonical_uuid(value) else value
 
     @field_validator("log_level")
     @classmethod
@@ -176,6 +170,11 @@ class Settings(BaseModel):
             )
             if not value
         ]
+        if not _canonical_uuid(self.task_id):
+            raise ConfigError(
+                f"task id {self.task_id[:64]!r} (ARG_TASK_ID) is not a canonical UUID: "
+                "cannot upload the log snapshot"
+            )
         if missing:
             raise ConfigError(
                 f"task id {self.task_id} is set but {' and '.join(missing)} "
@@ -245,6 +244,15 @@ class Settings(BaseModel):
             where = sources.get(field) or (known.flag if known is not None else field)
             message = err["msg"].removeprefix("Value error, ")
             raise ConfigError(f"{where}: {message}") from None
+
+
+def _canonical_uuid(value: str) -> bool:
+    """True for the canonical 8-4-4-4-12 form only: ``uuid.UUID`` also accepts braces,
+    ``urn:`` prefixes and missing hyphens, and the URL wants nothing that could smuggle a path."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
 
 
 def _convert(raw: str, option: Option, name: str) -> Any:

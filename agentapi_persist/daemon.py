@@ -157,8 +157,12 @@ class Daemon:
             max_body_bytes=self.settings.max_body_bytes,
         )
         target = None
-        with contextlib.suppress(PersistError):  # reported by the sequence if half-configured
+        try:
             target = self.settings.coder_target()
+        except PersistError as exc:
+            # Not fatal: the state is still kept durable; the stop's summary reports the
+            # misconfigured snapshot (exit 4) so the template author sees it.
+            log.error("daemon.snapshot_misconfigured", error=str(exc))
         self._coder = CoderClient(target, session=self._coder_session) if target else None
         return self
 

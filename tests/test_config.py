@@ -80,8 +80,6 @@ def test_explicit_state_file_is_recorded() -> None:
     [
         ({"AGENTAPI_PERSIST_GRACE": "soon"}, "AGENTAPI_PERSIST_GRACE"),
         ({"AGENTAPI_PERSIST_GRACE": "-1"}, "AGENTAPI_PERSIST_GRACE"),
-        ({"ARG_TASK_ID": "../../etc/passwd"}, "not a UUID"),
-        ({"ARG_TASK_ID": "{5f1c7a0e-3b2d-4c1e-9f00-1234567890ab}"}, "canonical"),
         ({"ARG_ENABLE_STATE_PERSISTENCE": "maybe"}, "ARG_ENABLE_STATE_PERSISTENCE"),
         ({"ARG_AGENTAPI_PORT": "99999"}, "port"),
         ({"CODER_AGENT_URL": "ftp://coder"}, "CODER_AGENT_URL"),
@@ -122,3 +120,20 @@ def test_budget_keeps_a_margin() -> None:
     assert load(AGENTAPI_PERSIST_GRACE="10").budget_s == pytest.approx(9.0)
     assert load(AGENTAPI_PERSIST_GRACE="3").budget_s == pytest.approx(2.7)
     assert load(AGENTAPI_PERSIST_GRACE="30").budget_s == pytest.approx(28.0)
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        "../../etc/passwd",
+        "{5f1c7a0e-3b2d-4c1e-9f00-1234567890ab}",
+        "5f1c7a0e3b2d4c1e9f001234567890ab",
+    ],
+)
+def test_malformed_task_id_blocks_only_the_upload(task_id: str) -> None:
+    """A bad task id never reaches a URL, but it does not stop settings (and saving) either."""
+    s = load(
+        ARG_TASK_ID=task_id, CODER_AGENT_URL="https://coder.example.com", CODER_AGENT_TOKEN="t"
+    )
+    with pytest.raises(ConfigError, match="not a canonical UUID"):
+        s.coder_target()

@@ -17,6 +17,7 @@ import asyncio
 import json
 import re
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,6 +34,7 @@ from agentapi_persist.coder import CoderClient
 from agentapi_persist.config import CoderTarget
 from agentapi_persist.errors import ConfigError, ExitCode
 from agentapi_persist.models import Conversation
+from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
@@ -492,30 +494,59 @@ TRAVERSALS = [
 async def test_traversal_task_id_is_refused_before_any_request(
     workspace: Workspace, coder: FakeCoder, task_id: str
 ) -> None:
-    """A task id that is not a canonical UUID never reaches a URL: the client refuses it,
-    the settings refuse it (exit 2, naming the variable), and the server records nothing."""
+    """A task id that is not a canonical UUID never reaches a URL: the client refuses it, the
+    stop still saves the state and reports the snapshot as misconfigured (exit 4, naming the
+    variable), and the server records nothing."""
     target = CoderTarget(base_url=coder.url, token=SecretStr(CANARY_TOKEN), task_id=task_id)
     async with make_session() as session:
         with pytest.raises(ConfigError, match="UUID") as refused:
             CoderClient(target, session=session)
     assert CANARY_TOKEN not in str(refused.value)
+    StateStore(workspace.state_dir).save(Conversation(messages=tuple(make_messages(3))))
     env = {**coder_env(coder), "ARG_TASK_ID": task_id}
     result = await cli_timed(workspace, "shutdown", "--grace", "3", env=env)
-    assert result.code == 2, result.stdout + result.stderr
-    assert "ARG_TASK_ID" in result.stderr
+    assert result.code == 4, result.stdout + result.stderr
+    assert "snapshot=misconfigured" in result.stdout
+    assert "ARG_TASK_ID" in result.stdout
+    assert "3 messages durable" in result.stdout
     assert coder.uploads == []
     assert_token_nowhere(workspace.root, result.stdout, result.stderr)
 
 
-async def test_traversal_task_id_stops_the_sidecar_before_any_request(
+async def test_traversal_task_id_leaves_the_sidecar_saving(
     workspace: Workspace, coder: FakeCoder
 ) -> None:
-    """`run` with a traversal task id exits 2 at once; nothing reaches the Coder server."""
+    """`run` with a traversal task id still keeps the state durable; it logs the
+    misconfiguration, uploads nothing, and its stop reports the snapshot as not delivered."""
     env = {**coder_env(coder), "ARG_TASK_ID": "../../../etc"}
-    result = await cli_timed(workspace, "run", "--grace", "3", env=env)
-    assert result.code == 2, result.stdout + result.stderr
+    async with FakeAgentAPI(messages=make_messages(4)) as agent:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentapi_persist", "run", "--grace", "3",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=workspace.process_env(**env, AGENTAPI_PERSIST_AGENTAPI_URL=agent.url),
+        )  # fmt: skip
+        assert proc.stderr is not None
+        lines: list[bytes] = []
+        try:
+            async with asyncio.timeout(20):
+                while b"agentapi.synced" not in (line := await proc.stderr.readline()):
+                    assert line, b"".join(lines)
+                    lines.append(line)
+            await asyncio.sleep(0.5)  # the first checkpoint
+            proc.send_signal(signal.SIGTERM)
+            out, err = await asyncio.wait_for(proc.communicate(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    logged = b"".join(lines).decode() + err.decode()
+    assert proc.returncode == 4, logged
+    assert "daemon.snapshot_misconfigured" in logged
+    stored = StateStore(workspace.state_dir).load().conversation
+    assert stored is not None
+    assert len(stored.messages) == 4
     assert coder.uploads == []
-    assert_token_nowhere(workspace.root, result.stdout, result.stderr)
+    assert_token_nowhere(workspace.root, out.decode(), logged)
 
 
 # -- the sidecar following a misbehaving AgentAPI -----------------------------------------------

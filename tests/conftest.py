@@ -72,10 +72,9 @@ class Workspace:
         return {**keep, **self.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Workspace:
-    """A fresh workspace whose environment uses the registry module's names."""
-    ws = Workspace(root=tmp_path)
+def new_workspace(root: Path) -> Workspace:
+    """A fresh workspace under ``root`` whose environment uses the registry module's names."""
+    ws = Workspace(root=root)
     ws.module_dir.mkdir(parents=True)
     ws.env = {
         "HOME": str(ws.home),
@@ -84,6 +83,12 @@ def workspace(tmp_path: Path) -> Workspace:
         "AGENTAPI_PID_FILE": str(ws.pid_file),
     }
     return ws
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    """A fresh workspace (see ``new_workspace``) in the test's temp dir."""
+    return new_workspace(tmp_path)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from agentapi_persist.sequence import ShutdownReport, run_sequence
 from agentapi_persist.sources import Relation, compare
 from agentapi_persist.store import StateStore
 
-from .conftest import CANARY_TOKEN, Workspace, make_messages
+from .conftest import CANARY_TOKEN, Workspace, make_messages, new_workspace
 
 __all__ = [
     "GOOD_MESSAGES",
@@ -57,19 +57,6 @@ __all__ = [
 
 #: Messages in the good stored copy every scenario starts from.
 GOOD_MESSAGES = 12
-
-
-def new_workspace(root: Path) -> Workspace:
-    """The same layout and environment as the ``workspace`` fixture, under ``root``."""
-    ws = Workspace(root=root)
-    ws.module_dir.mkdir(parents=True)
-    ws.env = {
-        "HOME": str(ws.home),
-        "ARG_MODULE_DIR_NAME": ".agentapi-module",
-        "AGENTAPI_STATE_FILE": str(ws.state_file),
-        "AGENTAPI_PID_FILE": str(ws.pid_file),
-    }
-    return ws
 
 
 def seed_good_copy(ws: Workspace, count: int = GOOD_MESSAGES) -> Conversation:

@@ -39,7 +39,6 @@ import enum
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -57,7 +56,7 @@ from .errors import AgentAPIError, AgentRunningError, PersistError
 from .mirror import Gap, Mirror, build_replay
 from .models import Conversation, Message
 from .repair import restore
-from .sequence import ShutdownReport, persist, run_sequence
+from .sequence import ShutdownReport, persist, record_upload, run_sequence
 from .shutdown import StopController, install_signal_handlers
 from .snapshot import build_snapshot
 from .store import StateStore
@@ -479,21 +478,13 @@ class Daemon:
         self._facts["uploads"] += 1
         if result.delivered:
             self._uploaded_revision = revision
-        record = {
-            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "outcome": str(result.outcome),
-            "delivered": result.delivered,
-            "status": result.status,
-            "attempts": result.attempts,
-            "messages": len(snapshot.messages),
-            "bytes": snapshot.size,
-            "detail": result.detail,
-            "periodic": True,
-        }
-        with contextlib.suppress(PersistError):
-            await asyncio.to_thread(
-                history.write_record, self.settings.state_dir, history.LAST_UPLOAD, record
-            )
+        await record_upload(
+            self.settings.state_dir,
+            result,
+            messages=len(snapshot.messages),
+            size=snapshot.size,
+            periodic=True,
+        )
 
     # -- stopping -------------------------------------------------------------------------------
 

@@ -53,7 +53,15 @@ from .snapshot import build_snapshot
 from .sources import Candidate, Relation, choose, compare, file_time, with_prompt_fields
 from .store import StateStore
 
-__all__ = ["Gathered", "ShutdownReport", "StepResult", "gather", "persist", "run_sequence"]
+__all__ = [
+    "Gathered",
+    "ShutdownReport",
+    "StepResult",
+    "gather",
+    "persist",
+    "record_upload",
+    "run_sequence",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -553,7 +561,7 @@ async def _snapshot_step(
     )
     result = await coder.upload_snapshot(snapshot.payload, budget=budget)
     record = asyncio.ensure_future(
-        _record_upload(
+        record_upload(
             settings.state_dir, result, messages=len(snapshot.messages), size=snapshot.size
         )
     )
@@ -566,9 +574,10 @@ async def _snapshot_step(
     return StepResult("snapshot", str(result.outcome), result.delivered, 0, detail)
 
 
-async def _record_upload(
-    state_dir: Path, result: UploadResult, *, messages: int, size: int
+async def record_upload(
+    state_dir: Path, result: UploadResult, *, messages: int, size: int, periodic: bool = False
 ) -> None:
+    """Keep the upload's outcome in ``last-upload.json`` for ``status`` (never the token)."""
     record = {
         "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "outcome": str(result.outcome),
@@ -578,6 +587,7 @@ async def _record_upload(
         "messages": messages,
         "bytes": size,
         "detail": result.detail,
+        "periodic": periodic,
     }
     try:
         await asyncio.to_thread(history.write_record, state_dir, history.LAST_UPLOAD, record)

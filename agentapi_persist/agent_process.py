@@ -6,8 +6,11 @@ Three hazards shape this module:
   after a restart its number may belong to anything. A pid is AgentAPI only if
   ``/proc/<pid>/cmdline`` says so, and it is checked again right before every signal, through
   a pidfd where the kernel has them so that the check and the signal hit the same process.
-* **SIGUSR1 kills AgentAPI before 0.12.0** (the default action of an unhandled signal), so it
-  is sent only when the version is known and new enough. Unknown means no.
+* **SIGUSR1 means nothing to AgentAPI before 0.12.0**: Go ignores a signal the program never
+  asked for (checked with the real v0.10.0 and v0.11.8: they live on and save nothing), and only
+  0.12.0 saves on it (coder/agentapi cmd/server/signals_unix.go). Sending it to an older one
+  would be a wasted wait for a save that cannot come, so it is sent only when the version is
+  known and new enough. Unknown means no.
 * **Saves are confirmed, not assumed.** After SIGUSR1 we watch the state file until it changed
   and parses, or until it is seen to hold every message already (AgentAPI skips a save when
   nothing changed), within the caller's budget.
@@ -32,7 +35,7 @@ from typing import Literal
 
 import structlog
 
-from .agentapi_state import read_agentapi_state
+from .agentapi_state import read_agentapi_state, trim_prompt
 from .budget import Budget
 from .errors import StateFileError, cap_text
 from .models import AgentAPIState, Message
@@ -46,6 +49,7 @@ __all__ = [
     "StopOutcome",
     "StopResult",
     "Version",
+    "clear_stale_pid_file",
     "detect_version",
     "find_agentapi",
     "is_alive",
@@ -107,7 +111,7 @@ class Version:
         return f"{self.major}.{self.minor}.{self.patch}{pre}"
 
 
-#: The first AgentAPI that handles SIGUSR1 (save without exiting). Older ones die from it.
+#: The first AgentAPI that saves on SIGUSR1 (without exiting). Older ones ignore it.
 MIN_SIGUSR1_VERSION = Version(0, 12, 0)
 
 
@@ -124,10 +128,17 @@ class AgentProcess:
     state_file: Path | None
     """Its state file (``--state-file`` or ``AGENTAPI_STATE_FILE``), when readable."""
     save_state: bool | None
-    """Its ``AGENTAPI_SAVE_STATE`` (``None``: unset or unreadable)."""
+    """Its ``AGENTAPI_SAVE_STATE`` / ``--save-state`` (``None``: unset or unreadable)."""
     start_ticks: int | None = None
     """Start time in clock ticks since boot (``/proc/<pid>/stat`` field 22): with the pid
     it names one process for good, so a restarted AgentAPI is not mistaken for this one."""
+    configuration_known: bool = False
+    """Its environment was readable, so ``state_file`` and ``save_state`` are what it uses
+    (an unset state file then means it has none and cannot save)."""
+    initial_prompt: str | None = None
+    """The initial prompt it was started with (``-I``/``--initial-prompt`` or
+    ``AGENTAPI_INITIAL_PROMPT``), trimmed as AgentAPI trims it before saving and comparing;
+    ``None`` when it has none or it cannot be read."""
 
     @property
     def command(self) -> str:
@@ -235,6 +246,8 @@ def find_agentapi(pid_file: Path) -> tuple[AgentProcess | None, str]:
         state_file=_state_file(pid, argv, environ),
         save_state=_save_state(argv, environ),
         start_ticks=stat[1] if stat[1] >= 0 else None,
+        configuration_known=environ is not None,
+        initial_prompt=_initial_prompt(argv, environ),
     )
     log.info(
         "agentapi.found",
@@ -243,6 +256,51 @@ def find_agentapi(pid_file: Path) -> tuple[AgentProcess | None, str]:
         state_file=str(process.state_file) if process.state_file else None,
     )
     return process, f"{source} is AgentAPI (`{process.command}`)"
+
+
+def clear_stale_pid_file(pid_file: Path) -> str | None:
+    """Remove ``pid_file`` when its pid is not a running AgentAPI; the sentence saying so.
+
+    AgentAPI removes its pid file only on a clean exit, and at start refuses to run while the
+    pid in it is *any* live process (coder/agentapi cmd/server/server.go ``writePIDFile``,
+    process_unix.go ``isProcessRunning``: signal 0 succeeds or EPERM). After a container
+    restart that number often belongs to something else, and AgentAPI would never start.
+    Only a file that holds a valid pid is touched, only when that pid is gone or provably not
+    AgentAPI, and only if it still holds the same bytes right before the unlink. ``None``
+    when nothing was removed.
+    """
+    pid, _problem = _read_pid_file(pid_file)
+    if pid is None:
+        return None
+    process, reason = find_agentapi(pid_file)
+    if process is not None:
+        return None
+    stat = _read_stat(pid)
+    try:
+        argv = _read_cmdline(pid)
+    except OSError:
+        return None  # identity unknown: leave it alone
+    alive = stat is not None and argv is not None and stat[0] not in _GONE_STATES
+    if alive and argv is not None and _looks_like_agentapi(argv):
+        return None
+    again, _ = _read_pid_file(pid_file)
+    if again != pid:
+        return None
+    try:
+        pid_file.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("agentapi.pid_file_kept", pid_file=str(pid_file), error=str(exc))
+        return None
+    why = (
+        f"pid {pid} is `{_show(argv or ())}`, not AgentAPI, and AgentAPI refuses to start "
+        "while the pid in its file is any live process"
+        if alive
+        else f"pid {pid} is not running"
+    )
+    log.info("agentapi.pid_file_removed", pid_file=str(pid_file), pid=pid, reason=reason)
+    return f"Removed the stale pid file {pid_file} ({why})."
 
 
 def _read_pid_file(pid_file: Path) -> tuple[int | None, str]:
@@ -297,21 +355,29 @@ def _resolve(pid: int, path: str) -> Path | None:
         return None
 
 
+#: AgentAPI's own options we read (coder/agentapi cmd/server/server.go, the flag table), with
+#: their one-letter forms; ``--save-state`` is a boolean flag (``--save-state=false`` to unset).
+_VALUE_OPTIONS = {"--state-file": "--state-file", "-s": "--state-file"}
+_VALUE_OPTIONS |= {"--initial-prompt": "--initial-prompt", "-I": "--initial-prompt"}
+_BOOL_OPTIONS = frozenset({"--save-state"})
+
+
 def _options(argv: Sequence[str]) -> dict[str, str]:
-    """``--name value`` / ``--name=value`` options of AgentAPI itself (before ``--``)."""
+    """``--name value`` / ``--name=value`` / ``-s value`` options of AgentAPI itself (before
+    ``--``), under their long names."""
     found: dict[str, str] = {}
     args = list(argv[1:])
     for index, arg in enumerate(args):
         if arg == "--":
             break
         name, equals, value = arg.partition("=")
-        if name in ("--state-file", "--save-state"):
+        if name in _VALUE_OPTIONS:
             if equals:
-                found[name] = value
-            elif name == "--save-state":
-                found[name] = "true"
+                found[_VALUE_OPTIONS[name]] = value
             elif index + 1 < len(args):
-                found[name] = args[index + 1]
+                found[_VALUE_OPTIONS[name]] = args[index + 1]
+        elif name in _BOOL_OPTIONS:
+            found[name] = value if equals else "true"
     return found
 
 
@@ -326,6 +392,15 @@ def _save_state(argv: Sequence[str], environ: dict[str, str] | None) -> bool | N
     if not value:
         return None
     return value in _GO_TRUE
+
+
+def _initial_prompt(argv: Sequence[str], environ: dict[str, str] | None) -> str | None:
+    value = _options(argv).get("--initial-prompt")
+    if value is None and environ is not None:
+        value = environ.get("AGENTAPI_INITIAL_PROMPT")
+    if value is None:
+        return None
+    return trim_prompt(value) or None
 
 
 def _read_cmdline(pid: int) -> tuple[str, ...] | None:
@@ -454,15 +529,19 @@ def persistence_enabled(
 ) -> bool:
     """Whether AgentAPI saves its own state, so that asking it to save means something.
 
-    An explicit ``setting`` wins. Otherwise AgentAPI's own environment decides: a state file
-    with saving not switched off means yes, saving switched off means no (it would ignore
-    the request). When its environment is unreadable, an explicitly configured state file
-    means yes.
+    AgentAPI's own configuration wins where it is known, since it decides whether a save can
+    happen at all: saving switched off (``AGENTAPI_SAVE_STATE=false``), or no state file,
+    means no, whatever our ``setting`` says (a wait for a save that cannot come would eat
+    the budget; coder/agentapi lib/screentracker/pty_conversation.go ``SaveState`` returns
+    without writing). Then an explicit ``setting``; then its state file; when its
+    environment is unreadable, an explicitly configured state file means yes.
     """
-    if setting is not None:
-        return setting
     if process.save_state is False:
         return False
+    if process.configuration_known and process.state_file is None:
+        return False
+    if setting is not None:
+        return setting
     if process.state_file is not None:
         return True
     return state_file_explicit
@@ -542,7 +621,7 @@ async def request_save(
 ) -> SaveConfirmation:
     """Ask AgentAPI to save (SIGUSR1) and confirm the save landed in ``state_file``.
 
-    Never signals a version that is unknown or older than 0.12.0: SIGUSR1 kills those.
+    Never signals a version that is unknown or older than 0.12.0: those do not save on it.
     Confirmation: the file changed after the signal and parses as a v1 state, or it holds
     every ``expected`` message (same count, ids, roles and text) already.
     """
@@ -564,14 +643,14 @@ async def request_save(
     if version is None:
         return done(
             SaveOutcome.SKIPPED_VERSION_UNKNOWN,
-            "AgentAPI's version is unknown; SIGUSR1 kills versions before "
-            f"{MIN_SIGUSR1_VERSION}, so it was not sent",
+            "AgentAPI's version is unknown; only versions from "
+            f"{MIN_SIGUSR1_VERSION} save on SIGUSR1, so it was not sent",
         )
     if version < MIN_SIGUSR1_VERSION:
         return done(
             SaveOutcome.SKIPPED_OLD_VERSION,
             f"AgentAPI {version} predates save-on-SIGUSR1 ({MIN_SIGUSR1_VERSION}); "
-            "SIGUSR1 would kill it, so it was not sent",
+            "it ignores SIGUSR1, so it was not sent",
         )
     if budget.expired:
         return done(SaveOutcome.SKIPPED_NO_BUDGET, "no time left in the budget to ask for a save")

@@ -82,7 +82,8 @@ class StatusChange:
     """The agent went ``running`` (the last message keeps changing) or ``stable``."""
 
     status: Literal["running", "stable"]
-    agent_type: str
+    agent_type: str | None
+    """``None`` from AgentAPI before 0.10.1, which does not send it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,16 +27,27 @@ from .errors import StateFileCorrupt, StateFileVersionError
 from .models import AgentAPIState, Conversation, dump_compact, parse_untrusted_json
 
 __all__ = [
+    "GO_PROMPT_WHITESPACE",
     "STATE_VERSION",
     "conversation_from_state",
     "read_agentapi_state",
     "render_agentapi_state",
+    "trim_prompt",
     "write_agentapi_state",
 ]
 
 STATE_VERSION = 1
 _KNOWN_KEYS = frozenset({"version", "messages", "initial_prompt", "initial_prompt_sent"})
 _MISSING = object()
+#: What AgentAPI strips from the initial prompt before saving and comparing it
+#: (coder/agentapi lib/msgfmt/msgfmt.go ``WhiteSpaceChars``, applied by lib/httpapi/claude.go
+#: ``FormatMessage``; a prompt with surrounding newlines is saved without them).
+GO_PROMPT_WHITESPACE = " \t\n\r\f\v"
+
+
+def trim_prompt(prompt: str) -> str:
+    """The initial prompt as AgentAPI saves and compares it."""
+    return prompt.strip(GO_PROMPT_WHITESPACE)
 
 
 def _declared_version(data: bytes) -> object:

@@ -47,6 +47,7 @@ import structlog
 
 from . import history
 from ._http import make_session
+from .agent_process import find_agentapi
 from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
 from .budget import Budget
 from .coder import CoderClient
@@ -75,6 +76,9 @@ _RESYNC_CAP_S = 2.0
 _UPLOAD_CAP_S = 10.0
 #: A failed checkpoint (disk full, EIO) is tried again after this long, doubling up to the
 #: max: the change must not wait in memory until AgentAPI happens to change something else.
+#: How AgentAPI's ``agent_error`` starts when it could not load its state file
+#: (coder/agentapi lib/screentracker/pty_conversation.go, the snapshot loop).
+_LOAD_FAILED = "Failed to restore previous session"
 _RETRY_MIN_S = 0.5
 _RETRY_MAX_S = 30.0
 
@@ -138,6 +142,8 @@ class Daemon:
         self._stop_agentapi: bool | None = None
         self._stop_grace_s: float | None = None
         self._synced_at: float | None = None
+        self._errors_seen: set[tuple[str, str, str]] = set()
+        """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
         self._uploaded_revision = -1
         self._last_upload_at = 0.0
 
@@ -344,7 +350,59 @@ class Daemon:
                     else:
                         self._stable.clear()
                 elif isinstance(event, AgentErrorEvent):
-                    log.warning("agentapi.agent_error", message=event.message, level=event.level)
+                    self._on_agent_error(event)
+
+    def _on_agent_error(self, event: AgentErrorEvent) -> None:
+        """Log an ``agent_error`` the first time it is seen (AgentAPI replays its stored
+        errors after every connect: coder/agentapi lib/httpapi/events.go, ``errors``)."""
+        key = (event.time, event.level, event.message)
+        if key in self._errors_seen:
+            return
+        self._errors_seen.add(key)
+        log.warning("agentapi.agent_error", message=event.message, level=event.level)
+        if event.message.startswith(_LOAD_FAILED):
+            # AgentAPI started without its conversation and will save less over its file on
+            # its next save. The copy keeps the conversation: a start-up screen never replaces
+            # it, and a new conversation that diverges from it moves it to the archive whole.
+            stored = self.store.conversation
+            log.warning(
+                "agentapi.load_failed",
+                kept_messages=len(stored.messages) if stored else 0,
+                state_dir=str(self.settings.state_dir),
+            )
+
+    async def _learn_prompt_locked(self) -> None:
+        """Record the initial prompt AgentAPI was started with, while it runs.
+
+        The prompt fields exist only in AgentAPI's state file; when the copy never saw that
+        file (AgentAPI killed before any save), ``restore`` must still write the exact prompt,
+        or AgentAPI finds it "different" at load and sends it again. Its command line and
+        environment say what it is; nothing is written when the copy already knows. Runs after
+        each resync checkpoint (AgentAPI may have restarted), under the write lock.
+        """
+        stored = self.store.conversation
+        if stored is None or stored.prompt_origin not in ("unknown", "environment"):
+            return
+        process, _ = find_agentapi(self.settings.agentapi_pid_file)
+        if process is None or process.initial_prompt is None:
+            return
+        learned = stored.model_copy(
+            update={
+                "initial_prompt": process.initial_prompt,
+                "initial_prompt_sent": None,
+                "prompt_origin": "agentapi_process",
+            }
+        )
+        try:
+            await self.store.aappend((), prompt=learned)
+        except PersistError as exc:
+            log.warning("daemon.prompt_not_recorded", error=str(exc))
+            return
+        log.info(
+            "daemon.prompt_learned",
+            source="agentapi_process",
+            chars=len(learned.initial_prompt or ""),
+        )
 
     async def _resync(self) -> None:
         """After a dropped stream: take ``GET /messages`` as the truth, if AgentAPI answers."""
@@ -434,6 +492,7 @@ class Daemon:
         log.info(
             "daemon.resync_checkpoint", outcome=outcome, detail=detail, synced=self.mirror.synced
         )
+        await self._learn_prompt_locked()
 
     async def _maybe_compact(self) -> None:
         journal = self.store.journal_bytes

@@ -432,7 +432,8 @@ async def check_agentapi_http(
     if status is not None:
         ms = (time.perf_counter() - started) * 1000
         transport = f", transport {status.transport}" if status.transport else ""
-        detail = f"{url} answered in {ms:.0f} ms: {status.status}, agent {status.agent_type}"
+        agent = status.agent_type or "type not reported (AgentAPI < 0.10.1)"
+        detail = f"{url} answered in {ms:.0f} ms: {status.status}, agent {agent}"
         return Finding(name, Verdict.OK, detail + transport), True
     port_fix = "check --agentapi-url (AGENTAPI_PERSIST_AGENTAPI_URL, ARG_AGENTAPI_PORT)"
     if process is not None:
@@ -460,7 +461,7 @@ async def check_agentapi_http(
 async def check_version(
     settings: Settings, process: AgentProcess | None, *, probe_s: float = 1.0
 ) -> Finding:
-    """AgentAPI's version, and whether SIGUSR1 is safe (>= 0.12.0; older versions die of it)."""
+    """AgentAPI's version, and whether it saves on SIGUSR1 (>= 0.12.0; older ones ignore it)."""
     name = "agentapi.version"
     version = await detect_version(
         process, fallback_bin=settings.agentapi_bin, budget=Budget(2 * probe_s), cap_s=probe_s
@@ -479,15 +480,15 @@ async def check_version(
         return Finding(
             name,
             Verdict.WARN,
-            f"{whose} is {version}: SIGUSR1 would kill it (it saves on SIGUSR1 only from "
-            f"{MIN_SIGUSR1_VERSION}), so the stop will not ask it to save",
+            f"{whose} is {version}: it has no state file and ignores SIGUSR1 (saving came "
+            f"in {MIN_SIGUSR1_VERSION}), so only the sidecar's copy keeps the conversation",
             f"upgrade AgentAPI to {MIN_SIGUSR1_VERSION} or later",
         )
     return Finding(
         name,
         Verdict.OK,
-        f"{whose} is {version}: SIGUSR1 is safe (>= {MIN_SIGUSR1_VERSION}); the stop asks it "
-        "to save and confirms the save",
+        f"{whose} is {version}: it saves on SIGUSR1 (>= {MIN_SIGUSR1_VERSION}); the stop asks "
+        "it to save and confirms the save",
     )
 
 

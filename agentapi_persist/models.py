@@ -49,14 +49,40 @@ __all__ = [
 ]
 
 Role = Literal["user", "agent"]
-PromptOrigin = Literal["agentapi_state", "environment", "unknown"]
+PromptOrigin = Literal["agentapi_state", "agentapi_process", "environment", "unknown"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# RFC 3339 with a mandatory offset; up to 9 fractional digits (Go's RFC3339Nano).
+# What Go's ``time.Time.UnmarshalJSON`` accepts, which is how AgentAPI reads every message time
+# of its state file: the strict RFC 3339 fast path, else ``time.Parse(time.RFC3339, ...)`` with
+# the extra checks switched off (Go src/time/format_rfc3339.go ``parseStrictRFC3339``, "Strict
+# parsing is disabled for now"). So: upper-case ``T`` and ``Z`` only; a one- or two-digit hour;
+# any number of fractional digits after ``.`` or ``,``; an offset hour up to 24 and minute up
+# to 60; calendar-checked dates; years 0000-9999. tests/test_models.py checks this against Go.
 _RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})",
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{1,2}):(\d{2}):(\d{2})(?:[.,]\d+)?(?:Z|[+-](\d{2}):(\d{2}))",
     flags=re.ASCII,
 )
+_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+#: Go's zero time, which ``null`` decodes to.
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def go_accepts_time(value: str) -> bool:
+    """Whether AgentAPI (Go's JSON decoder) would accept ``value`` as a message time."""
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        return False
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    if not 1 <= month <= 12:
+        return False
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    if not 1 <= day <= _DAYS[month - 1] + (1 if month == 2 and leap else 0):
+        return False
+    if hour > 23 or minute > 59 or second > 59:
+        return False
+    if match.group(7) is not None and (int(match.group(7)) > 24 or int(match.group(8)) > 60):
+        return False
+    return True
 
 
 def sanitize_text(text: str) -> str:
@@ -67,7 +93,7 @@ def sanitize_text(text: str) -> str:
 
 
 def _check_time(value: str) -> str:
-    if _RFC3339.fullmatch(value) is None:
+    if not go_accepts_time(value):
         raise ValueError("time must be RFC 3339 with an offset, e.g. 2025-01-02T03:04:05.123Z")
     return value
 
@@ -78,12 +104,14 @@ MessageId = Annotated[int, Field(ge=0, lt=2**31, strict=True)]
 
 
 class AgentStatus(BaseModel):
-    """``GET /status``. ``transport`` appeared in AgentAPI 0.12, so it is optional."""
+    """``GET /status``. Only ``status`` is required: ``agent_type`` is absent before AgentAPI
+    0.10.1 (0.10.0 is still the registry module's default; checked against the real binary)
+    and ``transport`` before 0.12.0. Bodies also carry ``$schema``, which is ignored."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     status: Literal["running", "stable"]
-    agent_type: str
+    agent_type: str | None = None
     transport: str | None = None
 
 
@@ -115,6 +143,12 @@ class AgentAPIStateMessage(BaseModel):
     message: Text
     role: Role
     time: Time
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _null_is_zero_time(cls, value: object) -> object:
+        """Go decodes ``null`` into the zero time and AgentAPI loads the file; so do we."""
+        return GO_ZERO_TIME if value is None else value
 
 
 class AgentAPIState(BaseModel):

@@ -34,12 +34,12 @@ from urllib.parse import urlsplit
 import structlog
 
 from ._fsutil import quarantine
-from .agent_process import find_agentapi
+from .agent_process import clear_stale_pid_file, find_agentapi
 from .agentapi_state import conversation_from_state, read_agentapi_state, write_agentapi_state
 from .config import Settings
 from .errors import AgentRunningError, ExitCode, StateFileError
 from .models import AgentAPIState, Conversation
-from .sources import Relation, compare, file_time, with_prompt_fields
+from .sources import Relation, compare, file_time, holds_user_message, with_prompt_fields
 from .store import StateStore
 
 __all__ = ["RestoreReport", "restore"]
@@ -116,6 +116,10 @@ def restore(
                 f"something is listening at {settings.agentapi_url} (AgentAPI?); restore runs "
                 "before AgentAPI starts. Nothing was changed. Use --force if that is not AgentAPI."
             )
+    if not force:
+        cleared = clear_stale_pid_file(settings.agentapi_pid_file)
+        if cleared is not None:
+            report.did.append(cleared)
     store = store or StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
     loaded = store.load()
     report.found.extend(loaded.problems)
@@ -161,6 +165,19 @@ def restore(
         return report
 
     relation = compare(stored.messages, from_file.messages)
+    if holds_user_message(stored.messages) and not holds_user_message(from_file.messages):
+        # AgentAPI saved before it had loaded its file (a stop during the agent's start-up):
+        # the file holds only the start-up screen and says the prompt was never sent.
+        report.found.append(
+            f"The file holds only the agent's start-up screen ({len(from_file.messages)} "
+            f"messages, no user message): a save made before AgentAPI loaded the conversation "
+            f"({len(stored.messages)} messages in the sidecar copy)."
+        )
+        moved = quarantine(path, reason="a start-up save replaced by the sidecar copy")
+        report.quarantined.append(str(moved))
+        report.did.append(f"Kept the start-up save's bytes at {moved}.")
+        _write_file(settings, path, stored, file_state, report)
+        return report
     if relation is Relation.SAME:
         report.outcome = "unchanged"
         report.found.append("The file is current.")

@@ -50,7 +50,15 @@ from .errors import (
 )
 from .models import AgentAPIState, Conversation, Message
 from .snapshot import build_snapshot
-from .sources import Candidate, Relation, choose, compare, file_time, with_prompt_fields
+from .sources import (
+    Candidate,
+    Relation,
+    choose,
+    compare,
+    file_time,
+    holds_user_message,
+    with_prompt_fields,
+)
 from .store import StateStore
 
 __all__ = [
@@ -154,6 +162,9 @@ class Gathered:
     live_error: str | None
     file_state: AgentAPIState | None
     notes: tuple[str, ...]
+    agentapi_view: tuple[Message, ...] | None = None
+    """What AgentAPI itself holds now (``GET /messages``, else the sidecar's mirror of it):
+    only its start-up screen while it has not loaded its file yet."""
 
 
 async def _timed(coro: Awaitable[StepResult], name: StepName) -> StepResult:
@@ -171,12 +182,14 @@ async def gather(
     agent: AgentAPIClient | None,
     budget: Budget,
     live_copy: Conversation | None = None,
+    process_prompt: str | None = None,
 ) -> Gathered:
     """Collect every available copy concurrently and keep the freshest.
 
     ``live_copy`` is the running sidecar's in-memory copy (current by construction); without
     it the store is loaded from disk. AgentAPI's file is read but never written here: it
-    belongs to AgentAPI while it runs.
+    belongs to AgentAPI while it runs. ``process_prompt`` is the initial prompt the running
+    AgentAPI was started with, for a copy that never saw AgentAPI's file.
     """
     notes: list[str] = []
 
@@ -233,9 +246,18 @@ async def gather(
         )
     choice = choose(candidates)
     notes.extend(choice.reasons)
+    view = live if live is not None else (live_copy.messages if live_copy is not None else None)
     if choice.winner is None:
-        return Gathered(None, "none", live_error, file_state, tuple(notes))
+        return Gathered(None, "none", live_error, file_state, tuple(notes), view)
     base = stored if stored is not None else Conversation()
+    if process_prompt is not None and base.prompt_origin in ("unknown", "environment"):
+        base = base.model_copy(
+            update={
+                "initial_prompt": process_prompt,
+                "initial_prompt_sent": None,
+                "prompt_origin": "agentapi_process",
+            }
+        )
     conversation, prompt_note = with_prompt_fields(
         base.with_messages(choice.winner.messages),
         from_file=file_state,
@@ -243,7 +265,7 @@ async def gather(
     )
     if prompt_note:
         notes.append(prompt_note)
-    return Gathered(conversation, choice.winner.name, live_error, file_state, tuple(notes))
+    return Gathered(conversation, choice.winner.name, live_error, file_state, tuple(notes), view)
 
 
 def persist(store: StateStore, conversation: Conversation) -> tuple[str, str]:
@@ -276,6 +298,13 @@ def persist(store: StateStore, conversation: Conversation) -> tuple[str, str]:
         )
     if relation is Relation.B_AHEAD:
         return "durable", "the stored copy is already ahead"
+    if holds_user_message(stored.messages) and not holds_user_message(conversation.messages):
+        # AgentAPI restarted and shows only the agent's start-up screen until it has loaded
+        # its file: that is not a new conversation, and must not replace this one.
+        return "durable", (
+            f"kept the stored {len(stored.messages)}-message conversation: AgentAPI shows only "
+            "the agent's start-up screen (it has not loaded its file yet)"
+        )
     kept = store.archive(reason="replaced by a diverging newer conversation")
     report = store.save(conversation, allow_shrink=True)
     return (
@@ -318,14 +347,18 @@ async def run_sequence(
     started = time.perf_counter()
     try:
         async with asyncio.timeout_at(deadline):
-            conversation = await _fetch_step(settings, store, agent, budget, live_copy, report)
+            process, process_reason = find_agentapi(settings.agentapi_pid_file)
+            prompt = process.initial_prompt if process is not None else None
+            gathered = await _fetch_step(settings, store, agent, budget, live_copy, prompt, report)
+            conversation = gathered.conversation
             if conversation is None:
                 return report
             write_task = asyncio.create_task(
                 _timed(_write_step(store, conversation, on_durable), "state"), name="persist.write"
             )
-            process, process_reason = find_agentapi(settings.agentapi_pid_file)
-            save = _agentapi_save_step(settings, process, process_reason, conversation, budget)
+            save = _agentapi_save_step(
+                settings, process, process_reason, conversation, gathered.agentapi_view, budget
+            )
             # The upload ends a moment before the sequence's deadline, so that its own outcome
             # (timed out, server error, ...) is reported rather than a bare "cut".
             upload_budget = budget.child(max(budget.remaining() - _REPORT_SLACK_S, 0.0))
@@ -373,10 +406,18 @@ async def _fetch_step(
     agent: AgentAPIClient | None,
     budget: Budget,
     live_copy: Conversation | None,
+    process_prompt: str | None,
     report: ShutdownReport,
-) -> Conversation | None:
+) -> Gathered:
     started = time.perf_counter()
-    gathered = await gather(settings, store=store, agent=agent, budget=budget, live_copy=live_copy)
+    gathered = await gather(
+        settings,
+        store=store,
+        agent=agent,
+        budget=budget,
+        live_copy=live_copy,
+        process_prompt=process_prompt,
+    )
     ms = round((time.perf_counter() - started) * 1000)
     report.notes.extend(gathered.notes)
     found = gathered.conversation is not None
@@ -391,9 +432,9 @@ async def _fetch_step(
         report.snapshot_ok = True
         report.kept = "no conversation found anywhere (nothing to save)"
         report.steps.append(StepResult("snapshot", "skipped", True, 0, "no messages"))
-        return None
+        return gathered
     report.messages = len(gathered.conversation.messages)
-    return gathered.conversation
+    return gathered
 
 
 async def _after_deadline(
@@ -491,10 +532,26 @@ async def _agentapi_save_step(
     process: AgentProcess | None,
     reason: str,
     conversation: Conversation,
+    agentapi_view: tuple[Message, ...] | None,
     budget: Budget,
 ) -> StepResult:
     if process is None:
         return StepResult("agentapi_save", "skipped", True, 0, reason)
+    if (
+        agentapi_view is not None
+        and holds_user_message(conversation.messages)
+        and not holds_user_message(agentapi_view)
+    ):
+        # AgentAPI loads its file only once the agent is ready; until then it holds just the
+        # start-up screen, and a save would overwrite its good file with that.
+        return StepResult(
+            "agentapi_save",
+            "skipped_not_loaded",
+            True,
+            0,
+            "AgentAPI has not loaded its conversation yet (it shows only the agent's start-up "
+            "screen); a save now would overwrite its file with less",
+        )
     if not persistence_enabled(
         process,
         setting=settings.state_persistence,

@@ -18,9 +18,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .agentapi_state import trim_prompt
 from .models import AgentAPIState, Conversation, Message
 
-__all__ = ["Candidate", "Choice", "Relation", "choose", "compare", "with_prompt_fields"]
+__all__ = [
+    "Candidate",
+    "Choice",
+    "Relation",
+    "choose",
+    "compare",
+    "holds_user_message",
+    "prompt_was_sent",
+    "with_prompt_fields",
+]
 
 
 class Relation(enum.Enum):
@@ -87,15 +97,29 @@ def choose(candidates: Sequence[Candidate]) -> Choice:
     """Pick the freshest copy: the one that extends the others; the live copy on equal terms.
 
     Order of preference among copies that agree: live, then sidecar, then AgentAPI's file (the
-    list order). A copy that is strictly ahead of the current best replaces it. Divergent
-    copies are settled by ``as_of`` (newest wins; live counts as now), and the loser is named
-    in the reasons so that nothing is dropped silently.
+    list order). A copy that is strictly ahead of the current best replaces it. A copy with no
+    user message (AgentAPI's start-up screen, before it loaded its file) never replaces one
+    that has one, whatever the clocks say. Divergent copies are settled by ``as_of`` (newest
+    wins; live counts as now), and the loser is named in the reasons so that nothing is
+    dropped silently.
     """
     best: Candidate | None = None
     reasons: list[str] = []
     for candidate in candidates:
         if best is None:
             best = candidate
+            continue
+        spoken, best_spoken = (
+            holds_user_message(candidate.messages),
+            holds_user_message(best.messages),
+        )
+        if spoken != best_spoken:
+            screen, kept = (best, candidate) if spoken else (candidate, best)
+            reasons.append(
+                f"{screen.name} holds only the agent's start-up screen ({len(screen.messages)} "
+                f"messages, no user message): kept {kept.name}"
+            )
+            best = kept
             continue
         relation = compare(candidate.messages, best.messages)
         if relation is Relation.A_AHEAD:
@@ -122,6 +146,29 @@ def _newer(a: Candidate, b: Candidate) -> Candidate:
     return a if a_time > b_time else b
 
 
+def holds_user_message(messages: Sequence[Message]) -> bool:
+    """Whether anyone ever spoke to the agent here.
+
+    Before AgentAPI loads its state file (it waits until the agent shows its input box) it
+    holds only the agent's start-up screen, and a save in that window writes exactly that
+    with ``initial_prompt_sent: false`` (coder/agentapi lib/screentracker/pty_conversation.go,
+    the snapshot loop and ``SaveState``; seen with the real v0.12.2). Such a copy must never
+    replace one that holds a user message.
+    """
+    return any(m.role == "user" for m in messages)
+
+
+def prompt_was_sent(conversation: Conversation, prompt: str) -> bool:
+    """Whether ``conversation`` shows that ``prompt`` (trimmed) already went to the agent: our
+    copy recorded it sent, or it holds it as a user message (AgentAPI records the prompt it
+    sends as a user message with exactly that text)."""
+    if not prompt:
+        return False
+    if conversation.initial_prompt_sent and conversation.initial_prompt == prompt:
+        return True
+    return any(m.role == "user" and m.content == prompt for m in conversation.messages)
+
+
 def with_prompt_fields(
     conversation: Conversation,
     *,
@@ -130,33 +177,58 @@ def with_prompt_fields(
 ) -> tuple[Conversation, str | None]:
     """Fill in the prompt fields the HTTP API cannot tell us. Returns the note to report, if any.
 
-    AgentAPI's file wins when readable (it is the only true source). Otherwise the copy's own
-    fields are kept. Only when neither ever existed do we fall back to
-    ``AGENTAPI_INITIAL_PROMPT``, and mark it sent once the conversation holds a user message:
-    re-sending the prompt costs the user money and can overwrite work.
+    AgentAPI's file wins when readable (it is the only true source of the prompt text), except
+    that a prompt already sent is never marked unsent again: a save made before AgentAPI
+    loaded its file says ``false``, and believing it re-runs the prompt. Otherwise the copy's
+    own fields are kept. When the copy never saw the flag, the prompt is the one it learned
+    from AgentAPI's process, else ``AGENTAPI_INITIAL_PROMPT`` (both trimmed as AgentAPI trims
+    them), marked sent once the conversation holds a user message: re-sending the prompt costs
+    the user money and can overwrite work.
     """
     if from_file is not None:
+        prompt = from_file.initial_prompt
+        sent = from_file.initial_prompt_sent or prompt_was_sent(conversation, prompt)
         updated = conversation.model_copy(
             update={
-                "initial_prompt": from_file.initial_prompt,
-                "initial_prompt_sent": from_file.initial_prompt_sent,
+                "initial_prompt": prompt,
+                "initial_prompt_sent": sent,
                 "prompt_origin": "agentapi_state",
             }
         )
-        return updated, None
+        note = None
+        if sent and not from_file.initial_prompt_sent:
+            note = (
+                "AgentAPI's file says the initial prompt was not sent, but the conversation "
+                "holds it (a save from before AgentAPI loaded its file): kept it marked sent"
+            )
+        return updated, note
     if conversation.initial_prompt is not None and conversation.initial_prompt_sent is not None:
         return conversation, None
-    has_user_message = any(m.role == "user" for m in conversation.messages)
+    has_user_message = holds_user_message(conversation.messages)
+    if conversation.initial_prompt is not None:
+        prompt, origin, source = (
+            conversation.initial_prompt,
+            conversation.prompt_origin,
+            "from AgentAPI's command line or environment",
+        )
+    elif environment_prompt:
+        prompt, origin, source = (
+            trim_prompt(environment_prompt),
+            "environment",
+            "from AGENTAPI_INITIAL_PROMPT",
+        )
+    else:
+        prompt, origin, source = "", "unknown", "empty"
     updated = conversation.model_copy(
         update={
-            "initial_prompt": environment_prompt or "",
+            "initial_prompt": prompt,
             "initial_prompt_sent": has_user_message,
-            "prompt_origin": "environment" if environment_prompt else "unknown",
+            "prompt_origin": origin,
         }
     )
     note = (
         "AgentAPI's state file was never readable, so the initial prompt fields are assumed: "
-        f"prompt {'from AGENTAPI_INITIAL_PROMPT' if environment_prompt else 'empty'}, "
+        f"prompt {source}, "
         f"marked {'sent (the conversation has a user message)' if has_user_message else 'not sent'}"
     )
     return updated, note

@@ -139,7 +139,7 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
             agent.update(url=settings.agentapi_url, reachable=False, error=str(exc))
     version = await detect_version(process, fallback_bin=settings.agentapi_bin, budget=budget)
     agent["version"] = str(version) if version else None
-    agent["sigusr1_safe"] = version is not None and version >= MIN_SIGUSR1_VERSION
+    agent["saves_on_sigusr1"] = version is not None and version >= MIN_SIGUSR1_VERSION
     if process is not None:
         agent["persistence"] = persistence_enabled(
             process,

@@ -434,25 +434,31 @@ def test_version_ordering_and_the_sigusr1_gate():
 
 
 @pytest.mark.parametrize(
-    ("setting", "state_file", "save_state", "explicit", "expected"),
+    ("setting", "state_file", "save_state", "known", "explicit", "expected"),
     [
-        (True, None, False, False, True),  # the setting wins
-        (False, Path("/s.json"), True, True, False),
-        (None, Path("/s.json"), None, False, True),  # its environment has a state file
-        (None, Path("/s.json"), True, False, True),
-        (None, Path("/s.json"), False, True, False),  # saving switched off: it would not save
-        (None, None, None, True, True),  # environment unreadable: our explicit state file
-        (None, None, None, False, False),
+        (True, None, False, True, False, False),  # it saves nothing: no wait, whatever we say
+        (True, Path("/s.json"), False, True, True, False),
+        (True, None, None, True, True, False),  # it has no state file to save into
+        (True, Path("/s.json"), None, True, False, True),  # the setting
+        (False, Path("/s.json"), True, True, True, False),
+        (None, Path("/s.json"), None, True, False, True),  # its environment has a state file
+        (None, Path("/s.json"), True, True, False, True),
+        (None, Path("/s.json"), False, True, True, False),  # saving off: it would not save
+        (True, None, None, False, False, True),  # environment unreadable: the setting
+        (None, None, None, False, True, True),  # environment unreadable: our explicit file
+        (None, None, None, False, False, False),
     ],
 )
-def test_persistence_enabled(setting, state_file, save_state, explicit, expected):
-    """Setting, then AgentAPI's own environment, then whether a state file was configured."""
+def test_persistence_enabled(setting, state_file, save_state, known, explicit, expected):
+    """AgentAPI's own configuration where known, then the setting, then its state file, then
+    whether a state file was configured."""
     process = AgentProcess(
         pid=1,
         argv=("agentapi", "server"),
         program=None,
         state_file=state_file,
         save_state=save_state,
+        configuration_known=known,
     )
     assert persistence_enabled(process, setting=setting, state_file_explicit=explicit) is expected
 
@@ -460,12 +466,12 @@ def test_persistence_enabled(setting, state_file, save_state, explicit, expected
 # -- the version gate and the save ----------------------------------------------------------
 
 
-async def test_fake_before_0_12_dies_from_sigusr1(spawn):
-    """Why the gate exists: SIGUSR1 kills an AgentAPI before 0.12.0 (default action)."""
+async def test_fake_before_0_12_ignores_sigusr1(spawn):
+    """As the real v0.10.0 and v0.11.8 do (tests/test_real_agentapi.py): Go ignores a signal
+    the program never asked for, so the process lives on and saves nothing."""
     running = await spawn(version="0.11.0")
     running.process.send_signal(signal.SIGUSR1)
-    assert await running.exited_within(10)
-    assert running.process.returncode == -signal.SIGUSR1
+    assert not await running.exited_within(0.5)
 
 
 async def test_old_version_is_never_sent_sigusr1(spawn):
@@ -478,7 +484,7 @@ async def test_old_version_is_never_sent_sigusr1(spawn):
         process, state_file=running.state_file, expected=(), budget=Budget(2), version=version
     )
     assert (result.outcome, result.signalled) == (SaveOutcome.SKIPPED_OLD_VERSION, False)
-    assert "would kill it" in result.detail
+    assert "ignores SIGUSR1" in result.detail
     assert not await running.exited_within(0.3)
     assert is_alive(process)
 

@@ -139,7 +139,7 @@ async def test_shutdown_with_hung_coder_and_grace_3(workspace: Workspace) -> Non
 
 
 async def test_old_agentapi_never_gets_sigusr1(workspace: Workspace, coder: FakeCoder) -> None:
-    """AgentAPI 0.11 dies from SIGUSR1, so shutdown must not send it; it stays alive."""
+    """AgentAPI 0.11 ignores SIGUSR1 and saves nothing on it: shutdown does not send it."""
     async with agentapi_process(workspace, messages=4, version="0.11.0") as (proc, port):
         result = await cli(
             workspace, "shutdown", env={**coder_env(coder), "ARG_AGENTAPI_PORT": str(port)}

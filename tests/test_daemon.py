@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
+import structlog
 
 from agentapi_persist.control_client import ask_sidecar
 from agentapi_persist.daemon import Daemon, DaemonState
@@ -203,3 +204,29 @@ async def test_a_daemon_is_used_once(workspace: Workspace) -> None:
     with pytest.raises(RuntimeError, match="used once"):
         async with daemon:
             pass
+
+
+async def test_agent_errors_replayed_on_reconnect_are_logged_once(workspace: Workspace) -> None:
+    """AgentAPI replays its stored `agent_error`s after every connect: each is logged once,
+    and the failed-load error is named, with what the copy kept."""
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            FakeAgentAPI(messages=make_messages(3)) as agent,
+            sidecar(workspace, agentapi_url=agent.url) as running,
+        ):
+            await eventually(lambda: len(on_disk(workspace).messages) == 3)
+            agent.emit_agent_error("Failed to restore previous session: unsupported version 2")
+            await eventually(lambda: any(e["event"] == "agentapi.load_failed" for e in logs))
+            reconnects = running.daemon.view()["reconnects"]
+            agent.drop_subscribers()
+            await eventually(lambda: running.daemon.view()["reconnects"] > reconnects)
+            await eventually(lambda: running.daemon.view()["connected"] is True)
+            agent.emit_agent_error("agent crashed")
+            await eventually(lambda: sum(e["event"] == "agentapi.agent_error" for e in logs) == 2)
+    errors = [e for e in logs if e["event"] == "agentapi.agent_error"]
+    assert [e["message"] for e in errors] == [
+        "Failed to restore previous session: unsupported version 2",
+        "agent crashed",
+    ]
+    failed = next(e for e in logs if e["event"] == "agentapi.load_failed")
+    assert failed["kept_messages"] == 3

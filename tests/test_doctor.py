@@ -317,7 +317,7 @@ async def test_live_agentapi_process_all_ok(workspace: Workspace) -> None:
         assert f"pid {proc.pid}" in pid.detail
         version = await check_version(settings, process)
         assert version.verdict is Verdict.OK, version
-        assert "0.12.1: SIGUSR1 is safe" in version.detail
+        assert "0.12.1: it saves on SIGUSR1" in version.detail
         persistence = check_persistence(settings, process)
         assert persistence.verdict is Verdict.OK, persistence
         assert str(workspace.state_file) in persistence.detail
@@ -341,7 +341,7 @@ async def test_old_agentapi_without_saving_on_another_port(workspace: Workspace)
         assert "ARG_AGENTAPI_PORT" in reachable.fix
         version = await check_version(settings, process)
         assert version.verdict is Verdict.WARN
-        assert "0.11.2: SIGUSR1 would kill it" in version.detail
+        assert "0.11.2: it has no state file and ignores SIGUSR1" in version.detail
         assert "upgrade AgentAPI to 0.12.0" in version.fix
         persistence = check_persistence(settings, process)
         assert persistence.verdict is Verdict.WARN

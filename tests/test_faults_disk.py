@@ -44,7 +44,7 @@ from .faults_support import (
     thread_logs,
     tmpfs,
 )
-from .test_sidecar_process import eventually, sidecar_process, stored_count
+from .sidecar_support import eventually, sidecar_process, stored_count
 
 pytestmark = pytest.mark.faults
 

@@ -51,7 +51,7 @@ from .peers_support import (
     run_sequence_for,
     seed_good_copy,
 )
-from .test_sidecar_process import Sidecar, eventually, sidecar_process, stored_count
+from .sidecar_support import Sidecar, eventually, sidecar_process, stored_count
 
 pytestmark = pytest.mark.faults
 

@@ -33,7 +33,7 @@ from agentapi_persist.testing.coder import FakeCoder
 from .conftest import CANARY_TOKEN, TASK_ID, coder_env, make_messages
 from .faults_support import run_cli
 from .peers_support import assert_token_nowhere, dead_url, new_workspace
-from .test_sidecar_process import eventually, sidecar_process, stored_count
+from .sidecar_support import eventually, sidecar_process, stored_count
 
 OPEN_UMASK = ("sh", "-c", 'umask 000; exec "$@"', "sh")
 """A command prefix: run the rest with umask 000."""

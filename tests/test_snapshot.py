@@ -23,9 +23,7 @@ LIMIT = 65_536
 EMPTY = b'{"messages":[]}'
 MARKER = re.compile(r"\[\.\.\. (\d+) bytes truncated by agentapi-persist \.\.\.\]\n")
 # What the Coder server accepts (SPEC section 3): RFC 3339 with a mandatory offset.
-OFFSET_TIME = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})"
-)
+OFFSET_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|[+-]\d{2}:\d{2})")
 
 
 def message(i: int, content: str, *, role: str | None = None, time: str = TIME) -> Message:
@@ -302,7 +300,7 @@ def test_an_envelope_too_big_for_the_limit_is_a_clear_error() -> None:
 )
 def test_payload_follows_the_coder_server_rules(contents: list[str]) -> None:
     """Only "messages", roles user/agent, times with an offset, UTF-8 within 64 KiB."""
-    times = ["2025-01-02T03:04:05Z", "2025-01-02T03:04:05.5+02:00", "2025-01-02t03:04:05-07:30"]
+    times = ["2025-01-02T03:04:05Z", "2025-01-02T03:04:05.5+02:00", "2025-01-02T03:04:05-07:30"]
     messages = [message(i, text, time=times[i % 3]) for i, text in enumerate(contents)]
     snap = build_snapshot(messages)
     assert snap.size <= LIMIT
@@ -343,7 +341,7 @@ _times = st.builds(
     st.integers(0, 59),
     st.integers(0, 59),
     st.sampled_from(["", ".1", ".123", ".123456", ".123456789"]),
-    st.sampled_from(["Z", "z", "+00:00", "-07:30", "+14:00"]),
+    st.sampled_from(["Z", "+00:00", "-07:30", "+14:00"]),  # Go refuses a lower-case z
 )
 
 

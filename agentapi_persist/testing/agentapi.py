@@ -158,6 +158,7 @@ class FakeAgentAPI:
         self._status: Status = status
         self._messages: list[Message] = []
         self._subscribers: set[_Subscriber] = set()
+        self._errors: list[bytes] = []
         self._unstalled = asyncio.Event()
         self._unstalled.set()
         self._closing = asyncio.Event()
@@ -238,9 +239,13 @@ class FakeAgentAPI:
         self._publish(self._status_event())
 
     def emit_agent_error(self, message: str, *, level: str = "error") -> None:
-        """Send an ``agent_error`` event to every subscriber."""
+        """Send an ``agent_error`` event to every subscriber, and keep it (the newest 100) for
+        the replay every new subscriber gets after the ``status_change``, as AgentAPI does
+        (coder/agentapi lib/httpapi/events.go, ``maxStoredErrors``)."""
         payload = {"message": message, "level": level, "time": rfc3339_nano()}
-        self._publish(_sse("agent_error", payload))
+        event = _sse("agent_error", payload)
+        self._errors = [*self._errors, event][-100:]
+        self._publish(event)
 
     def inject_raw(self, data: bytes) -> None:
         """Send these exact bytes to every subscriber (malformed events, odd line endings)."""
@@ -367,7 +372,8 @@ class FakeAgentAPI:
         fault = await self._fault(request)
         if fault is not None:
             return fault
-        body: dict[str, Any] = {"status": self._status, "agent_type": self.agent_type}
+        body: dict[str, Any] = {"$schema": self._schema(request, "StatusResponseBody")}
+        body.update(self._status_fields())
         if _version_tuple(self.version) >= (0, 12, 0):
             body["transport"] = "pty"
         return web.json_response(body)
@@ -396,7 +402,9 @@ class FakeAgentAPI:
         if fault is not None:
             return fault
         # Snapshot and subscribe with no await in between: nothing can fall in the gap.
-        replay = b"".join([*map(_message_event, self._messages), self._status_event()])
+        replay = b"".join(
+            [*map(_message_event, self._messages), self._status_event(), *self._errors]
+        )
         subscriber = _Subscriber()
         self._subscribers.add(subscriber)
         response = web.StreamResponse(
@@ -445,8 +453,20 @@ class FakeAgentAPI:
         self.revision += 1
         return message
 
+    def _status_fields(self) -> dict[str, Any]:
+        """``status``, and ``agent_type`` from 0.10.1 on (the real v0.10.0 sends none)."""
+        fields: dict[str, Any] = {"status": self._status}
+        if _version_tuple(self.version) >= (0, 10, 1):
+            fields["agent_type"] = self.agent_type
+        return fields
+
+    @staticmethod
+    def _schema(request: web.Request, name: str) -> str:
+        """The ``$schema`` field every real body carries (huma's schema link)."""
+        return f"http://{request.host}/schemas/{name}.json"
+
     def _status_event(self) -> bytes:
-        return _sse("status_change", {"status": self._status, "agent_type": self.agent_type})
+        return _sse("status_change", self._status_fields())
 
     def _publish(self, data: bytes) -> None:
         for subscriber in list(self._subscribers):
@@ -737,7 +757,10 @@ async def _serve(fake: FakeAgentAPI, options: _ProcessOptions) -> int:
             loop.add_signal_handler(sig, stop.set)
     if _version_tuple(options.version) >= (0, 12, 0):
         loop.add_signal_handler(signal.SIGUSR1, on_save_signal)
-    # Before 0.12.0 SIGUSR1 keeps its default action: the process dies, like the real one.
+    else:
+        # Go ignores a signal the program never asked for: the real v0.10.0 and v0.11.8 live
+        # on after SIGUSR1 and save nothing.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     await fake.start()
     chatter: asyncio.Task[None] | None = None

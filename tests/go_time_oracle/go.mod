@@ -1,0 +1,3 @@
+module goTimeOracle
+
+go 1.21

@@ -1,0 +1,396 @@
+"""agentapi-persist against the real AgentAPI binary, every version where a behaviour applies.
+
+Each test starts the real ``agentapi server`` (built by ``scripts/install-agentapi``) around the
+scripted terminal agent (``tests/terminal_agent.py``), and drives the real CLI as processes: the
+sidecar (``run``), ``shutdown``, ``restore``, ``status``. The judge is what the real AgentAPI
+then shows over HTTP and what the scripted agent received (was the initial prompt sent twice?).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentapi_persist.agentapi_state import read_agentapi_state
+from agentapi_persist.store import StateStore
+from agentapi_persist.testing.coder import FakeCoder
+
+from .conftest import Workspace, coder_env, new_workspace
+from .faults_support import CliRun, run_cli
+from .real_agentapi import STATEFUL, VERSIONS, RealAgentAPI, real_agentapi, version_tuple
+from .sidecar_support import eventually, sidecar_process
+
+pytestmark = pytest.mark.real_agentapi
+
+PROMPT = "Summarise the repository"
+MAX_BYTES = 1 << 28
+
+
+def agentapi_env(ws: Workspace, *, prompt: str | None = PROMPT, **extra: str) -> dict[str, str]:
+    """What the registry module's start script exports for AgentAPI (state persistence on)."""
+    env = {"AGENTAPI_STATE_FILE": str(ws.state_file), "AGENTAPI_PID_FILE": str(ws.pid_file)}
+    if prompt is not None:
+        env["AGENTAPI_INITIAL_PROMPT"] = prompt
+    return {**env, **extra}
+
+
+def persist_env(ws: Workspace, agent: RealAgentAPI, **extra: str) -> dict[str, str]:
+    """Our processes' environment: the workspace's plus AgentAPI's URL and persistence on."""
+    binary_dir = str(agent.program.parent)
+    return ws.process_env(
+        AGENTAPI_PERSIST_AGENTAPI_URL=agent.url,
+        ARG_ENABLE_STATE_PERSISTENCE="true",
+        PATH=f"{binary_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # as installed in a workspace
+        **extra,
+    )
+
+
+def comparable(messages: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(m["id"], m["role"], m["content"], m["time"]) for m in messages]
+
+
+def stored(ws: Workspace) -> list[tuple[Any, ...]]:
+    conversation = StateStore(ws.state_dir, read_only=True).load().conversation
+    if conversation is None:
+        return []
+    return [(i, m.role, m.content, m.time) for i, m in enumerate(conversation.messages)]
+
+
+async def cli(env: dict[str, str], *args: str) -> CliRun:
+    return await run_cli(env, *args, timeout_s=60)
+
+
+def describe(run: CliRun) -> str:
+    return f"exit {run.code}\nstdout: {run.stdout}\nstderr: {run.stderr[-3000:]}"
+
+
+async def start_conversation(agent: RealAgentAPI, *texts: str) -> list[dict[str, Any]]:
+    """Wait for the initial prompt's answer, then say each text; return the conversation."""
+    messages = await agent.wait_stable(at_least=3)
+    for text in texts:
+        messages = await agent.say(text)
+    return messages
+
+
+# --- 1. Round trip -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_round_trip_reloads_the_whole_conversation(
+    tmp_path: Path, coder: FakeCoder, version: str
+) -> None:
+    """Sidecar, `shutdown` (real SIGUSR1 save confirmed), SIGKILL, `restore`, a new AgentAPI:
+    the same messages, and the agent never receives the initial prompt again."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        before = await start_conversation(agent, "first question", "second question")
+        env = persist_env(ws, agent, **coder_env(coder))
+        async with sidecar_process(ws, env=env) as sidecar:
+            await eventually(lambda: len(stored(ws)) == len(before), within=10)
+            run = await cli(env, "shutdown")
+            assert run.code == 0, describe(run)
+            assert "agentapi_save=confirmed" in run.stdout, describe(run)
+            assert await sidecar.wait() == 0
+        agent.kill()  # the runtime's SIGKILL once the stop scripts are done
+    assert coder.uploads, "the snapshot was not uploaded"
+
+    run = await cli(ws.process_env(ARG_ENABLE_STATE_PERSISTENCE="true"), "restore")
+    assert run.code == 0, describe(run)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
+        after = await again.wait_stable(at_least=len(before))
+        assert comparable(after) == comparable(before)
+        await asyncio.sleep(1.0)  # a re-sent prompt would be typed within a snapshot tick or two
+        assert again.inputs().count(PROMPT) == 1, again.inputs()
+
+
+# --- 2. SIGKILL of everything mid-conversation ---------------------------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_sigkill_of_everything_then_restore(tmp_path: Path, version: str) -> None:
+    """AgentAPI and the sidecar SIGKILLed together (no stop script ran): `restore` writes a
+    file that the real AgentAPI loads whole, and the prompt is not re-run."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        env = persist_env(ws, agent)
+        async with sidecar_process(ws, env=env) as sidecar:
+            before = await start_conversation(agent, "one", "two")
+            await asyncio.sleep(1.0)  # the promise: every change older than 1 s is durable
+            os.killpg(sidecar.proc.pid, signal.SIGKILL)
+            agent.kill()
+    assert not ws.state_file.exists(), "AgentAPI saved although nothing asked it to"
+    run = await cli(ws.process_env(), "restore")
+    assert run.code == 0, describe(run)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
+        after = await again.wait_stable(at_least=len(before))
+        assert comparable(after) == comparable(before)
+        await asyncio.sleep(1.0)
+        assert again.inputs().count(PROMPT) == 1, again.inputs()
+
+
+# --- 3. A stop during start-up, before AgentAPI loaded its file ----------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_stop_during_startup_never_adopts_the_startup_screen(
+    tmp_path: Path, version: str
+) -> None:
+    """A conversation exists; AgentAPI restarts with a slow agent and is stopped before the
+    agent is ready: its save holds only the start-up screen with `initial_prompt_sent: false`.
+    Neither `shutdown` nor `restore` adopts that; the next start has the whole conversation
+    and the prompt is not re-run."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        before = await start_conversation(agent, "one")
+        run = await cli(persist_env(ws, agent), "shutdown", "--stop-agentapi")
+        assert run.code == 0, describe(run)
+        await agent.exited()
+    full = read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES)
+    assert len(full.messages) == len(before)
+
+    async with real_agentapi(
+        version, ws.home, env=agentapi_env(ws), agent_args=("--ready-after", "30")
+    ) as slow:
+        await eventually(lambda: ws.pid_file.exists(), within=10)
+        run = await cli(persist_env(ws, slow), "shutdown", "--stop-agentapi")
+        await slow.exited()
+        saved = read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES)
+        # What the real AgentAPI did: it overwrote its file with the start-up screen.
+        assert len(saved.messages) == 1
+        assert saved.initial_prompt_sent is False
+        assert run.code == 0, describe(run)
+        assert len(stored(ws)) == len(before), "the start-up screen replaced the copy"
+
+    run = await cli(ws.process_env(), "restore")
+    assert run.code == 0, describe(run)
+    restored = read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES)
+    assert restored.initial_prompt_sent is True
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
+        after = await again.wait_stable(at_least=len(before))
+        assert comparable(after) == comparable(before)
+        await asyncio.sleep(1.0)
+        assert again.inputs().count(PROMPT) == 1, again.inputs()
+
+
+# --- 4. A stale pid file --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_stale_pid_file_never_blocks_the_next_start(tmp_path: Path, version: str) -> None:
+    """AgentAPI killed; its pid file names a pid that is now another live process (pids are
+    reused after a container restart): `restore` removes the file and says so, and AgentAPI
+    starts."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        await agent.wait_stable(at_least=3)
+        agent.kill()
+    assert ws.pid_file.exists(), "AgentAPI removes its pid file only on a clean exit"
+    other = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        ws.pid_file.write_text(f"{other.pid}\n")
+        refused = await _start_refused(version, ws)
+        assert "another instance is already running" in refused
+        run = await cli(ws.process_env(), "restore")
+        assert run.code == 0, describe(run)
+        assert not ws.pid_file.exists()
+        assert "pid file" in run.stdout, describe(run)
+        async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
+            await again.wait_stable(at_least=3)
+    finally:
+        other.kill()
+        await other.wait()
+
+
+async def _start_refused(version: str, ws: Workspace) -> str:
+    """Start AgentAPI and return its output once it exits (it must refuse to start)."""
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws), wait=False) as agent:
+        code = await agent.exited(timeout=10)
+        assert code != 0
+        return agent.output()
+
+
+# --- 5. Versions without agent_type ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_sidecar_status_and_doctor_follow_every_version(tmp_path: Path, version: str) -> None:
+    """The sidecar follows the event stream of every version (v0.10.0 sends no `agent_type`);
+    `status` and `doctor` read it; `shutdown` saves the conversation."""
+    ws = new_workspace(tmp_path)
+    env_for_agentapi = agentapi_env(ws) if version in STATEFUL else {}
+    async with real_agentapi(version, ws.home, env=env_for_agentapi) as agent:
+        before = await agent.wait_stable(at_least=1)
+        before = await agent.say("hello there")
+        env = persist_env(ws, agent)
+        async with sidecar_process(ws, env=env) as sidecar:
+            await eventually(lambda: len(stored(ws)) == len(before), within=10)
+            status = await cli(env, "status", "--json")
+            report = json.loads(status.stdout)
+            assert report["agentapi"].get("status") == "stable", status.stdout
+            doctor = await cli(env, "doctor", "--json")
+            checks = {c["name"]: c for c in json.loads(doctor.stdout)["findings"]}
+            assert checks["agentapi.reachable"]["verdict"] == "ok", doctor.stdout
+            assert version in checks["agentapi.version"]["detail"], doctor.stdout
+            run = await cli(env, "shutdown")
+            assert run.code == 0, describe(run)
+            await sidecar.wait()
+        assert stored(ws) == comparable(before)
+
+
+# --- 6. The initial prompt is trimmed -------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_prompt_with_surrounding_whitespace_is_not_rerun(
+    tmp_path: Path, version: str
+) -> None:
+    """AgentAPI trims the prompt before saving and comparing; a file that `restore` wrote from
+    the sidecar's copy (no AgentAPI save ever seen) must compare equal."""
+    ws = new_workspace(tmp_path)
+    padded = f"\n  {PROMPT}\t \n"
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws, prompt=padded)) as agent:
+        env = persist_env(ws, agent, AGENTAPI_INITIAL_PROMPT=padded)
+        async with sidecar_process(ws, env=env) as sidecar:
+            before = await start_conversation(agent, "one")
+            await eventually(lambda: len(stored(ws)) == len(before), within=10)
+            os.killpg(sidecar.proc.pid, signal.SIGKILL)
+            agent.kill()
+    run = await cli(ws.process_env(AGENTAPI_INITIAL_PROMPT=padded), "restore")
+    assert run.code == 0, describe(run)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws, prompt=padded)) as again:
+        after = await again.wait_stable(at_least=len(before))
+        assert comparable(after) == comparable(before)
+        await asyncio.sleep(1.0)
+        assert again.inputs().count(PROMPT) == 1, again.inputs()
+
+
+# --- 7. Persistence on for us, off in AgentAPI -----------------------------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_no_wait_for_a_save_that_cannot_come(tmp_path: Path, version: str) -> None:
+    """`ARG_ENABLE_STATE_PERSISTENCE=true` but AgentAPI runs with `AGENTAPI_SAVE_STATE=false`:
+    no SIGUSR1 wait eats the budget; the stop is quick and says why nothing was asked."""
+    ws = new_workspace(tmp_path)
+    env_for_agentapi = agentapi_env(ws, AGENTAPI_SAVE_STATE="false")
+    async with real_agentapi(version, ws.home, env=env_for_agentapi) as agent:
+        await start_conversation(agent)
+        run = await cli(persist_env(ws, agent), "shutdown", "--grace", "10")
+        assert run.code == 0, describe(run)
+        assert run.seconds < 3, describe(run)
+        assert "agentapi_save=skipped" in run.stdout, describe(run)
+        assert not ws.state_file.exists()
+
+
+# --- 8. agent_error events -------------------------------------------------------------------
+
+
+def archived(ws: Workspace) -> list[list[tuple[Any, ...]]]:
+    """Every archived conversation, as comparable message lists."""
+    found = []
+    for path in sorted((ws.state_dir / "archive").glob("conversation-*.json")):
+        body = json.loads(path.read_bytes().split(b"\n", 1)[1])
+        found.append([(m["id"], m["role"], m["content"], m["time"]) for m in body["messages"]])
+    return found
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_failed_load_never_replaces_the_fuller_copy(tmp_path: Path, version: str) -> None:
+    """AgentAPI fails to load its file (an unsupported version), says so in an `agent_error`,
+    starts a new conversation and later saves it over its file: the sidecar logs the error
+    once and names it, and the old conversation is kept whole in the archive."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        before = await start_conversation(agent, "one", "two")
+        run = await cli(persist_env(ws, agent), "shutdown", "--stop-agentapi")
+        assert run.code == 0, describe(run)
+        await agent.exited()
+    assert stored(ws) == comparable(before)
+    document = json.loads(ws.state_file.read_text())
+    document["version"] = 2  # a file this AgentAPI refuses to load
+    ws.state_file.write_text(json.dumps(document) + "\n")
+
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
+        env = persist_env(ws, again)
+        async with sidecar_process(ws, env=env) as sidecar:
+            await eventually(lambda: sidecar.saw("agentapi.load_failed"), within=20)
+            # Without its file AgentAPI starts a new conversation (and sends the prompt again).
+            await again.wait_stable(at_least=3)
+            after = await again.say("after the failed load")
+            await eventually(lambda: stored(ws) == comparable(after), within=10)
+            run = await cli(env, "shutdown", "--stop-agentapi")
+            assert run.code == 0, describe(run)
+            await sidecar.wait()
+        await again.exited()
+    errors = [e for e in sidecar.events if e.get("event") == "agentapi.agent_error"]
+    assert len(errors) == 1, errors
+    assert errors[0]["message"].startswith("Failed to restore previous session")
+    assert comparable(before) in archived(ws)
+    assert stored(ws) == comparable(after)
+
+
+# --- 9. The real wire ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_real_wire_shapes(tmp_path: Path, version: str) -> None:
+    """`--version`, `$schema` in bodies, the Host check, and the variables AgentAPI reads."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home) as agent:
+        await agent.wait_stable(at_least=1)
+        proc = await asyncio.create_subprocess_exec(
+            str(agent.program),
+            "--version",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert out.decode().strip() == f"agentapi version {version}"
+        body = await agent.get("/status")
+        assert "$schema" in body
+        assert ("agent_type" in body) == (version_tuple(version) >= (0, 10, 1))
+        async with agent.session.get(
+            f"http://127.0.0.1:{agent.port}/status", headers={"Host": "example.com"}
+        ) as response:
+            assert response.status == 400
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_state_and_pid_files_given_as_flags(tmp_path: Path, version: str) -> None:
+    """AgentAPI started with `-s FILE --pid-file FILE` (no AGENTAPI_* variables): the stop
+    finds its state file from its command line and confirms the save there."""
+    ws = new_workspace(tmp_path)
+    custom = ws.home / "elsewhere" / "state.json"
+    flags = ("-s", str(custom), "--pid-file", str(ws.pid_file))
+    env_for_agentapi = {"AGENTAPI_INITIAL_PROMPT": PROMPT}
+    async with real_agentapi(version, ws.home, env=env_for_agentapi, args=flags) as agent:
+        before = await start_conversation(agent, "one")
+        run = await cli(persist_env(ws, agent), "shutdown", "--grace", "10")
+        assert run.code == 0, describe(run)
+        assert "agentapi_save=confirmed_changed" in run.stdout, describe(run)
+        assert run.seconds < 3, describe(run)
+    saved = read_agentapi_state(custom, max_bytes=MAX_BYTES)
+    assert [m.message for m in saved.messages] == [m["content"] for m in before]
+
+
+# --- 10. SIGUSR1 before 0.12.0 ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [v for v in VERSIONS if v not in STATEFUL])
+async def test_sigusr1_is_ignored_before_0_12(tmp_path: Path, version: str) -> None:
+    """Go ignores a signal the program never asked for: an older AgentAPI survives SIGUSR1
+    (and saves nothing). The product still sends it only to versions that save on it."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home) as agent:
+        await agent.wait_stable(at_least=1)
+        agent.signal(signal.SIGUSR1)
+        await asyncio.sleep(0.5)
+        assert agent.proc.poll() is None
+        assert await agent.status() in ("stable", "running")
+        run = await cli(persist_env(ws, agent), "shutdown")
+        assert "agentapi_save=skipped" in run.stdout, describe(run)

@@ -80,9 +80,8 @@ def go_accepts_time(value: str) -> bool:
         return False
     if hour > 23 or minute > 59 or second > 59:
         return False
-    if match.group(7) is not None and (int(match.group(7)) > 24 or int(match.group(8)) > 60):
-        return False
-    return True
+    offset = match.group(7)  # Go checks the offset loosely: hour <= 24, minute <= 60
+    return offset is None or (int(offset) <= 24 and int(match.group(8)) <= 60)
 
 
 def sanitize_text(text: str) -> str:

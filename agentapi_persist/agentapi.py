@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from .models import (
     MessagesResponse,
     Role,
     parse_untrusted_json,
+    renumber,
     sanitize_text,
 )
 
@@ -147,19 +149,32 @@ class AgentAPIClient:
         return await self._get("/status", AgentStatus, budget=budget, cap_s=cap_s)
 
     async def messages(self, *, budget: Budget, cap_s: float | None = None) -> tuple[Message, ...]:
-        """``GET /messages``: the whole conversation, ids checked to be ``0..n-1``."""
+        """``GET /messages``: the whole conversation, renumbered ``0..n-1`` (see
+        ``messages_with_ids``)."""
+        messages, _ids = await self.messages_with_ids(budget=budget, cap_s=cap_s)
+        return messages
+
+    async def messages_with_ids(
+        self, *, budget: Budget, cap_s: float | None = None
+    ) -> tuple[tuple[Message, ...], tuple[int, ...]]:
+        """``GET /messages`` renumbered ``0..n-1``, and AgentAPI's own ids.
+
+        Ids must increase. In PTY mode they are ``0..n-1``; in ACP mode a failed prompt makes
+        them skip (coder/agentapi x/acpio/acp_conversation.go), and the order is still the
+        conversation's. A repeat or a reorder is refused: no order can be trusted then.
+        """
         url = self.base_url + "/messages"
         response = await self._get("/messages", MessagesResponse, budget=budget, cap_s=cap_s)
-        for index, message in enumerate(response.messages):
-            if message.id != index:
-                # A gap or a reorder would make a state file AgentAPI cannot load.
-                raise AgentAPIBodyError(
-                    f"AgentAPI at {url} sent message id {message.id} at position {index}; "
-                    "ids must be 0..n-1 without gaps",
-                    url=url,
-                    status=200,
-                )
-        return response.messages
+        ids = tuple(m.id for m in response.messages)
+        if any(later <= earlier for earlier, later in itertools.pairwise(ids)):
+            raise AgentAPIBodyError(
+                f"AgentAPI at {url} sent message ids that do not increase ({_show_ids(ids)})",
+                url=url,
+                status=200,
+            )
+        if ids and ids[-1] == len(ids) - 1:
+            return response.messages, ids
+        return tuple(renumber(response.messages)), ids
 
     async def _get(self, path: str, model: type[_M], *, budget: Budget, cap_s: float | None) -> _M:
         url = self.base_url + path
@@ -270,6 +285,14 @@ async def _read_stream_chunk(
         ) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise AgentAPIError(f"AgentAPI's event stream at {url} broke off: {exc}", url=url) from exc
+
+
+def _show_ids(ids: tuple[int, ...]) -> str:
+    """The first place where the ids go wrong, briefly."""
+    for index, (earlier, later) in enumerate(itertools.pairwise(ids)):
+        if later <= earlier:
+            return f"id {later} after id {earlier} at position {index + 1}"
+    return "in order"
 
 
 def _interpret(raw: _RawEvent, url: str) -> AgentEvent | None:

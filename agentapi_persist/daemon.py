@@ -142,6 +142,8 @@ class Daemon:
         self._stop_agentapi: bool | None = None
         self._stop_grace_s: float | None = None
         self._synced_at: float | None = None
+        self._acp = False
+        """AgentAPI runs its agent over ACP: resync at the end of every turn (``_resync``)."""
         self._errors_seen: set[tuple[str, str, str]] = set()
         """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
         self._uploaded_revision = -1
@@ -341,11 +343,16 @@ class Daemon:
                         replaying = False
                         self._facts["connected"] = True
                         self._synced_at = time.monotonic()
-                        self.mirror.replace(build_replay(replay))
+                        self.mirror.replace(*build_replay(replay))
                         self._changed.set()
                         log.info("agentapi.synced", messages=len(self.mirror.messages))
+                        self._acp = await self._is_acp()
                     self._facts["agent_status"] = event.status
                     if event.status == "stable":
+                        if self._acp and not replaying:
+                            # ACP removes a failed turn's message without an event: the end
+                            # of each turn is when GET /messages shows what really remains.
+                            await self._resync()
                         self._stable.set()
                     else:
                         self._stable.clear()
@@ -408,12 +415,24 @@ class Daemon:
         """After a dropped stream: take ``GET /messages`` as the truth, if AgentAPI answers."""
         assert self._agent is not None
         try:
-            messages = await self._agent.messages(budget=Budget(_RESYNC_CAP_S))
+            messages, ids = await self._agent.messages_with_ids(budget=Budget(_RESYNC_CAP_S))
         except AgentAPIError:
             return
-        self.mirror.replace(messages)
+        if list(messages) == self.mirror.messages and list(ids) == self.mirror.ids:
+            return
+        self.mirror.replace(messages, ids)
         self._changed.set()
         log.info("agentapi.resynced", messages=len(messages))
+
+    async def _is_acp(self) -> bool:
+        """Whether AgentAPI drives its agent over ACP (``transport`` in ``GET /status``, from
+        0.12.0); ``False`` when it does not say or does not answer."""
+        assert self._agent is not None
+        try:
+            status = await self._agent.status(budget=Budget(_RESYNC_CAP_S))
+        except AgentAPIError:
+            return False
+        return status.transport == "acp"
 
     # -- checkpoints ----------------------------------------------------------------------------
 

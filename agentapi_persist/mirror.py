@@ -1,5 +1,13 @@
 """Mirror: what AgentAPI currently holds, and what changed since the last checkpoint.
 
+Positions are ours, ids are AgentAPI's. In PTY mode they are equal; in ACP mode a failed
+prompt consumes two ids and keeps one message, so later ids skip (coder/agentapi
+x/acpio/acp_conversation.go: ``nextID`` advances, the agent's placeholder is removed, and no
+event announces the removal; seen with the real v0.12.2). The mirror keeps the id of every
+position, applies an update to the position of its id, and appends a message whose id is
+beyond the last one. Everything we store is renumbered 0..n-1, which is what AgentAPI's own
+state file requires.
+
 The event stream gives a full replay on every connect, then deltas. Deltas are applied in
 O(1) and recorded as *dirty* ids, so a checkpoint journals only what changed. A replay (or a
 ``GET /messages`` after a dropped stream) replaces the whole mirror and marks it *unsynced*:
@@ -10,12 +18,13 @@ would be wrong.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .models import Message
+from .models import Message, renumber
 
-__all__ = ["Gap", "Mirror"]
+__all__ = ["Gap", "Mirror", "build_replay"]
 
 
 class Gap(Exception):
@@ -27,6 +36,8 @@ class Mirror:
     """AgentAPI's conversation as last seen, with the ids changed since the last checkpoint."""
 
     messages: list[Message] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    """AgentAPI's id of the message at each position (increasing, possibly with gaps)."""
     dirty: dict[int, Message] = field(default_factory=dict)
     synced: bool = False
     """True once the stored copy is known to equal this mirror minus the dirty messages."""
@@ -34,11 +45,19 @@ class Mirror:
     """Bumped on every change; lets the uploader tell whether anything changed."""
 
     def apply(self, message: Message) -> bool:
-        """Upsert one message from a delta. Returns True if it changed anything.
+        """Upsert one message from a delta (``message.id`` is AgentAPI's id). Returns True if
+        it changed anything.
 
-        Raises ``Gap`` when the id is beyond the end: a missed event.
+        Raises ``Gap`` for an id below the last one that is not known: the mirror and
+        AgentAPI disagree, so it must be resynchronised.
         """
-        index = message.id
+        agent_id = message.id
+        index = self._position(agent_id)
+        if index is None:
+            if self.ids and agent_id < self.ids[-1]:
+                raise Gap(f"message id {agent_id} is unknown and older than the last one")
+            index = len(self.messages)
+        renumbered = message if message.id == index else message.model_copy(update={"id": index})
         if index < len(self.messages):
             current = self.messages[index]
             if (
@@ -47,18 +66,26 @@ class Mirror:
                 and current.time == message.time
             ):
                 return False
-            self.messages[index] = message
-        elif index == len(self.messages):
-            self.messages.append(message)
+            self.messages[index] = renumbered
         else:
-            raise Gap(f"message id {index} arrived while only {len(self.messages)} are known")
-        self.dirty[index] = message
+            self.messages.append(renumbered)
+            self.ids.append(agent_id)
+        self.dirty[index] = renumbered
         self.revision += 1
         return True
 
-    def replace(self, messages: Iterable[Message]) -> None:
-        """Take a full replay or ``GET /messages`` as the new truth (compared at checkpoint)."""
+    def _position(self, agent_id: int) -> int | None:
+        ids = self.ids
+        if agent_id < len(ids) and ids[agent_id] == agent_id:
+            return agent_id  # the common case: no gaps before it
+        index = bisect.bisect_left(ids, agent_id)
+        return index if index < len(ids) and ids[index] == agent_id else None
+
+    def replace(self, messages: Iterable[Message], ids: Sequence[int] | None = None) -> None:
+        """Take a full replay or ``GET /messages`` (renumbered 0..n-1, with AgentAPI's ``ids``
+        when they differ) as the new truth (compared at checkpoint)."""
         self.messages = list(messages)
+        self.ids = list(ids) if ids is not None else list(range(len(self.messages)))
         self.dirty.clear()
         self.synced = False
         self.revision += 1
@@ -77,12 +104,11 @@ class Mirror:
                 self.dirty[message.id] = current
 
 
-def build_replay(events: Iterable[Message]) -> list[Message]:
-    """Fold a replay (ids in any order, possibly repeated) into a contiguous list."""
+def build_replay(events: Iterable[Message]) -> tuple[list[Message], list[int]]:
+    """Fold a replay (ids in any order, possibly repeated, possibly with gaps) into a list
+    renumbered 0..n-1 in id order, and AgentAPI's ids of those positions."""
     by_id: dict[int, Message] = {}
     for message in events:
         by_id[message.id] = message
-    ordered = [by_id[i] for i in range(len(by_id)) if i in by_id]
-    if len(ordered) != len(by_id):
-        raise Gap("the replay skipped ids")
-    return ordered
+    ids = sorted(by_id)
+    return renumber([by_id[i] for i in ids]), ids

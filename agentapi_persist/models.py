@@ -45,6 +45,7 @@ __all__ = [
     "Role",
     "dump_compact",
     "parse_untrusted_json",
+    "renumber",
     "sanitize_text",
 ]
 
@@ -211,6 +212,14 @@ class Conversation(BaseModel):
     def with_messages(self, messages: Sequence[Message]) -> Conversation:
         """A copy holding ``messages`` (already validated and contiguous) and the same prompt."""
         return self.model_copy(update={"messages": tuple(messages)})
+
+
+def renumber(messages: Sequence[Message]) -> list[Message]:
+    """The messages with ids equal to their positions (AgentAPI's file needs ``0..n-1``)."""
+    return [
+        m if m.id == index else m.model_copy(update={"id": index})
+        for index, m in enumerate(messages)
+    ]
 
 
 _M = TypeVar("_M", bound=BaseModel)

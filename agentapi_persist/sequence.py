@@ -183,14 +183,17 @@ async def gather(
     budget: Budget,
     live_copy: Conversation | None = None,
     process_prompt: str | None = None,
+    state_file: Path | None = None,
 ) -> Gathered:
     """Collect every available copy concurrently and keep the freshest.
 
     ``live_copy`` is the running sidecar's in-memory copy (current by construction); without
     it the store is loaded from disk. AgentAPI's file is read but never written here: it
     belongs to AgentAPI while it runs. ``process_prompt`` is the initial prompt the running
-    AgentAPI was started with, for a copy that never saw AgentAPI's file.
+    AgentAPI was started with, for a copy that never saw AgentAPI's file; ``state_file`` the
+    file it really uses (default: the configured one).
     """
+    agentapi_file = state_file or settings.agentapi_state_file
     notes: list[str] = []
 
     async def load_store() -> tuple[Conversation | None, datetime | None]:
@@ -205,7 +208,7 @@ async def gather(
         return report.conversation, report.saved_at
 
     async def load_file() -> AgentAPIState | None:
-        path = settings.agentapi_state_file
+        path = agentapi_file
         try:
             return await asyncio.to_thread(
                 read_agentapi_state, path, max_bytes=settings.max_body_bytes
@@ -241,7 +244,7 @@ async def gather(
             Candidate(
                 "agentapi_state",
                 file_state.conversation_messages(),
-                file_time(settings.agentapi_state_file),
+                file_time(agentapi_file),
             )
         )
     choice = choose(candidates)
@@ -349,7 +352,16 @@ async def run_sequence(
         async with asyncio.timeout_at(deadline):
             process, process_reason = find_agentapi(settings.agentapi_pid_file)
             prompt = process.initial_prompt if process is not None else None
-            gathered = await _fetch_step(settings, store, agent, budget, live_copy, prompt, report)
+            # The stop script is not told a custom state file (the registry module passes
+            # ARG_MODULE_DIR_NAME and ARG_PID_FILE_PATH only); the running AgentAPI knows it.
+            agentapi_file = (
+                process.state_file
+                if process is not None and process.state_file is not None
+                else settings.agentapi_state_file
+            )
+            gathered = await _fetch_step(
+                settings, store, agent, budget, live_copy, prompt, agentapi_file, report
+            )
             conversation = gathered.conversation
             if conversation is None:
                 return report
@@ -375,7 +387,7 @@ async def run_sequence(
                 report.steps.append(await _best_effort(task, name, force))
             saved = report.step("agentapi_save")
             if report.durable and saved is not None and saved.outcome == "confirmed_changed":
-                await _adopt_saved_prompt(settings, store)
+                await _adopt_saved_prompt(settings, store, agentapi_file)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
             if settings.stop_agentapi:
@@ -407,6 +419,7 @@ async def _fetch_step(
     budget: Budget,
     live_copy: Conversation | None,
     process_prompt: str | None,
+    state_file: Path,
     report: ShutdownReport,
 ) -> Gathered:
     started = time.perf_counter()
@@ -417,6 +430,7 @@ async def _fetch_step(
         budget=budget,
         live_copy=live_copy,
         process_prompt=process_prompt,
+        state_file=state_file,
     )
     ms = round((time.perf_counter() - started) * 1000)
     report.notes.extend(gathered.notes)
@@ -576,11 +590,11 @@ async def _agentapi_save_step(
     )
 
 
-async def _adopt_saved_prompt(settings: Settings, store: StateStore) -> None:
+async def _adopt_saved_prompt(settings: Settings, store: StateStore, state_file: Path) -> None:
     """Take the prompt fields from the file AgentAPI just saved: it is their only source."""
     try:
         state = await asyncio.to_thread(
-            read_agentapi_state, settings.agentapi_state_file, max_bytes=settings.max_body_bytes
+            read_agentapi_state, state_file, max_bytes=settings.max_body_bytes
         )
         current = store.conversation
         if current is None:

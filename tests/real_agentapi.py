@@ -62,6 +62,19 @@ def binary(version: str) -> Path:
     pytest.skip(reason)
 
 
+def acp_echo(version: str) -> Path:
+    """AgentAPI's scripted ACP agent (its e2e/acp_echo.go), built next to the binary."""
+    path = binary(version).with_name("acp_echo")
+    if os.access(path, os.X_OK):
+        return path
+    reason = (
+        f"AgentAPI's acp_echo for v{version} is not built at {path}: run scripts/install-agentapi"
+    )
+    if required():
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=1)")
+    pytest.skip(reason)
+
+
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
@@ -188,6 +201,7 @@ async def real_agentapi(
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
     agent_args: tuple[str, ...] = (),
+    agent: tuple[str, ...] | None = None,
     port: int | None = None,
     wait: bool = True,
 ) -> AsyncIterator[RealAgentAPI]:
@@ -195,6 +209,7 @@ async def real_agentapi(
 
     ``env`` is the whole AgentAPI-specific environment (``AGENTAPI_STATE_FILE``, ...); the
     agent's inputs go to ``workdir/inputs.log`` (appended, so a restart keeps the history).
+    ``agent`` replaces the scripted terminal agent's command line (``agent_args`` then unused).
     """
     program = binary(version)
     port = port or free_port()
@@ -204,16 +219,14 @@ async def real_agentapi(
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TMPDIR")}
     full_env = {**keep, "HOME": str(workdir), **(env or {})}
     argv = [str(program), "server", "--port", str(port), "--type", "custom", *args, "--"]
-    argv += [sys.executable, str(AGENT), "--log", str(inputs_log), *agent_args]
+    argv += agent or [sys.executable, str(AGENT), "--log", str(inputs_log), *agent_args]
     proc = _spawn(argv, full_env, output_log)
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        agent = RealAgentAPI(
-            version, program, port, proc, inputs_log, output_log, session, full_env
-        )
+        real = RealAgentAPI(version, program, port, proc, inputs_log, output_log, session, full_env)
         try:
             if wait:
-                await agent.wait_answering()
-            yield agent
+                await real.wait_answering()
+            yield real
         finally:
-            agent.kill()
+            real.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 import uuid
@@ -590,7 +591,7 @@ def test_skipped_result_is_not_delivered() -> None:
             {"Coder-Session-Token": TOKEN},
             PAYLOAD,
             404,
-            False,
+            True,
             id="other-path",
         ),
     ],
@@ -611,27 +612,28 @@ async def test_fake_coder_follows_the_contract(
 
     assert response.status == status
     assert (content_type == "application/json") is json_body
-    if not json_body:
-        assert text == "404 page not found\n"
+    if status == 404:
+        assert json.loads(text) == {"message": "Route not found."}  # httpapi.RouteNotFound
     assert coder.snapshots == {}
     assert [u.status for u in coder.uploads] == [status]
 
 
-async def test_fake_coder_accepts_but_flags_bad_roles_and_times(
+async def test_fake_coder_flags_bad_roles_and_refuses_bad_times(
     coder: FakeCoder, session: aiohttp.ClientSession
 ) -> None:
-    """Like coderd, bad roles and offset-less times are stored (204) and listed as invalid."""
-    bad = {
-        "messages": [
-            {"id": 0, "content": "a", "role": "system", "time": "2025-01-02T03:04:05Z"},
-            {"id": 1, "content": "b", "role": "agent", "time": "2025-01-02T03:04:05"},
-        ]
+    """Like coderd, a bad role is stored (204) and listed as invalid; a time without an
+    offset fails Go's time decoding, so the whole body is a 400."""
+    bad_role = {
+        "messages": [{"id": 0, "content": "a", "role": "system", "time": "2025-01-02T03:04:05Z"}]
+    }
+    bad_time = {
+        "messages": [{"id": 1, "content": "b", "role": "agent", "time": "2025-01-02T03:04:05"}]
     }
 
-    result = await upload(make_client(coder.url, session), dump_compact(bad))
+    stored = await upload(make_client(coder.url, session), dump_compact(bad_role))
+    refused = await upload(make_client(coder.url, session), dump_compact(bad_time))
 
-    assert result.delivered
-    assert coder.invalid_snapshots == [
-        InvalidSnapshot(TASK, 0, "role 'system'"),
-        InvalidSnapshot(TASK, 1, "time '2025-01-02T03:04:05' has no offset or is not RFC 3339"),
-    ]
+    assert stored.delivered
+    assert not refused.delivered
+    assert [u.status for u in coder.uploads] == [204, 400]
+    assert coder.invalid_snapshots == [InvalidSnapshot(TASK, 0, "role 'system'")]

@@ -7,6 +7,7 @@ handlers), as an embedder would run it. Waits poll the daemon's own facts with a
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
 from agentapi_persist.testing.coder import FakeCoder
 
-from .conftest import Workspace, coder_env, make_messages
+from .conftest import TIME, Workspace, coder_env, make_messages
 
 
 async def eventually(check: Callable[[], bool], *, within: float = 5.0) -> None:
@@ -230,3 +231,27 @@ async def test_agent_errors_replayed_on_reconnect_are_logged_once(workspace: Wor
     ]
     failed = next(e for e in logs if e["event"] == "agentapi.load_failed")
     assert failed["kept_messages"] == 3
+
+
+async def test_id_gaps_are_appended_and_renumbered(workspace: Workspace) -> None:
+    """ACP mode skips ids after a failed prompt: an update whose id is beyond the last one is
+    a new message (stored renumbered 0..n-1), and no reconnect follows."""
+    async with (
+        FakeAgentAPI(messages=make_messages(3)) as agent,
+        sidecar(workspace, agentapi_url=agent.url) as running,
+    ):
+        await eventually(lambda: len(on_disk(workspace).messages) == 3)
+        reconnects = running.daemon.view()["reconnects"]
+        for agent_id, text in ((5, "after a failed prompt"), (6, "and its answer")):
+            update = {"id": agent_id, "role": "user", "message": text, "time": TIME}
+            agent.inject_raw(
+                b"event: message_update\ndata: " + json.dumps(update).encode() + b"\n\n"
+            )
+        await eventually(lambda: len(on_disk(workspace).messages) == 5)
+        update = {"id": 6, "role": "user", "message": "its answer, grown", "time": TIME}
+        agent.inject_raw(b"event: message_update\ndata: " + json.dumps(update).encode() + b"\n\n")
+        await eventually(lambda: on_disk(workspace).messages[-1].content == "its answer, grown")
+        assert running.daemon.view()["reconnects"] == reconnects
+    stored = on_disk(workspace).messages
+    assert [m.id for m in stored] == [0, 1, 2, 3, 4]
+    assert [m.content for m in stored[3:]] == ["after a failed prompt", "its answer, grown"]

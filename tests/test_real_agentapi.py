@@ -23,7 +23,14 @@ from agentapi_persist.testing.coder import FakeCoder
 
 from .conftest import Workspace, coder_env, new_workspace
 from .faults_support import CliRun, run_cli
-from .real_agentapi import STATEFUL, VERSIONS, RealAgentAPI, real_agentapi, version_tuple
+from .real_agentapi import (
+    STATEFUL,
+    VERSIONS,
+    RealAgentAPI,
+    acp_echo,
+    real_agentapi,
+    version_tuple,
+)
 from .sidecar_support import eventually, sidecar_process
 
 pytestmark = pytest.mark.real_agentapi
@@ -176,6 +183,42 @@ async def test_stop_during_startup_never_adopts_the_startup_screen(
         assert comparable(after) == comparable(before)
         await asyncio.sleep(1.0)
         assert again.inputs().count(PROMPT) == 1, again.inputs()
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_sidecar_across_an_agentapi_restart_keeps_the_conversation(
+    tmp_path: Path, version: str
+) -> None:
+    """The sidecar outlives an AgentAPI restart; the new AgentAPI shows only the agent's
+    start-up screen for seconds before it loads its file. The copy is never replaced by that
+    screen (nothing archived, nothing shrunk), and follows the conversation once it is back."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as first:
+        port = first.port
+        env = persist_env(ws, first)
+        async with sidecar_process(ws, env=env) as sidecar:
+            before = await start_conversation(first, "one")
+            await eventually(lambda: stored(ws) == comparable(before), within=10)
+            first.signal(signal.SIGTERM)  # a clean stop: AgentAPI saves and exits
+            await first.exited()
+            async with real_agentapi(
+                version,
+                ws.home,
+                env=agentapi_env(ws),
+                port=port,
+                agent_args=("--ready-after", "4"),
+            ) as second:
+                screen = await second.messages()
+                assert len(screen) == 1, screen  # the start-up screen, file not loaded yet
+                await eventually(lambda: sidecar.saw("agentapi.synced"), within=10)
+                for _ in range(20):
+                    assert stored(ws) == comparable(before)
+                    await asyncio.sleep(0.1)
+                after = await second.wait_stable(at_least=len(before))
+                assert comparable(after) == comparable(before)
+                await eventually(lambda: stored(ws) == comparable(after), within=10)
+    assert archived(ws) == []
+    assert second.inputs().count(PROMPT) == 1
 
 
 # --- 4. A stale pid file --------------------------------------------------------------------
@@ -394,3 +437,48 @@ async def test_sigusr1_is_ignored_before_0_12(tmp_path: Path, version: str) -> N
         assert await agent.status() in ("stable", "running")
         run = await cli(persist_env(ws, agent), "shutdown")
         assert "agentapi_save=skipped" in run.stdout, describe(run)
+
+
+# --- 11. ACP: ids skip after a failed prompt ---------------------------------------------------
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_acp_id_gaps_are_followed_not_looped_on(tmp_path: Path, version: str) -> None:
+    """ACP transport (AgentAPI's own scripted ACP agent): a failed prompt makes later ids skip.
+    The sidecar follows without reconnecting in a loop, and keeps the conversation renumbered
+    0..n-1 with nothing that AgentAPI no longer holds."""
+    ws = new_workspace(tmp_path)
+    script = tmp_path / "script.json"
+    script.write_text(
+        json.dumps(
+            [
+                {"expectMessage": "one", "responseMessage": "reply one"},
+                {"expectMessage": "", "responseMessage": "reply two"},
+            ]
+        )
+    )
+    command = (str(acp_echo(version)), str(script))
+    env_for_agentapi = {"AGENTAPI_PID_FILE": str(ws.pid_file)}
+    async with real_agentapi(
+        version, ws.home, env=env_for_agentapi, args=("--experimental-acp",), agent=command
+    ) as agent:
+        env = persist_env(ws, agent)
+        async with sidecar_process(ws, env=env) as sidecar:
+            await agent.wait_stable()
+            async with agent.session.post(
+                agent.url + "/message", json={"content": "wrong", "type": "user"}
+            ) as response:
+                assert response.status == 500  # the scripted agent refuses it: a failed prompt
+            await agent.say("one")
+            final = await agent.say("two")
+            ids = [m["id"] for m in final]
+            assert ids != list(range(len(ids))), "expected AgentAPI's ids to skip"
+            expected = [(i, m["role"], m["content"], m["time"]) for i, m in enumerate(final)]
+            await eventually(lambda: stored(ws) == expected, within=10)
+            run = await cli(env, "shutdown")
+            assert run.code == 0, describe(run)
+            await sidecar.wait()
+    names = [e.get("event") for e in sidecar.events]
+    assert names.count("agentapi.synced") == 1, names
+    assert "agentapi.events_missed" not in names
+    assert stored(ws) == expected

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from ..models import AgentAPIState, Message, Role, parse_untrusted_json, sanitize_text
+from ..models import Message, Role, sanitize_text
 
 __all__ = [
     "DEFAULT_VERSION",
@@ -279,7 +279,7 @@ class FakeAgentAPI:
         text = json.dumps(self.state_document(), ensure_ascii=False, separators=(",", ":"))
         data = (_GO_ESCAPE.sub(lambda m: _GO_ESCAPES[m.group()], text) + "\n").encode()
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)
@@ -297,15 +297,17 @@ class FakeAgentAPI:
         except OSError as exc:
             return f"cannot read {path}: {exc.strerror}"
         try:
-            state = parse_untrusted_json(data, AgentAPIState)
+            state = _decode_state_like_go(data)
         except ValueError as exc:
             return f"{path} is not a valid state file: {exc}"
         self._messages = [
-            Message.model_construct(id=m.id, role=m.role, content=m.message, time=m.time)
-            for m in state.messages
+            Message.model_construct(
+                id=m["id"], role=m["role"], content=m["message"], time=m["time"]
+            )
+            for m in state["messages"]
         ]
-        self.initial_prompt = state.initial_prompt
-        self.initial_prompt_sent = state.initial_prompt_sent
+        self.initial_prompt = state["initial_prompt"]
+        self.initial_prompt_sent = state["initial_prompt_sent"]
         self.revision += 1
         self._saved_revision = self.revision
         return None
@@ -725,6 +727,59 @@ def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _Pro
     return fake, options
 
 
+_GO_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:\d{2})", flags=re.ASCII
+)
+
+
+def _decode_state_like_go(data: bytes) -> dict[str, Any]:
+    """Decode a state file the way AgentAPI's ``json.Decoder`` does, independently of the
+    product's own models (a fake that validated with them would only prove our reading):
+    the first JSON value counts, unknown keys are ignored, a missing key is Go's zero value,
+    a wrong type is an error, and ``version`` must be 1."""
+    decoded, _end = json.JSONDecoder().raw_decode(data.decode("utf-8", errors="replace").lstrip())
+    if not isinstance(decoded, dict):
+        raise ValueError("not a JSON object")
+    fields: dict[str, tuple[type, Any]] = {
+        "version": (int, 0),
+        "messages": (list, []),
+        "initial_prompt": (str, ""),
+        "initial_prompt_sent": (bool, False),
+    }
+    state: dict[str, Any] = {}
+    for key, (kind, zero) in fields.items():
+        value = decoded.get(key, zero)
+        if value is None:
+            value = zero
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{key} has the wrong type")
+        state[key] = value
+    if state["version"] != 1:
+        raise ValueError(f"unsupported state file version {state['version']} (expected 1)")
+    messages = []
+    for item in state["messages"]:
+        if not isinstance(item, dict):
+            raise ValueError("a message is not an object")
+        message = {
+            "id": item.get("id", 0),
+            "message": item.get("message", ""),
+            "role": item.get("role", ""),
+            "time": item.get("time"),
+        }
+        if not isinstance(message["id"], int) or isinstance(message["id"], bool):
+            raise ValueError("a message id is not an integer")
+        if not isinstance(message["message"], str) or not isinstance(message["role"], str):
+            raise ValueError("a message text or role is not a string")
+        when = message["time"]
+        if when is None:
+            message["time"] = "0001-01-01T00:00:00Z"
+        elif not isinstance(when, str) or _GO_TIME.fullmatch(when) is None:
+            raise ValueError(f"message time {when!r} is not RFC 3339")
+        messages.append(message)
+    state["messages"] = messages
+    return state
+
+
 def _write_pid_file(path: Path) -> None:
     path.write_text(f"{os.getpid()}\n")
 
@@ -810,7 +865,9 @@ async def _chatter(fake: FakeAgentAPI, interval_s: float, log_path: Path | None)
 
 def _apply_initial_prompt(fake: FakeAgentAPI, started_with: str) -> None:
     """AgentAPI's rule on load: a different prompt is sent again, the same one keeps the saved
-    flag, none restores the saved one. An unsent prompt is sent now (user + agent reply)."""
+    flag, none restores the saved one. An unsent prompt is sent now (user + agent reply). The
+    prompt is trimmed first, as AgentAPI trims it (lib/httpapi/claude.go ``FormatMessage``)."""
+    started_with = started_with.strip(" \t\n\r\f\v")
     if started_with and started_with != fake.initial_prompt:
         fake.initial_prompt, fake.initial_prompt_sent = started_with, False
     if fake.initial_prompt and not fake.initial_prompt_sent:

@@ -10,9 +10,10 @@ request it receives, so a test can assert on exactly what went over the wire, an
         ...
         assert coder.snapshots[task] == {...}
 
-Like the real server it accepts roles other than user/agent and times without an offset (the
-page that reads the snapshot breaks later); it lists them in ``invalid_snapshots`` so tests
-can prove a client never sends them.
+Like the real server it accepts roles other than user/agent (the page that reads the snapshot
+breaks later) and lists them in ``invalid_snapshots``, so tests can prove a client never sends
+them; a time Go cannot decode (no offset, say) makes the whole body a 400, and a route it does
+not have gets coderd's JSON ``{"message": "Route not found."}`` 404.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ __all__ = ["CoderBehaviour", "FakeCoder", "InvalidSnapshot", "RecordedRequest"]
 
 SNAPSHOT_MAX_BYTES = 65_536
 _ROUTE = re.compile(r"/api/v2/workspaceagents/me/tasks/(?P<task>[^/]+)/log-snapshot")
+# What Go's time.Time JSON decoding accepts, roughly (coderd decodes each message time into a
+# time.Time; a time it refuses makes the whole body a 400).
 _TIME = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})",
+    r"\d{4}-\d{2}-\d{2}T\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:\d{2})",
     flags=re.ASCII,
 )
 _TOKEN_HEADER = "Coder-Session-Token"
@@ -57,7 +60,8 @@ class CoderBehaviour:
     redirect_to: str | None = None
     """Answer 307 with ``Location: <redirect_to><path and query>``, like a moved server."""
     route_exists: bool = True
-    """False: every request gets a plain-text 404, like old Coder or Coder >= 2.37."""
+    """False: every request gets coderd's route-missing 404 (``{"message": "Route not
+    found."}``), like an old Coder or one without Tasks."""
     stop_build_finished: bool = False
     """True: every request on the route gets 401, as after the stop build ends."""
 
@@ -206,7 +210,8 @@ class FakeCoder:
                 return _scripted(status, self.url + request.path_qs)
         match = _ROUTE.fullmatch(request.path)
         if not behaviour.route_exists or match is None:
-            return web.Response(status=404, text="404 page not found\n")
+            # coderd answers a route it does not have with httpapi.RouteNotFound.
+            return web.json_response({"message": "Route not found."}, status=404)
         if request.method != "POST":
             return web.Response(status=405, text="Method Not Allowed\n")
         if behaviour.stop_build_finished:
@@ -282,6 +287,8 @@ def _shape_problem(parsed: Any) -> str | None:
             value = message.get(key, kind())
             if not isinstance(value, kind) or isinstance(value, bool):
                 return f"messages[{index}].{key} must be {kind.__name__}"
+        if _TIME.fullmatch(message.get("time", "")) is None:
+            return f"messages[{index}].time {message.get('time')!r} is not RFC 3339"
     return None
 
 

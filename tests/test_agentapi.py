@@ -266,14 +266,28 @@ async def test_unusable_bodies_are_body_errors(agent, session, body):
     assert caught.value.__cause__ is not None
 
 
-@pytest.mark.parametrize("ids", [[0, 2], [1], [0, 0], [1, 0]])
-async def test_message_ids_must_equal_their_index(agent, session, ids):
-    """A gap, a duplicate or a reorder would make a state file AgentAPI cannot load."""
+@pytest.mark.parametrize("ids", [[0, 0], [1, 0], [0, 2, 1]])
+async def test_message_ids_must_increase(agent, session, ids):
+    """A duplicate or a reorder leaves no order to trust: refused."""
     agent.behaviour.messages_body = messages_body(
         *({"id": i, "content": "m", "role": "user", "time": T0} for i in ids)
     )
-    with pytest.raises(AgentAPIBodyError, match=r"ids must be 0\.\.n-1"):
+    with pytest.raises(AgentAPIBodyError, match="do not increase"):
         await client_for(agent, session).messages(budget=Budget(5))
+
+
+@pytest.mark.parametrize("ids", [[0, 2], [1], [0, 1, 4, 5]])
+async def test_skipping_ids_are_renumbered(agent, session, ids):
+    """ACP mode skips ids after a failed prompt (the real v0.12.2 does): the conversation is
+    kept in order, renumbered 0..n-1 (what AgentAPI's state file needs), with AgentAPI's ids
+    alongside."""
+    agent.behaviour.messages_body = messages_body(
+        *({"id": i, "content": f"m{i}", "role": "user", "time": T0} for i in ids)
+    )
+    messages, agent_ids = await client_for(agent, session).messages_with_ids(budget=Budget(5))
+    assert [m.id for m in messages] == list(range(len(ids)))
+    assert [m.content for m in messages] == [f"m{i}" for i in ids]
+    assert list(agent_ids) == ids
 
 
 # -- /events ----------------------------------------------------------------------------------

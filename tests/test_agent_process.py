@@ -466,14 +466,6 @@ def test_persistence_enabled(setting, state_file, save_state, known, explicit, e
 # -- the version gate and the save ----------------------------------------------------------
 
 
-async def test_fake_before_0_12_ignores_sigusr1(spawn):
-    """As the real v0.10.0 and v0.11.8 do (tests/test_real_agentapi.py): Go ignores a signal
-    the program never asked for, so the process lives on and saves nothing."""
-    running = await spawn(version="0.11.0")
-    running.process.send_signal(signal.SIGUSR1)
-    assert not await running.exited_within(0.5)
-
-
 async def test_old_version_is_never_sent_sigusr1(spawn):
     """0.11.0: the save is skipped and AgentAPI lives on."""
     running = await spawn(version="0.11.0", seed=SEED)

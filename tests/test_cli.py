@@ -303,3 +303,35 @@ async def test_wedged_sidecar_falls_back_to_doing_the_work(
     assert result.code == 0, result.stdout + result.stderr
     assert "(via sidecar)" not in result.stdout
     assert "snapshot=delivered" in result.stdout
+
+
+async def test_stop_during_agent_startup_then_restore(workspace: Workspace) -> None:
+    """The fast twin of the real-binary scenario: AgentAPI restarted and its agent is still
+    starting (only the start-up screen, its file not loaded yet). `shutdown` does not ask it
+    to save; its own exit save writes the start-up screen with the prompt unsent; `restore`
+    puts the conversation back with the prompt still sent."""
+    async with agentapi_process(workspace, messages=6, AGENTAPI_INITIAL_PROMPT="build it") as (
+        proc,
+        port,
+    ):
+        first = await cli(workspace, "shutdown", env={"ARG_AGENTAPI_PORT": str(port)})
+    assert first.code == 0, first.stdout + first.stderr
+    full = read_agentapi_state(workspace.state_file, max_bytes=2**24)
+    assert full.initial_prompt_sent is True
+    async with agentapi_process(
+        workspace, messages=0, FAKE_AGENTAPI_READY_AFTER_S="30", AGENTAPI_INITIAL_PROMPT="build it"
+    ) as (proc, port):
+        during = await cli(
+            workspace, "shutdown", "--stop-agentapi", env={"ARG_AGENTAPI_PORT": str(port)}
+        )
+        await asyncio.wait_for(proc.wait(), 10)
+    assert during.code == 0, during.stdout + during.stderr
+    assert "agentapi_save=skipped_not_loaded" in during.stdout
+    screen = read_agentapi_state(workspace.state_file, max_bytes=2**24)
+    assert len(screen.messages) == 1
+    assert screen.initial_prompt_sent is False
+    restored = await cli(workspace, "restore")
+    assert restored.code == 0, restored.stdout + restored.stderr
+    again = read_agentapi_state(workspace.state_file, max_bytes=2**24)
+    assert [m.message for m in again.messages] == [m.message for m in full.messages]
+    assert again.initial_prompt_sent is True

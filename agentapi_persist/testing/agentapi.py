@@ -32,7 +32,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
@@ -230,6 +230,20 @@ class FakeAgentAPI:
         self.revision += 1
         self._publish(_message_event(message))
         return message
+
+    def become_ready(self, state_file: Path | None, started_with: str) -> None:
+        """What AgentAPI does once its agent shows an input box: load the state file over the
+        start-up screen (telling subscribers what changed, and an ``agent_error`` if the load
+        failed), then apply the initial-prompt rule (coder/agentapi
+        lib/screentracker/pty_conversation.go, the snapshot loop)."""
+        if state_file is not None and state_file.exists():
+            problem = self.load_state(state_file)
+            if problem is not None:
+                self.emit_agent_error(f"Failed to restore previous session: {problem}")
+            else:
+                for message in self._messages:
+                    self._publish(_message_event(message))
+        _apply_initial_prompt(self, started_with)
 
     def set_status(self, status: Status) -> None:
         """Switch between ``running`` and ``stable``; subscribers hear of real changes only."""
@@ -653,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     0.12.1), ``FAKE_AGENTAPI_SEED`` (a JSON file: a list of ``{role, content}`` to start
     with), ``FAKE_AGENTAPI_SAVE_DELAY_S`` (pause before each save),
     ``FAKE_AGENTAPI_IGNORE_SIGTERM`` (true: SIGTERM is ignored, as by a wedged process),
+    ``FAKE_AGENTAPI_READY_AFTER_S`` (the agent's start-up time: until then only a start-up
+    screen, no state loaded, as the real AgentAPI does),
     ``FAKE_AGENTAPI_CHATTER_MS`` (change the conversation by itself at this interval) and
     ``FAKE_AGENTAPI_CHATTER_LOG`` (a file logging each such change with its wall time).
     """
@@ -697,6 +713,11 @@ class _ProcessOptions:
     pid_file: Path | None
     save_delay_s: float
     ignore_sigterm: bool
+    ready_after_s: float = 0.0
+    """>0: the agent's start-up takes this long; until then message 0 is its start-up screen
+    and the state file is not loaded (as with the real AgentAPI)."""
+    load_from: Path | None = None
+    prompt: str = ""
 
 
 def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _ProcessOptions]:
@@ -713,9 +734,19 @@ def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _Pro
         pid_file=Path(pid_path) if pid_path else None,
         save_delay_s=float(env.get("FAKE_AGENTAPI_SAVE_DELAY_S") or 0),
         ignore_sigterm=_env_bool("FAKE_AGENTAPI_IGNORE_SIGTERM", default=False),
+        ready_after_s=float(env.get("FAKE_AGENTAPI_READY_AFTER_S") or 0),
     )
     fake = FakeAgentAPI(version=version, agent_type=args.type, port=port)
     load = _env_bool("AGENTAPI_LOAD_STATE", default=state_file is not None)
+    prompt = args.initial_prompt or env.get("AGENTAPI_INITIAL_PROMPT") or ""
+    if options.ready_after_s > 0:
+        # Until the agent is ready: only its start-up screen, and a save in this window
+        # writes exactly that with the prompt not sent.
+        fake.add_message("agent", "Fake agent starting up...")
+        fake.initial_prompt = prompt.strip(" \t\n\r\f\v")
+        fake.initial_prompt_sent = False
+        load_from = state_file if load else None
+        return fake, replace(options, load_from=load_from, prompt=prompt)
     if state_file is not None and load and state_file.exists():
         problem = fake.load_state(state_file)
         if problem is not None:
@@ -822,6 +853,10 @@ async def _serve(fake: FakeAgentAPI, options: _ProcessOptions) -> int:
     try:
         if options.pid_file is not None:
             _write_pid_file(options.pid_file)
+        if options.ready_after_s > 0:
+            loop.call_later(
+                options.ready_after_s, fake.become_ready, options.load_from, options.prompt
+            )
         interval_ms = float(os.environ.get("FAKE_AGENTAPI_CHATTER_MS") or 0)
         if interval_ms > 0:
             log_path = os.environ.get("FAKE_AGENTAPI_CHATTER_LOG")

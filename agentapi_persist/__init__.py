@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .budget import Budget
     from .coder import CoderClient, UploadOutcome, UploadResult
     from .config import CoderTarget, Settings
+    from .copies import gather
     from .daemon import Daemon, DaemonState, run, serve
     from .errors import (
         AgentAPIError,
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
     )
     from .log import configure_logging
     from .models import AgentAPIState, AgentStatus, Conversation, Message
-    from .repair import RestoreReport, restore
-    from .sequence import ShutdownReport, gather, run_sequence
+    from .restoring import RestoreReport, restore
+    from .sequence import ShutdownReport, run_sequence
     from .snapshot import Snapshot, build_snapshot
     from .status import StatusReport, collect_status
     from .store import LoadReport, SaveReport, StateStore
@@ -129,10 +130,10 @@ _HOME: dict[str, str] = {
     "AgentStatus": "models",
     "Conversation": "models",
     "Message": "models",
-    "RestoreReport": "repair",
-    "restore": "repair",
+    "RestoreReport": "restoring",
+    "restore": "restoring",
     "ShutdownReport": "sequence",
-    "gather": "sequence",
+    "gather": "copies",
     "run_sequence": "sequence",
     "Snapshot": "snapshot",
     "build_snapshot": "snapshot",

@@ -236,7 +236,7 @@ def _emit_error_text(message: str, code: ExitCode, *, as_json: bool) -> None:
 def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
     import asyncio
 
-    from .shutdown import arm_watchdog
+    from .signals import arm_watchdog
 
     known: list[int] = []
 
@@ -275,7 +275,7 @@ async def _shutdown_async(
     import asyncio
     import contextlib
 
-    from . import history
+    from . import records
     from ._http import make_session
     from .agentapi import AgentAPIClient
     from .budget import Budget
@@ -299,13 +299,13 @@ async def _shutdown_async(
         publish(report)
     with contextlib.suppress(PersistError):  # informational only; the summary says it all
         await asyncio.to_thread(
-            history.write_record, settings.state_dir, history.LAST_SHUTDOWN, report.as_dict()
+            records.write_record, settings.state_dir, records.LAST_SHUTDOWN, report.as_dict()
         )
     return report
 
 
 def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
-    from .repair import restore
+    from .restoring import restore
 
     report = restore(settings, force=force)
     _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
@@ -344,8 +344,8 @@ async def _snapshot_async(settings: Settings, *, as_json: bool, dry_run: bool) -
     from .agentapi import AgentAPIClient
     from .budget import Budget
     from .coder import CoderClient
+    from .copies import gather
     from .errors import ConfigError
-    from .sequence import gather
     from .snapshot import build_snapshot
     from .store import StateStore
 

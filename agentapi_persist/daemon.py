@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from . import history
+from . import records
 from ._http import make_session
 from .agent_process import find_agentapi
 from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
@@ -56,9 +56,10 @@ from .control import ControlServer
 from .errors import AgentAPIError, AgentRunningError, PersistError
 from .mirror import Gap, Mirror, build_replay
 from .models import Conversation, Message
-from .repair import restore
-from .sequence import ShutdownReport, persist, record_upload, run_sequence
-from .shutdown import StopController, install_signal_handlers
+from .records import record_upload
+from .restoring import restore
+from .sequence import ShutdownReport, persist, run_sequence
+from .signals import StopController, install_signal_handlers
 from .snapshot import build_snapshot
 from .store import StateStore
 
@@ -605,9 +606,9 @@ class Daemon:
         self._done.set_result(report)  # a waiting `shutdown` command gets its answer now
         with contextlib.suppress(PersistError):
             await asyncio.to_thread(
-                history.write_record,
+                records.write_record,
                 self.settings.state_dir,
-                history.LAST_SHUTDOWN,
+                records.LAST_SHUTDOWN,
                 report.as_dict(),
             )
         await self._compact_on_exit(report)

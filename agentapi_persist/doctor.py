@@ -47,9 +47,9 @@ from .agentapi import AgentAPIClient
 from .budget import Budget
 from .coder import CoderClient, UploadOutcome
 from .config import Settings
+from .copies import gather
 from .errors import ConfigError, DurabilityError, ExitCode, PersistError, cap_text
 from .models import AgentStatus, Conversation
-from .sequence import gather
 from .snapshot import build_snapshot
 from .status import sidecar_view
 from .store import StateStore

@@ -32,15 +32,15 @@ from typing import Any, Literal
 
 import structlog
 
-from . import history
 from .agent_process import AgentProcess, detect_version, find_agentapi, persistence_enabled
 from .agent_process import request_save as agent_request_save
 from .agent_process import stop as agent_stop
 from .agentapi import AgentAPIClient
 from .agentapi_state import read_agentapi_state
 from .budget import Budget
-from .coder import CoderClient, UploadOutcome, UploadResult
+from .coder import CoderClient
 from .config import Settings
+from .copies import Gathered, Relation, compare, gather, holds_user_message, with_prompt_fields
 from .errors import (
     ConfigError,
     DurabilityError,
@@ -48,28 +48,12 @@ from .errors import (
     PersistError,
     StateFileError,
 )
-from .models import AgentAPIState, Conversation, Message
+from .models import Conversation, Message
+from .records import record_upload
 from .snapshot import build_snapshot
-from .sources import (
-    Candidate,
-    Relation,
-    choose,
-    compare,
-    file_time,
-    holds_user_message,
-    with_prompt_fields,
-)
 from .store import StateStore
 
-__all__ = [
-    "Gathered",
-    "ShutdownReport",
-    "StepResult",
-    "gather",
-    "persist",
-    "record_upload",
-    "run_sequence",
-]
+__all__ = ["ShutdownReport", "StepResult", "persist", "run_sequence"]
 
 log = structlog.get_logger(__name__)
 
@@ -153,122 +137,12 @@ class ShutdownReport:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Gathered:
-    """The freshest conversation and where it came from."""
-
-    conversation: Conversation | None
-    source: str  # "live", "sidecar", "agentapi_state" or "none"
-    live_error: str | None
-    file_state: AgentAPIState | None
-    notes: tuple[str, ...]
-    agentapi_view: tuple[Message, ...] | None = None
-    """What AgentAPI itself holds now (``GET /messages``, else the sidecar's mirror of it):
-    only its start-up screen while it has not loaded its file yet."""
-
-
 async def _timed(coro: Awaitable[StepResult], name: StepName) -> StepResult:
     started = time.perf_counter()
     result = await coro
     result.ms = round((time.perf_counter() - started) * 1000)
     log.info(f"shutdown.{name}", outcome=result.outcome, ok=result.ok, ms=result.ms)
     return result
-
-
-async def gather(
-    settings: Settings,
-    *,
-    store: StateStore,
-    agent: AgentAPIClient | None,
-    budget: Budget,
-    live_copy: Conversation | None = None,
-    process_prompt: str | None = None,
-    state_file: Path | None = None,
-) -> Gathered:
-    """Collect every available copy concurrently and keep the freshest.
-
-    ``live_copy`` is the running sidecar's in-memory copy (current by construction); without
-    it the store is loaded from disk. AgentAPI's file is read but never written here: it
-    belongs to AgentAPI while it runs. ``process_prompt`` is the initial prompt the running
-    AgentAPI was started with, for a copy that never saw AgentAPI's file; ``state_file`` the
-    file it really uses (default: the configured one).
-    """
-    agentapi_file = state_file or settings.agentapi_state_file
-    notes: list[str] = []
-
-    async def load_store() -> tuple[Conversation | None, datetime | None]:
-        if live_copy is not None:
-            return live_copy, datetime.now(UTC)
-        try:
-            report = await store.aload()
-        except StateFileError as exc:
-            notes.append(f"the sidecar copy could not be read: {exc}")
-            return None, None
-        notes.extend(report.problems)
-        return report.conversation, report.saved_at
-
-    async def load_file() -> AgentAPIState | None:
-        path = agentapi_file
-        try:
-            return await asyncio.to_thread(
-                read_agentapi_state, path, max_bytes=settings.max_body_bytes
-            )
-        except FileNotFoundError:
-            return None
-        except StateFileError as exc:
-            notes.append(f"AgentAPI's state file is unusable ({exc}); `restore` will repair it")
-            return None
-
-    async def fetch_live() -> tuple[tuple[Message, ...] | None, str | None]:
-        if agent is None:
-            return None, "AgentAPI not queried"
-        try:
-            cap = max(min(2.0, budget.remaining() * 0.3), 0.05)
-            return await agent.messages(budget=budget, cap_s=cap), None
-        except PersistError as exc:
-            return None, str(exc)
-
-    (stored, stored_at), file_state, (live, live_error) = await asyncio.gather(
-        load_store(), load_file(), fetch_live()
-    )
-    if live_error is not None and agent is not None:
-        notes.append(f"live messages unavailable: {live_error}")
-
-    candidates: list[Candidate] = []
-    if live is not None:
-        candidates.append(Candidate("live", live, None))
-    if stored is not None:
-        candidates.append(Candidate("sidecar", stored.messages, stored_at))
-    if file_state is not None:
-        candidates.append(
-            Candidate(
-                "agentapi_state",
-                file_state.conversation_messages(),
-                file_time(agentapi_file),
-            )
-        )
-    choice = choose(candidates)
-    notes.extend(choice.reasons)
-    view = live if live is not None else (live_copy.messages if live_copy is not None else None)
-    if choice.winner is None:
-        return Gathered(None, "none", live_error, file_state, tuple(notes), view)
-    base = stored if stored is not None else Conversation()
-    if process_prompt is not None and base.prompt_origin in ("unknown", "environment"):
-        base = base.model_copy(
-            update={
-                "initial_prompt": process_prompt,
-                "initial_prompt_sent": None,
-                "prompt_origin": "agentapi_process",
-            }
-        )
-    conversation, prompt_note = with_prompt_fields(
-        base.with_messages(choice.winner.messages),
-        from_file=file_state,
-        environment_prompt=settings.initial_prompt,
-    )
-    if prompt_note:
-        notes.append(prompt_note)
-    return Gathered(conversation, choice.winner.name, live_error, file_state, tuple(notes), view)
 
 
 def persist(store: StateStore, conversation: Conversation) -> tuple[str, str]:
@@ -643,27 +517,6 @@ async def _snapshot_step(
     if result.delivered:
         detail = f"{len(snapshot.messages)} messages, {snapshot.size} bytes"
     return StepResult("snapshot", str(result.outcome), result.delivered, 0, detail)
-
-
-async def record_upload(
-    state_dir: Path, result: UploadResult, *, messages: int, size: int, periodic: bool = False
-) -> None:
-    """Keep the upload's outcome in ``last-upload.json`` for ``status`` (never the token)."""
-    record = {
-        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "outcome": str(result.outcome),
-        "delivered": result.outcome is UploadOutcome.DELIVERED,
-        "status": result.status,
-        "attempts": result.attempts,
-        "messages": messages,
-        "bytes": size,
-        "detail": result.detail,
-        "periodic": periodic,
-    }
-    try:
-        await asyncio.to_thread(history.write_record, state_dir, history.LAST_UPLOAD, record)
-    except PersistError as exc:
-        log.warning("history.write_failed", error=str(exc))
 
 
 async def _stop_step(process: AgentProcess | None, reason: str, budget: Budget) -> StepResult:

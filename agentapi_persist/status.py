@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import history
+from . import records
 from ._http import make_session
 from .agent_process import MIN_SIGUSR1_VERSION, detect_version, find_agentapi, persistence_enabled
 from .agentapi import AgentAPIClient
@@ -19,8 +19,8 @@ from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .config import Settings
 from .control_client import SidecarUnavailable, ask_sidecar
+from .copies import Relation, compare
 from .errors import ConfigError, ExitCode, PersistError, StateFileError
-from .sources import Relation, compare
 from .store import StateStore
 
 __all__ = ["StatusReport", "collect_status", "sidecar_view"]
@@ -110,7 +110,7 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
             "initial_prompt_sent": state.initial_prompt_sent,
         }
 
-    facts["last_upload"] = history.read_record(settings.state_dir, history.LAST_UPLOAD) or {
+    facts["last_upload"] = records.read_record(settings.state_dir, records.LAST_UPLOAD) or {
         "at": None
     }
     last = facts["last_upload"]

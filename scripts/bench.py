@@ -788,9 +788,9 @@ def command_as_module() -> list[str]:
 # Everything the in-process `shutdown` path imports before its first request.
 _ALONE_IMPORTS = (
     "import agentapi_persist.cli, agentapi_persist.config, agentapi_persist.log, "
-    "agentapi_persist.shutdown, agentapi_persist._http, agentapi_persist.agentapi, "
+    "agentapi_persist.signals, agentapi_persist._http, agentapi_persist.agentapi, "
     "agentapi_persist.coder, agentapi_persist.sequence, agentapi_persist.store, "
-    "agentapi_persist.history, asyncio\n"
+    "agentapi_persist.records, agentapi_persist.copies, asyncio\n"
     "import gc; gc.freeze()\n"  # as `shutdown` does before it exits (see cli._exit_soon)
 )
 

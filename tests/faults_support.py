@@ -360,7 +360,7 @@ def write_agentapi_files(path: Path, ack: int, last: int) -> None:
 def run_restore(settings_json: Path, ack: int, last: int) -> None:
     """One ``restore`` (the boot step) with the settings in ``settings_json``; ack when done."""
     from agentapi_persist.config import Settings
-    from agentapi_persist.repair import restore
+    from agentapi_persist.restoring import restore
 
     settings = Settings.load(json.loads(settings_json.read_text()), env={})
     _ack(ack, "r")

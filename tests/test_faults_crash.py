@@ -34,7 +34,7 @@ from agentapi_persist.agentapi_state import (
 from agentapi_persist.config import Settings
 from agentapi_persist.errors import StateFileError
 from agentapi_persist.models import Conversation, Message
-from agentapi_persist.repair import restore
+from agentapi_persist.restoring import restore
 from agentapi_persist.store import StateStore
 
 from .conftest import make_messages

@@ -43,7 +43,7 @@ from agentapi_persist import _fsutil
 from agentapi_persist.agentapi_state import read_agentapi_state, render_agentapi_state
 from agentapi_persist.errors import DurabilityError
 from agentapi_persist.models import Conversation, Message
-from agentapi_persist.repair import RestoreReport, restore
+from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from agentapi_persist import history
+from agentapi_persist import records
 from agentapi_persist._options import OPTIONS, quick_settings
 from agentapi_persist.agent_process import Version, _read_pid_file
 from agentapi_persist.agentapi import AgentEvent, _interpret, _RawEvent, _SSEDecoder
@@ -762,8 +762,8 @@ class TestSmallParsers:
     def test_history_record(self, tmp_path: Path, data: bytes) -> None:
         """``last-*.json`` with any content: a dict or None (it is informational only)."""
         directory = fresh_dir(tmp_path)
-        (directory / history.LAST_UPLOAD).write_bytes(data)
-        record = history.read_record(directory, history.LAST_UPLOAD)
+        (directory / records.LAST_UPLOAD).write_bytes(data)
+        record = records.read_record(directory, records.LAST_UPLOAD)
         assert record is None or isinstance(record, dict)
 
 

@@ -7,13 +7,21 @@ they are built from outcome objects that do not carry it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ._fsutil import write_atomic
+import structlog
 
-__all__ = ["LAST_SHUTDOWN", "LAST_UPLOAD", "read_record", "write_record"]
+from ._fsutil import write_atomic
+from .coder import UploadOutcome, UploadResult
+from .errors import PersistError
+
+__all__ = ["LAST_SHUTDOWN", "LAST_UPLOAD", "read_record", "record_upload", "write_record"]
+
+log = structlog.get_logger(__name__)
 
 LAST_UPLOAD = "last-upload.json"
 LAST_SHUTDOWN = "last-shutdown.json"
@@ -36,3 +44,24 @@ def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
     except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
         return None
     return data if isinstance(data, dict) else None
+
+
+async def record_upload(
+    state_dir: Path, result: UploadResult, *, messages: int, size: int, periodic: bool = False
+) -> None:
+    """Keep the upload's outcome in ``last-upload.json`` for ``status`` (never the token)."""
+    record = {
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "outcome": str(result.outcome),
+        "delivered": result.outcome is UploadOutcome.DELIVERED,
+        "status": result.status,
+        "attempts": result.attempts,
+        "messages": messages,
+        "bytes": size,
+        "detail": result.detail,
+        "periodic": periodic,
+    }
+    try:
+        await asyncio.to_thread(write_record, state_dir, LAST_UPLOAD, record)
+    except PersistError as exc:
+        log.warning("records.write_failed", error=str(exc))

@@ -12,21 +12,29 @@ file, so they are taken from there when it is readable and carried forward other
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .agentapi_state import trim_prompt
+from .agentapi import AgentAPIClient
+from .agentapi_state import read_agentapi_state, trim_prompt
+from .budget import Budget
+from .config import Settings
+from .errors import PersistError, StateFileError
 from .models import AgentAPIState, Conversation, Message
+from .store import StateStore
 
 __all__ = [
     "Candidate",
     "Choice",
+    "Gathered",
     "Relation",
     "choose",
     "compare",
+    "gather",
     "holds_user_message",
     "prompt_was_sent",
     "with_prompt_fields",
@@ -240,3 +248,113 @@ def file_time(path: Path) -> datetime | None:
         return datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
     except OSError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    """The freshest conversation and where it came from."""
+
+    conversation: Conversation | None
+    source: str  # "live", "sidecar", "agentapi_state" or "none"
+    live_error: str | None
+    file_state: AgentAPIState | None
+    notes: tuple[str, ...]
+    agentapi_view: tuple[Message, ...] | None = None
+    """What AgentAPI itself holds now (``GET /messages``, else the sidecar's mirror of it):
+    only its start-up screen while it has not loaded its file yet."""
+
+
+async def gather(
+    settings: Settings,
+    *,
+    store: StateStore,
+    agent: AgentAPIClient | None,
+    budget: Budget,
+    live_copy: Conversation | None = None,
+    process_prompt: str | None = None,
+    state_file: Path | None = None,
+) -> Gathered:
+    """Collect every available copy concurrently and keep the freshest.
+
+    ``live_copy`` is the running sidecar's in-memory copy (current by construction); without
+    it the store is loaded from disk. AgentAPI's file is read but never written here: it
+    belongs to AgentAPI while it runs. ``process_prompt`` is the initial prompt the running
+    AgentAPI was started with, for a copy that never saw AgentAPI's file; ``state_file`` the
+    file it really uses (default: the configured one).
+    """
+    agentapi_file = state_file or settings.agentapi_state_file
+    notes: list[str] = []
+
+    async def load_store() -> tuple[Conversation | None, datetime | None]:
+        if live_copy is not None:
+            return live_copy, datetime.now(UTC)
+        try:
+            report = await store.aload()
+        except StateFileError as exc:
+            notes.append(f"the sidecar copy could not be read: {exc}")
+            return None, None
+        notes.extend(report.problems)
+        return report.conversation, report.saved_at
+
+    async def load_file() -> AgentAPIState | None:
+        path = agentapi_file
+        try:
+            return await asyncio.to_thread(
+                read_agentapi_state, path, max_bytes=settings.max_body_bytes
+            )
+        except FileNotFoundError:
+            return None
+        except StateFileError as exc:
+            notes.append(f"AgentAPI's state file is unusable ({exc}); `restore` will repair it")
+            return None
+
+    async def fetch_live() -> tuple[tuple[Message, ...] | None, str | None]:
+        if agent is None:
+            return None, "AgentAPI not queried"
+        try:
+            cap = max(min(2.0, budget.remaining() * 0.3), 0.05)
+            return await agent.messages(budget=budget, cap_s=cap), None
+        except PersistError as exc:
+            return None, str(exc)
+
+    (stored, stored_at), file_state, (live, live_error) = await asyncio.gather(
+        load_store(), load_file(), fetch_live()
+    )
+    if live_error is not None and agent is not None:
+        notes.append(f"live messages unavailable: {live_error}")
+
+    candidates: list[Candidate] = []
+    if live is not None:
+        candidates.append(Candidate("live", live, None))
+    if stored is not None:
+        candidates.append(Candidate("sidecar", stored.messages, stored_at))
+    if file_state is not None:
+        candidates.append(
+            Candidate(
+                "agentapi_state",
+                file_state.conversation_messages(),
+                file_time(agentapi_file),
+            )
+        )
+    choice = choose(candidates)
+    notes.extend(choice.reasons)
+    view = live if live is not None else (live_copy.messages if live_copy is not None else None)
+    if choice.winner is None:
+        return Gathered(None, "none", live_error, file_state, tuple(notes), view)
+    base = stored if stored is not None else Conversation()
+    if process_prompt is not None and base.prompt_origin in ("unknown", "environment"):
+        base = base.model_copy(
+            update={
+                "initial_prompt": process_prompt,
+                "initial_prompt_sent": None,
+                "prompt_origin": "agentapi_process",
+            }
+        )
+    conversation, prompt_note = with_prompt_fields(
+        base.with_messages(choice.winner.messages),
+        from_file=file_state,
+        environment_prompt=settings.initial_prompt,
+    )
+    if prompt_note:
+        notes.append(prompt_note)
+    return Gathered(conversation, choice.winner.name, live_error, file_state, tuple(notes), view)

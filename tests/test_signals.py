@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from agentapi_persist.shutdown import StopController
+from agentapi_persist.signals import StopController
 
 
 async def test_first_request_sets_stop_and_deadline() -> None:
@@ -37,7 +37,7 @@ async def test_second_request_forces_and_only_brings_the_deadline_closer() -> No
 def test_watchdog_ends_a_blocked_process_with_exit_5() -> None:
     """3. A process whose main thread is stuck is ended by the watchdog thread, code 5."""
     code = (
-        "import time; from agentapi_persist.shutdown import arm_watchdog;"
+        "import time; from agentapi_persist.signals import arm_watchdog;"
         "arm_watchdog(time.monotonic() + 0.3); time.sleep(30)"
     )
     started = time.monotonic()
@@ -52,7 +52,7 @@ def test_watchdog_ends_a_blocked_process_with_exit_5() -> None:
 def test_cancelled_watchdog_does_nothing() -> None:
     """4. Disarming in time lets the process finish normally."""
     code = (
-        "import time; from agentapi_persist.shutdown import arm_watchdog;"
+        "import time; from agentapi_persist.signals import arm_watchdog;"
         "t = arm_watchdog(time.monotonic() + 0.3); t.cancel(); time.sleep(0.6)"
     )
     result = subprocess.run([sys.executable, "-c", code], timeout=20, check=False)

@@ -11,7 +11,7 @@ import pytest
 from agentapi_persist.agentapi_state import read_agentapi_state, render_agentapi_state
 from agentapi_persist.errors import AgentRunningError, ExitCode
 from agentapi_persist.models import Conversation
-from agentapi_persist.repair import RestoreReport, restore
+from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
 

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     )
     from .log import configure_logging
     from .models import AgentAPIState, AgentStatus, Conversation, Message
+    from .peers import Peers, open_peers
     from .restoring import RestoreReport, restore
-    from .sequence import ShutdownReport, run_sequence
+    from .shutdown import ShutdownReport, run_sequence, run_shutdown
     from .snapshot import Snapshot, build_snapshot
     from .status import StatusReport, collect_status
     from .store import LoadReport, SaveReport, StateStore
@@ -65,6 +66,7 @@ __all__ = [
     "ExitCode",
     "LoadReport",
     "Message",
+    "Peers",
     "PersistError",
     "RestoreReport",
     "SaveReport",
@@ -87,11 +89,13 @@ __all__ = [
     "configure_logging",
     "find_agentapi",
     "gather",
+    "open_peers",
     "read_agentapi_state",
     "render_agentapi_state",
     "restore",
     "run",
     "run_sequence",
+    "run_shutdown",
     "serve",
     "write_agentapi_state",
 ]
@@ -132,9 +136,12 @@ _HOME: dict[str, str] = {
     "Message": "models",
     "RestoreReport": "restoring",
     "restore": "restoring",
-    "ShutdownReport": "sequence",
+    "ShutdownReport": "shutdown",
     "gather": "copies",
-    "run_sequence": "sequence",
+    "run_sequence": "shutdown",
+    "run_shutdown": "shutdown",
+    "Peers": "peers",
+    "open_peers": "peers",
     "Snapshot": "snapshot",
     "build_snapshot": "snapshot",
     "StatusReport": "status",

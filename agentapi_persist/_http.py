@@ -9,8 +9,6 @@ at most ``limit`` bytes of memory.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 
@@ -20,7 +18,6 @@ from .errors import UpstreamError
 __all__ = [
     "BodyTooLarge",
     "client_timeout",
-    "closing_session",
     "make_session",
     "read_capped",
     "transport_errors",
@@ -75,18 +72,3 @@ async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-@asynccontextmanager
-async def closing_session(
-    session: aiohttp.ClientSession | None,
-) -> AsyncIterator[aiohttp.ClientSession]:
-    """Use ``session`` if given (caller owns it), else make one and close it afterwards."""
-    if session is not None:
-        yield session
-        return
-    owned = make_session()
-    try:
-        yield owned
-    finally:
-        await owned.close()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .config import Settings
-    from .sequence import ShutdownReport
+    from .shutdown import ShutdownReport
 
 __all__ = ["build_parser", "main"]
 
@@ -249,7 +249,7 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
 
     # Exit on our own just before the runtime's SIGKILL, even if the loop is stuck.
     watchdog = arm_watchdog(
-        started_at + settings.grace_s - min(0.15, settings.margin_s / 2),
+        started_at + settings.grace_s - settings.watchdog_margin_s,
         exit_code=lambda: known[0] if known else None,
     )
     try:
@@ -272,36 +272,13 @@ def _exit_soon() -> None:
 async def _shutdown_async(
     settings: Settings, *, started_at: float, publish: Callable[[ShutdownReport], None]
 ) -> ShutdownReport:
-    import asyncio
-    import contextlib
+    from .peers import open_peers
+    from .shutdown import run_shutdown
 
-    from . import records
-    from ._http import make_session
-    from .agentapi import AgentAPIClient
-    from .budget import Budget
-    from .coder import CoderClient
-    from .errors import ConfigError
-    from .sequence import run_sequence
-    from .store import StateStore
-
-    budget = Budget(max(settings.budget_s - (time.monotonic() - started_at), 0.05))
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
-    async with make_session() as agent_session, make_session() as coder_session:
-        agent = AgentAPIClient(
-            settings.agentapi_url, session=agent_session, max_body_bytes=settings.max_body_bytes
+    async with open_peers(settings) as peers:
+        return await run_shutdown(
+            settings, peers=peers, ends_at=started_at + settings.budget_s, publish=publish
         )
-        try:
-            target = settings.coder_target()
-        except ConfigError:
-            target = None  # the sequence reports the misconfiguration as the snapshot outcome
-        coder = CoderClient(target, session=coder_session) if target else None
-        report = await run_sequence(settings, store=store, agent=agent, coder=coder, budget=budget)
-        publish(report)
-    with contextlib.suppress(PersistError):  # informational only; the summary says it all
-        await asyncio.to_thread(
-            records.write_record, settings.state_dir, records.LAST_SHUTDOWN, report.as_dict()
-        )
-    return report
 
 
 def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
@@ -340,25 +317,18 @@ def _snapshot(settings: Settings, *, as_json: bool, dry_run: bool) -> int:
 
 
 async def _snapshot_async(settings: Settings, *, as_json: bool, dry_run: bool) -> int:
-    from ._http import make_session
-    from .agentapi import AgentAPIClient
     from .budget import Budget
-    from .coder import CoderClient
     from .copies import gather
     from .errors import ConfigError
+    from .peers import open_peers
     from .snapshot import build_snapshot
-    from .store import StateStore
 
     budget = Budget(settings.budget_s)
     target = None if dry_run else settings.coder_target()
     if not dry_run and target is None:
         raise ConfigError("no snapshot is configured: set ARG_TASK_ID (or --task-id) to upload")
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
-    async with make_session() as session:
-        agent = AgentAPIClient(
-            settings.agentapi_url, session=session, max_body_bytes=settings.max_body_bytes
-        )
-        gathered = await gather(settings, store=store, agent=agent, budget=budget)
+    async with open_peers(settings) as peers:
+        gathered = await gather(settings, store=peers.store, agent=peers.agent, budget=budget)
         messages = gathered.conversation.messages if gathered.conversation else ()
         snapshot = build_snapshot(
             messages, max_messages=settings.snapshot_messages, max_bytes=settings.snapshot_max_bytes
@@ -387,9 +357,8 @@ async def _snapshot_async(settings: Settings, *, as_json: bool, dry_run: bool) -
                 as_json=as_json,
             )
             return int(ExitCode.OK)
-        assert target is not None
-        coder = CoderClient(target, session=session)
-        result = await coder.upload_snapshot(snapshot.payload, budget=budget)
+        assert peers.coder is not None  # coder_target() above found a target
+        result = await peers.coder.upload_snapshot(snapshot.payload, budget=budget)
     outcome = {
         **facts,
         "outcome": str(result.outcome),

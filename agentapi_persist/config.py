@@ -149,6 +149,12 @@ class Settings(BaseModel):
         return min(max(0.25, self.grace_s * 0.1), 2.0)
 
     @property
+    def watchdog_margin_s(self) -> float:
+        """How long before the grace period ends the hard-exit watchdog fires: inside the
+        margin (so the runtime's SIGKILL never comes first), at most 0.15 s before its end."""
+        return min(0.15, self.margin_s / 2)
+
+    @property
     def budget_s(self) -> float:
         """The shutdown sequence's whole budget: grace minus the safety margin."""
         return max(self.grace_s - self.margin_s, 0.1)

@@ -13,7 +13,6 @@ file, so they are taken from there when it is readable and carried forward other
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,64 +23,25 @@ from .agentapi_state import read_agentapi_state, trim_prompt
 from .budget import Budget
 from .config import Settings
 from .errors import PersistError, StateFileError
-from .models import AgentAPIState, Conversation, Message
+from .models import (
+    AgentAPIState,
+    Conversation,
+    Message,
+    Relation,
+    compare,
+    holds_user_message,
+)
 from .store import StateStore
 
 __all__ = [
     "Candidate",
     "Choice",
     "Gathered",
-    "Relation",
     "choose",
-    "compare",
     "gather",
-    "holds_user_message",
     "prompt_was_sent",
     "with_prompt_fields",
 ]
-
-
-class Relation(enum.Enum):
-    """How copy ``a`` relates to copy ``b``."""
-
-    SAME = "same"
-    A_AHEAD = "a_ahead"  # a extends b (b is a prefix of a, its last message possibly shorter)
-    B_AHEAD = "b_ahead"
-    LAST_DIFFERS = "last_differs"  # same length, only the last message differs
-    DIVERGED = "diverged"  # they disagree before their last common message
-
-
-def _same(a: Message, b: Message) -> bool:
-    return a.role == b.role and a.content == b.content and a.time == b.time
-
-
-def compare(a: Sequence[Message], b: Sequence[Message]) -> Relation:
-    """Relate two message lists by content.
-
-    The last message of the shorter list may differ from its counterpart: AgentAPI keeps
-    extending the last agent message while the agent is running, so an older copy holds a
-    shorter version of it. Any earlier difference is a real divergence.
-    """
-    common = min(len(a), len(b))
-    # Compare from the end of the common part backwards: the recent messages are the ones
-    # most likely to differ, so divergence is usually found in a few steps.
-    for index in range(common - 2, -1, -1):
-        if a[index] is not b[index] and not _same(a[index], b[index]):
-            return Relation.DIVERGED
-    last_equal = common == 0 or _same(a[common - 1], b[common - 1])
-    if len(a) == len(b):
-        return Relation.SAME if last_equal else Relation.LAST_DIFFERS
-    if len(a) > len(b):
-        return (
-            Relation.A_AHEAD
-            if last_equal or a[common - 1].role == b[common - 1].role
-            else Relation.DIVERGED
-        )
-    return (
-        Relation.B_AHEAD
-        if last_equal or a[common - 1].role == b[common - 1].role
-        else Relation.DIVERGED
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,18 +112,6 @@ def _newer(a: Candidate, b: Candidate) -> Candidate:
     a_time = a.as_of or far_future
     b_time = b.as_of or far_future
     return a if a_time > b_time else b
-
-
-def holds_user_message(messages: Sequence[Message]) -> bool:
-    """Whether anyone ever spoke to the agent here.
-
-    Before AgentAPI loads its state file (it waits until the agent shows its input box) it
-    holds only the agent's start-up screen, and a save in that window writes exactly that
-    with ``initial_prompt_sent: false`` (coder/agentapi lib/screentracker/pty_conversation.go,
-    the snapshot loop and ``SaveState``; seen with the real v0.12.2). Such a copy must never
-    replace one that holds a user message.
-    """
-    return any(m.role == "user" for m in messages)
 
 
 def prompt_was_sent(conversation: Conversation, prompt: str) -> bool:

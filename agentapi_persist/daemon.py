@@ -45,8 +45,6 @@ from typing import Any
 import aiohttp
 import structlog
 
-from . import records
-from ._http import make_session
 from .agent_process import find_agentapi
 from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
 from .budget import Budget
@@ -56,9 +54,10 @@ from .control import ControlServer
 from .errors import AgentAPIError, AgentRunningError, PersistError
 from .mirror import Gap, Mirror, build_replay
 from .models import Conversation, Message
+from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
 from .restoring import restore
-from .sequence import ShutdownReport, persist, run_sequence
+from .shutdown import ShutdownReport, run_shutdown
 from .signals import StopController, install_signal_handlers
 from .snapshot import build_snapshot
 from .store import StateStore
@@ -114,8 +113,9 @@ class Daemon:
         self.store = store or StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
         self.state = DaemonState.NEW
         self.mirror = Mirror()
-        self.stopper = StopController(hard_margin_s=min(0.15, settings.margin_s / 2))
-        self._own_sessions = agent_session is None, coder_session is None
+        self.stopper = StopController(hard_margin_s=settings.watchdog_margin_s)
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._peers: Peers | None = None
         self._agent_session = agent_session
         self._coder_session = coder_session
         self._agent: AgentAPIClient | None = None
@@ -155,23 +155,20 @@ class Daemon:
     async def __aenter__(self) -> Daemon:
         if self.state is not DaemonState.NEW:
             raise RuntimeError(f"a Daemon is used once; this one is {self.state.value}")
-        if self._agent_session is None:
-            self._agent_session = make_session(total_timeout_s=3600)
-        if self._coder_session is None:
-            self._coder_session = make_session()
-        self._agent = AgentAPIClient(
-            self.settings.agentapi_url,
-            session=self._agent_session,
-            max_body_bytes=self.settings.max_body_bytes,
+        self._peers = await self._exit_stack.enter_async_context(
+            open_peers(
+                self.settings,
+                store=self.store,
+                agent_session=self._agent_session,
+                coder_session=self._coder_session,
+                agent_timeout_s=SIDECAR_AGENTAPI_TIMEOUT_S,
+            )
         )
-        target = None
-        try:
-            target = self.settings.coder_target()
-        except PersistError as exc:
+        self._agent, self._coder = self._peers.agent, self._peers.coder
+        if self._peers.coder_problem is not None:
             # Not fatal: the state is still kept durable; the stop's summary reports the
             # misconfigured snapshot (exit 4) so the template author sees it.
-            log.error("daemon.snapshot_misconfigured", error=str(exc))
-        self._coder = CoderClient(target, session=self._coder_session) if target else None
+            log.error("daemon.snapshot_misconfigured", error=self._peers.coder_problem)
         return self
 
     async def __aexit__(
@@ -184,11 +181,7 @@ class Daemon:
         self.stopper.disarm()
         if self._retry is not None:
             self._retry.cancel()
-        own_agent, own_coder = self._own_sessions
-        if own_agent and self._agent_session is not None:
-            await self._agent_session.close()
-        if own_coder and self._coder_session is not None:
-            await self._coder_session.close()
+        await self._exit_stack.aclose()
 
     # -- the whole life -----------------------------------------------------------------------
 
@@ -504,7 +497,7 @@ class Daemon:
             initial_prompt_sent=stored.initial_prompt_sent,
             prompt_origin=stored.prompt_origin,
         )
-        outcome, detail = await asyncio.to_thread(persist, self.store, conversation)
+        outcome, detail = await self.store.async_sync(conversation)
         current = self.store.conversation
         # Synced once the store holds exactly the mirror; while the stored copy is ahead
         # (AgentAPI came back with less), every checkpoint compares again.
@@ -581,36 +574,25 @@ class Daemon:
             updates["grace_s"] = self._stop_grace_s
         if updates:
             settings = settings.model_copy(update=updates)
-        margin = settings.margin_s
-        # The last changes seen on the stream go to disk first; the sequence then compares
-        # with a fresh GET /messages and writes only what is still missing.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(self.stopper.remaining() - margin, 0.05) / 2):
-                await self.checkpoint()
-        budget = Budget(max(self.stopper.remaining() - margin, 0.05))
-        assert self._agent is not None
-        report = await run_sequence(
-            settings,
-            store=self.store,
-            agent=self._agent,
-            coder=self._coder,
-            budget=budget,
-            live_copy=self.store.conversation,
-            force=self.stopper.force,
-        )
-        report.notes.insert(0, f"stopped by {reason}")
-        log.info(
-            "daemon.stopped", reason=reason, exit_code=int(report.exit_code), ms=report.total_ms
-        )
+        assert self._peers is not None
         assert self._done is not None
-        self._done.set_result(report)  # a waiting `shutdown` command gets its answer now
-        with contextlib.suppress(PersistError):
-            await asyncio.to_thread(
-                records.write_record,
-                self.settings.state_dir,
-                records.LAST_SHUTDOWN,
-                report.as_dict(),
+        done = self._done
+
+        def publish(report: ShutdownReport) -> None:
+            log.info(
+                "daemon.stopped", reason=reason, exit_code=int(report.exit_code), ms=report.total_ms
             )
+            done.set_result(report)  # a waiting `shutdown` command gets its answer now
+
+        report = await run_shutdown(
+            settings,
+            peers=self._peers,
+            ends_at=time.monotonic() + self.stopper.remaining() - settings.margin_s,
+            flush=self.checkpoint,
+            force=self.stopper.force,
+            reason=reason,
+            publish=publish,
+        )
         await self._compact_on_exit(report)
         if self._control is not None:
             await self._control.close()

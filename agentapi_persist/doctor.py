@@ -33,7 +33,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._fsutil import write_atomic
-from ._http import make_session
 from .agent_process import (
     MIN_SIGUSR1_VERSION,
     AgentProcess,
@@ -43,13 +42,13 @@ from .agent_process import (
     find_agentapi,
     persistence_enabled,
 )
-from .agentapi import AgentAPIClient
 from .budget import Budget
-from .coder import CoderClient, UploadOutcome
+from .coder import UploadOutcome
 from .config import Settings
 from .copies import gather
 from .errors import ConfigError, DurabilityError, ExitCode, PersistError, cap_text
 from .models import AgentStatus, Conversation
+from .peers import open_peers
 from .snapshot import build_snapshot
 from .status import sidecar_view
 from .store import StateStore
@@ -420,8 +419,8 @@ async def check_agentapi_http(
     """``GET /status`` within ``probe_s``; also returns whether AgentAPI answered."""
     name = "agentapi.reachable"
     url = settings.agentapi_url
-    async with make_session(total_timeout_s=probe_s) as session:
-        client = AgentAPIClient(url, session=session, max_body_bytes=settings.max_body_bytes)
+    async with open_peers(settings, read_only=True, agent_timeout_s=probe_s) as peers:
+        client = peers.agent
         started = time.perf_counter()
         status: AgentStatus | None = None
         error = ""
@@ -614,12 +613,11 @@ async def check_coder_endpoint(settings: Settings, *, probe_s: float = 2.0) -> F
     if target is None:
         why = "no task id" if settings.task_log_snapshot else "snapshots are switched off"
         return Finding(name, Verdict.SKIP, f"not probed: {why}")
-    async with make_session(total_timeout_s=probe_s) as session:
-        try:
-            client = CoderClient(target, session=session)
-        except ConfigError as exc:
-            return Finding(name, Verdict.FAIL, f"not probed: {exc}", "fix CODER_AGENT_TOKEN")
-        result = await client.upload_snapshot(PROBE_BODY, budget=Budget(probe_s))
+    async with open_peers(settings, read_only=True) as peers:
+        if peers.coder is None:
+            problem = peers.coder_problem or "no Coder client"
+            return Finding(name, Verdict.FAIL, f"not probed: {problem}", "fix CODER_AGENT_TOKEN")
+        result = await peers.coder.upload_snapshot(PROBE_BODY, budget=Budget(probe_s))
     where = _display_url(settings.coder_url)
     said = f"{result.status} in {result.duration_ms} ms"
     match result.outcome:
@@ -742,14 +740,10 @@ async def check_shutdown_timing(settings: Settings) -> Finding:
     write the copy durably to a temp directory on the state directory's filesystem."""
     name = "shutdown.timing"
     budget_ms = settings.budget_s * 1000
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
     started = time.perf_counter()
-    async with make_session() as session:
-        agent = AgentAPIClient(
-            settings.agentapi_url, session=session, max_body_bytes=settings.max_body_bytes
-        )
+    async with open_peers(settings, read_only=True) as peers:
         gathered = await gather(
-            settings, store=store, agent=agent, budget=Budget(settings.budget_s)
+            settings, store=peers.store, agent=peers.agent, budget=Budget(settings.budget_s)
         )
     fetched = time.perf_counter()
     conversation = gathered.conversation

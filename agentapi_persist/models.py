@@ -16,6 +16,7 @@ string here encodes to UTF-8 without error, which the byte-exact snapshot limit 
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from collections.abc import Sequence
@@ -42,8 +43,11 @@ __all__ = [
     "Message",
     "MessagesResponse",
     "PromptOrigin",
+    "Relation",
     "Role",
+    "compare",
     "dump_compact",
+    "holds_user_message",
     "parse_untrusted_json",
     "renumber",
     "sanitize_text",
@@ -220,6 +224,64 @@ def renumber(messages: Sequence[Message]) -> list[Message]:
         m if m.id == index else m.model_copy(update={"id": index})
         for index, m in enumerate(messages)
     ]
+
+
+# -- comparing conversations (pure) ---------------------------------------------------------
+
+
+class Relation(enum.Enum):
+    """How copy ``a`` relates to copy ``b``."""
+
+    SAME = "same"
+    A_AHEAD = "a_ahead"  # a extends b (b is a prefix of a, its last message possibly shorter)
+    B_AHEAD = "b_ahead"
+    LAST_DIFFERS = "last_differs"  # same length, only the last message differs
+    DIVERGED = "diverged"  # they disagree before their last common message
+
+
+def _same(a: Message, b: Message) -> bool:
+    return a.role == b.role and a.content == b.content and a.time == b.time
+
+
+def compare(a: Sequence[Message], b: Sequence[Message]) -> Relation:
+    """Relate two message lists by content.
+
+    The last message of the shorter list may differ from its counterpart: AgentAPI keeps
+    extending the last agent message while the agent is running, so an older copy holds a
+    shorter version of it. Any earlier difference is a real divergence.
+    """
+    common = min(len(a), len(b))
+    # Compare from the end of the common part backwards: the recent messages are the ones
+    # most likely to differ, so divergence is usually found in a few steps.
+    for index in range(common - 2, -1, -1):
+        if a[index] is not b[index] and not _same(a[index], b[index]):
+            return Relation.DIVERGED
+    last_equal = common == 0 or _same(a[common - 1], b[common - 1])
+    if len(a) == len(b):
+        return Relation.SAME if last_equal else Relation.LAST_DIFFERS
+    if len(a) > len(b):
+        return (
+            Relation.A_AHEAD
+            if last_equal or a[common - 1].role == b[common - 1].role
+            else Relation.DIVERGED
+        )
+    return (
+        Relation.B_AHEAD
+        if last_equal or a[common - 1].role == b[common - 1].role
+        else Relation.DIVERGED
+    )
+
+
+def holds_user_message(messages: Sequence[Message]) -> bool:
+    """Whether anyone ever spoke to the agent here.
+
+    Before AgentAPI loads its state file (it waits until the agent shows its input box) it
+    holds only the agent's start-up screen, and a save in that window writes exactly that
+    with ``initial_prompt_sent: false`` (coder/agentapi lib/screentracker/pty_conversation.go,
+    the snapshot loop and ``SaveState``; seen with the real v0.12.2). Such a copy must never
+    replace one that holds a user message.
+    """
+    return any(m.role == "user" for m in messages)
 
 
 _M = TypeVar("_M", bound=BaseModel)

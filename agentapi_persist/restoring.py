@@ -37,9 +37,9 @@ from ._fsutil import quarantine
 from .agent_process import clear_stale_pid_file, find_agentapi
 from .agentapi_state import conversation_from_state, read_agentapi_state, write_agentapi_state
 from .config import Settings
-from .copies import Relation, compare, file_time, holds_user_message, with_prompt_fields
+from .copies import file_time, with_prompt_fields
 from .errors import AgentRunningError, ExitCode, StateFileError
-from .models import AgentAPIState, Conversation
+from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
 from .store import StateStore
 
 __all__ = ["RestoreReport", "restore"]

@@ -12,15 +12,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import records
-from ._http import make_session
 from .agent_process import MIN_SIGUSR1_VERSION, detect_version, find_agentapi, persistence_enabled
-from .agentapi import AgentAPIClient
 from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .config import Settings
 from .control_client import SidecarUnavailable, ask_sidecar
-from .copies import Relation, compare
 from .errors import ConfigError, ExitCode, PersistError, StateFileError
+from .models import Relation, compare
+from .peers import open_peers
 from .store import StateStore
 
 __all__ = ["StatusReport", "collect_status", "sidecar_view"]
@@ -123,12 +122,9 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "pid": process.pid if process else None,
         "process": "found" if process else reason,
     }
-    async with make_session(total_timeout_s=probe_s) as session:
-        client = AgentAPIClient(
-            settings.agentapi_url, session=session, max_body_bytes=settings.max_body_bytes
-        )
+    async with open_peers(settings, store=store, agent_timeout_s=probe_s) as peers:
         try:
-            status = await client.status(budget=budget)
+            status = await peers.agent.status(budget=budget)
             agent.update(
                 url=settings.agentapi_url,
                 reachable=True,

@@ -67,7 +67,16 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from ._fsutil import append_durable, fsync_dir, quarantine, read_capped_file, write_atomic
 from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
-from .models import MESSAGES_ADAPTER, Conversation, Message, PromptOrigin, dump_compact
+from .models import (
+    MESSAGES_ADAPTER,
+    Conversation,
+    Message,
+    PromptOrigin,
+    Relation,
+    compare,
+    dump_compact,
+    holds_user_message,
+)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LoadReport", "SaveReport", "StateStore"]
 
@@ -826,6 +835,50 @@ class StateStore:
                 # The new generation is durable; a delete that does not stick is harmless.
                 log.warning("store.prune_failed", path=str(self.directory), error=str(exc))
 
+    def sync(self, conversation: Conversation) -> tuple[str, str]:
+        """Make ``conversation`` durable at the smallest cost, deciding by content how it
+        relates to the stored copy. Returns (outcome, detail).
+
+        If the stored copy is a prefix of it, only the changed tail is journalled; if it is
+        already stored, nothing is written; a copy that diverged from the stored one gets a new
+        full generation (the previous generation stays on disk).
+        """
+        stored = self.conversation
+        if stored is None:
+            report = self.save(conversation)
+            return "durable", f"generation {report.seq}, {report.bytes_written} bytes"
+        relation = compare(conversation.messages, stored.messages)
+        prompt_changed = (
+            conversation.initial_prompt,
+            conversation.initial_prompt_sent,
+            conversation.prompt_origin,
+        ) != (stored.initial_prompt, stored.initial_prompt_sent, stored.prompt_origin)
+        if relation is Relation.SAME and not prompt_changed:
+            return "durable", "already on disk"
+        if relation in (Relation.SAME, Relation.A_AHEAD, Relation.LAST_DIFFERS):
+            first = _first_difference(conversation.messages, stored.messages)
+            report = self.append(
+                conversation.messages[first:], prompt=conversation if prompt_changed else None
+            )
+            added = len(conversation.messages) - first
+            return "durable", f"journal +{added} messages, {report.bytes_written} bytes"
+        if relation is Relation.B_AHEAD:
+            return "durable", "the stored copy is already ahead"
+        if holds_user_message(stored.messages) and not holds_user_message(conversation.messages):
+            # AgentAPI restarted and shows only the agent's start-up screen until it has loaded
+            # its file: that is not a new conversation, and must not replace this one.
+            return "durable", (
+                f"kept the stored {len(stored.messages)}-message conversation: AgentAPI shows only "
+                "the agent's start-up screen (it has not loaded its file yet)"
+            )
+        kept = self.archive(reason="replaced by a diverging newer conversation")
+        report = self.save(conversation, allow_shrink=True)
+        return (
+            "durable",
+            f"diverged: new generation {report.seq}; the previous {len(stored.messages)}-message "
+            f"conversation is kept at {kept}",
+        )
+
     # -- async wrappers: one executor hop each ---------------------------------------------------
 
     async def aload(self) -> LoadReport:
@@ -842,6 +895,19 @@ class StateStore:
         """``append`` in a worker thread."""
         return await asyncio.to_thread(self.append, updates, prompt=prompt)
 
+    async def async_sync(self, conversation: Conversation) -> tuple[str, str]:
+        """``sync`` in a worker thread."""
+        return await asyncio.to_thread(self.sync, conversation)
+
     async def acompact(self) -> SaveReport:
         """``compact`` in a worker thread."""
         return await asyncio.to_thread(self.compact)
+
+
+def _first_difference(new: tuple[Message, ...], old: tuple[Message, ...]) -> int:
+    common = min(len(new), len(old))
+    index = common
+    # The tail is where changes are; walk back from the end of the common part.
+    while index > 0 and new[index - 1] != old[index - 1]:
+        index -= 1
+    return index

@@ -789,7 +789,7 @@ def command_as_module() -> list[str]:
 _ALONE_IMPORTS = (
     "import agentapi_persist.cli, agentapi_persist.config, agentapi_persist.log, "
     "agentapi_persist.signals, agentapi_persist._http, agentapi_persist.agentapi, "
-    "agentapi_persist.coder, agentapi_persist.sequence, agentapi_persist.store, "
+    "agentapi_persist.coder, agentapi_persist.shutdown, agentapi_persist.store, "
     "agentapi_persist.records, agentapi_persist.copies, asyncio\n"
     "import gc; gc.freeze()\n"  # as `shutdown` does before it exits (see cli._exit_soon)
 )

@@ -31,10 +31,9 @@ from agentapi_persist._http import make_session
 from agentapi_persist.agentapi import AgentAPIClient
 from agentapi_persist.budget import Budget
 from agentapi_persist.coder import CoderClient
-from agentapi_persist.copies import Relation, compare
 from agentapi_persist.errors import ConfigError
-from agentapi_persist.models import Conversation, Message
-from agentapi_persist.sequence import ShutdownReport, run_sequence
+from agentapi_persist.models import Conversation, Message, Relation, compare
+from agentapi_persist.shutdown import ShutdownReport, run_sequence
 from agentapi_persist.store import StateStore
 
 from .conftest import CANARY_TOKEN, Workspace, make_messages, new_workspace

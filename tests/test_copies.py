@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agentapi_persist.copies import Candidate, Relation, choose, compare, with_prompt_fields
-from agentapi_persist.models import AgentAPIState, Conversation, Message, Role
+from agentapi_persist.copies import Candidate, choose, with_prompt_fields
+from agentapi_persist.models import AgentAPIState, Conversation, Message, Relation, Role, compare
 
 T = "2025-01-02T03:04:05.123456789Z"
 

@@ -20,7 +20,7 @@ from agentapi_persist.control_client import ask_sidecar
 from agentapi_persist.daemon import Daemon, DaemonState
 from agentapi_persist.errors import ExitCode
 from agentapi_persist.models import Conversation
-from agentapi_persist.sequence import ShutdownReport
+from agentapi_persist.shutdown import ShutdownReport
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
 from agentapi_persist.testing.coder import FakeCoder

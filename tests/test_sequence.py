@@ -17,7 +17,7 @@ from agentapi_persist.budget import Budget
 from agentapi_persist.coder import CoderClient
 from agentapi_persist.errors import ExitCode
 from agentapi_persist.models import Conversation
-from agentapi_persist.sequence import ShutdownReport, run_sequence
+from agentapi_persist.shutdown import ShutdownReport, run_sequence
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
 from agentapi_persist.testing.coder import FakeCoder
@@ -243,7 +243,7 @@ async def test_hung_agentapi_costs_a_bounded_slice(
 
 def test_summary_is_one_line_with_every_step() -> None:
     """The summary names each step with its outcome and milliseconds on one line."""
-    from agentapi_persist.sequence import StepResult
+    from agentapi_persist.shutdown import StepResult
 
     report = ShutdownReport(
         steps=[StepResult("fetch", "live", True, 3), StepResult("state", "durable", True, 4)],

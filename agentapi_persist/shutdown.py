@@ -1,9 +1,14 @@
-"""The shutdown sequence: everything a stop must do, inside one grace budget.
+"""The stop, top to bottom: everything a workspace stop must do, inside one grace budget.
 
-Order (SPEC §2), all under ``asyncio.timeout`` at the budget's end:
+``run_shutdown`` is the one stop, used by the ``shutdown`` command and by the sidecar:
+
+    budget -> (the sidecar's last flush) -> the sequence -> the result published
+           -> the last-shutdown record
+
+The sequence (``run_sequence``, SPEC §2), all under ``asyncio.timeout`` at the budget's end:
 
 1. **fetch**: read the sidecar's copy, AgentAPI's state file and ``GET /messages`` at once, and
-   keep the freshest (``sources.choose``).
+   keep the freshest (``copies.choose``).
 2. **agentapi_save**: SIGUSR1 to AgentAPI, only when its version is known >= 0.12.0, its pid
    really is AgentAPI and persistence is on; then confirm the save landed instead of sleeping.
 3. **state**: the durable write of our own copy. Shielded: a deadline or a second signal never
@@ -23,6 +28,7 @@ durable, and the exit code. Nothing here raises for a peer's failure; it is repo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +38,7 @@ from typing import Any, Literal
 
 import structlog
 
+from . import records
 from .agent_process import AgentProcess, detect_version, find_agentapi, persistence_enabled
 from .agent_process import request_save as agent_request_save
 from .agent_process import stop as agent_stop
@@ -40,7 +47,7 @@ from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .coder import CoderClient
 from .config import Settings
-from .copies import Gathered, Relation, compare, gather, holds_user_message, with_prompt_fields
+from .copies import Gathered, gather, with_prompt_fields
 from .errors import (
     ConfigError,
     DurabilityError,
@@ -48,12 +55,13 @@ from .errors import (
     PersistError,
     StateFileError,
 )
-from .models import Conversation, Message
+from .models import Conversation, Message, holds_user_message
+from .peers import Peers
 from .records import record_upload
 from .snapshot import build_snapshot
 from .store import StateStore
 
-__all__ = ["ShutdownReport", "StepResult", "persist", "run_sequence"]
+__all__ = ["ShutdownReport", "StepResult", "run_sequence", "run_shutdown"]
 
 log = structlog.get_logger(__name__)
 
@@ -145,59 +153,51 @@ async def _timed(coro: Awaitable[StepResult], name: StepName) -> StepResult:
     return result
 
 
-def persist(store: StateStore, conversation: Conversation) -> tuple[str, str]:
-    """Make ``conversation`` durable at the smallest cost. Returns (outcome, detail).
+async def run_shutdown(
+    settings: Settings,
+    *,
+    peers: Peers,
+    ends_at: float,
+    flush: Callable[[], Awaitable[None]] | None = None,
+    force: asyncio.Event | None = None,
+    reason: str | None = None,
+    publish: Callable[[ShutdownReport], None] | None = None,
+) -> ShutdownReport:
+    """The whole stop: returns its report once the last-shutdown record is written.
 
-    If the stored copy is a prefix of it, only the changed tail is journalled; if it is
-    already stored, nothing is written; a copy that diverged from the stored one gets a new
-    full generation (the previous generation stays on disk).
+    ``ends_at`` is when the budget ends (``time.monotonic()``). ``flush`` is the running
+    sidecar's last checkpoint: it gets at most half of the budget, and the sidecar's durable
+    copy is then the live copy the sequence starts from. ``publish`` is called with the report
+    as soon as it is known (the summary goes out before the clean-up, so a watchdog exit at
+    the deadline still reports the real outcome).
     """
-    stored = store.conversation
-    if stored is None:
-        report = store.save(conversation)
-        return "durable", f"generation {report.seq}, {report.bytes_written} bytes"
-    relation = compare(conversation.messages, stored.messages)
-    prompt_changed = (
-        conversation.initial_prompt,
-        conversation.initial_prompt_sent,
-        conversation.prompt_origin,
-    ) != (stored.initial_prompt, stored.initial_prompt_sent, stored.prompt_origin)
-    if relation is Relation.SAME and not prompt_changed:
-        return "durable", "already on disk"
-    if relation in (Relation.SAME, Relation.A_AHEAD, Relation.LAST_DIFFERS):
-        first = _first_difference(conversation.messages, stored.messages)
-        report = store.append(
-            conversation.messages[first:], prompt=conversation if prompt_changed else None
-        )
-        return (
-            "durable",
-            f"journal +{len(conversation.messages) - first} messages, {report.bytes_written} bytes",
-        )
-    if relation is Relation.B_AHEAD:
-        return "durable", "the stored copy is already ahead"
-    if holds_user_message(stored.messages) and not holds_user_message(conversation.messages):
-        # AgentAPI restarted and shows only the agent's start-up screen until it has loaded
-        # its file: that is not a new conversation, and must not replace this one.
-        return "durable", (
-            f"kept the stored {len(stored.messages)}-message conversation: AgentAPI shows only "
-            "the agent's start-up screen (it has not loaded its file yet)"
-        )
-    kept = store.archive(reason="replaced by a diverging newer conversation")
-    report = store.save(conversation, allow_shrink=True)
-    return (
-        "durable",
-        f"diverged: new generation {report.seq}; the previous {len(stored.messages)}-message "
-        f"conversation is kept at {kept}",
+    live_copy: Conversation | None = None
+    if flush is not None:
+        # The last changes seen on the stream go to disk first; the sequence then compares
+        # with a fresh GET /messages and writes only what is still missing.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(ends_at - time.monotonic(), 0.05) / 2):
+                await flush()
+        live_copy = peers.store.conversation
+    budget = Budget(max(ends_at - time.monotonic(), 0.05))
+    report = await run_sequence(
+        settings,
+        store=peers.store,
+        agent=peers.agent,
+        coder=peers.coder,
+        budget=budget,
+        live_copy=live_copy,
+        force=force,
     )
-
-
-def _first_difference(new: tuple[Message, ...], old: tuple[Message, ...]) -> int:
-    common = min(len(new), len(old))
-    index = common
-    # The tail is where changes are; walk back from the end of the common part.
-    while index > 0 and new[index - 1] != old[index - 1]:
-        index -= 1
-    return index
+    if reason is not None:
+        report.notes.insert(0, f"stopped by {reason}")
+    if publish is not None:
+        publish(report)
+    with contextlib.suppress(PersistError):  # informational only; the summary says it all
+        await asyncio.to_thread(
+            records.write_record, settings.state_dir, records.LAST_SHUTDOWN, report.as_dict()
+        )
+    return report
 
 
 async def run_sequence(
@@ -349,10 +349,10 @@ async def _after_deadline(
     report.notes.append(f"the {budget.total_s:.1f}s budget ran out during: {', '.join(cut)}")
     if write_task is not None and "state" not in done:
         # Never abandoned: the write gets part of the grace margin kept back for this, but not
-        # the watchdog's last moments (min(0.15 s, margin / 2) before the grace ends): on a
+        # the watchdog's last moments (``watchdog_margin_s`` before the grace ends): on a
         # hung disk it would exit before this summary is printed.
         margin = settings.margin_s
-        wait_s = max(min(margin * 0.8, margin - min(0.15, margin / 2) - _REPORT_SLACK_S), 0.0)
+        wait_s = max(min(margin * 0.8, margin - settings.watchdog_margin_s - _REPORT_SLACK_S), 0.0)
         finished, _ = await asyncio.wait({write_task}, timeout=wait_s)
         if finished:
             result = write_task.result()
@@ -407,7 +407,7 @@ async def _write_step(
     store: StateStore, conversation: Conversation, on_durable: Callable[[Conversation], None] | None
 ) -> StepResult:
     try:
-        outcome, detail = await asyncio.to_thread(persist, store, conversation)
+        outcome, detail = await store.async_sync(conversation)
     except (DurabilityError, StateFileError) as exc:
         return StepResult("state", "failed", False, 0, str(exc))
     if on_durable is not None:

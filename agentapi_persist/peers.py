@@ -1,0 +1,85 @@
+"""Opening the peers: the state store, the AgentAPI client and the Coder client, in one place.
+
+Every path that talks to the outside world (the ``shutdown`` command, the sidecar, ``status``,
+``doctor``, ``snapshot``, the examples, the tests and the benchmark) opens them here, so each
+gets one session per site with an explicit timeout and no proxy from the environment, clients
+with the configured body caps, and a Coder client only when a snapshot is wanted and
+configured. Nobody opens a bare ``aiohttp.ClientSession()`` (a 300 s default timeout, no cap).
+
+    async with open_peers(settings) as peers:
+        report = await run_shutdown(settings, peers=peers, ends_at=...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from ._http import make_session
+from .agentapi import AgentAPIClient
+from .coder import CoderClient
+from .config import Settings
+from .errors import ConfigError
+from .store import StateStore
+
+__all__ = ["Peers", "open_peers"]
+
+#: The sidecar's AgentAPI session lives for days around one event stream; every request it
+#: makes still carries its own budgeted timeout.
+SIDECAR_AGENTAPI_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """What one command or the sidecar talks to."""
+
+    store: StateStore
+    agent: AgentAPIClient
+    coder: CoderClient | None
+    """``None`` when no snapshot is wanted or it is misconfigured (see ``coder_problem``)."""
+    coder_problem: str | None
+    """Why a wanted snapshot cannot be uploaded (a bad URL, a missing token, ...), else
+    ``None``; the stop reports it as the snapshot's outcome (exit 4)."""
+
+
+@asynccontextmanager
+async def open_peers(
+    settings: Settings,
+    *,
+    store: StateStore | None = None,
+    read_only: bool = False,
+    agent_session: aiohttp.ClientSession | None = None,
+    coder_session: aiohttp.ClientSession | None = None,
+    agent_timeout_s: float = 30.0,
+) -> AsyncIterator[Peers]:
+    """Open the store and one session per site; close what was opened here on exit.
+
+    ``store`` and the sessions may be passed in (tests, embedders); those stay open.
+    ``read_only`` opens the store for reading only (``status``, ``snapshot --dry-run``).
+    """
+    async with AsyncExitStack() as stack:
+        if agent_session is None:
+            agent_session = make_session(total_timeout_s=agent_timeout_s)
+            stack.push_async_callback(agent_session.close)
+        if coder_session is None:
+            coder_session = make_session()
+            stack.push_async_callback(coder_session.close)
+        if store is None:
+            store = StateStore(
+                settings.state_dir, max_bytes=settings.max_body_bytes, read_only=read_only
+            )
+        agent = AgentAPIClient(
+            settings.agentapi_url, session=agent_session, max_body_bytes=settings.max_body_bytes
+        )
+        coder: CoderClient | None = None
+        problem: str | None = None
+        try:
+            target = settings.coder_target()
+            if target is not None:
+                coder = CoderClient(target, session=coder_session)
+        except ConfigError as exc:
+            problem = str(exc)
+        yield Peers(store=store, agent=agent, coder=coder, coder_problem=problem)

@@ -1,15 +1,9 @@
 """The sidecar: keep the conversation durable all the time, then stop within the grace period.
 
-Layering (later modules import earlier ones, never the reverse)::
-
-    errors, _options, config, models, log        shapes and settings
-    budget, _http, _fsutil                        plumbing
-    agentapi, coder, agent_process                peers (never import the store)
-    snapshot (pure), store, agentapi_state        data at rest (never import aiohttp)
-    sources, sequence, repair, status             what a stop, a start and a look do
-    mirror, shutdown, control                     the sidecar's parts
-    daemon                                        this file: composes them
-    cli                                           the only reader of argv
+It composes the rest of the package (the layering is a contract in pyproject.toml, checked
+by ``lint-imports`` in scripts/check): ``peers`` opens the store and the clients, ``restoring``
+runs at start, ``mirror`` holds what AgentAPI shows, ``shutdown.run_shutdown`` is the stop,
+``signals`` and ``control`` bring the stop requests.
 
 Lifecycle of ``serve``:
 

@@ -10,7 +10,7 @@ One process you control does what the CLI's boot and stop steps do, with the lib
 4. on stop the sidecar runs the shutdown sequence (AgentAPI saves, the copy is made durable,
    the log snapshot is uploaded when a Coder task is configured, AgentAPI is stopped) and
    returns its report. If the sidecar could not run at all, **persist once** instead
-   (``run_sequence``), so a stop still saves;
+   (``run_shutdown``), so a stop still saves;
 5. **build a snapshot** of what was saved (``build_snapshot``), here written to a file for an
    application's own "paused" page.
 
@@ -29,24 +29,21 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from agentapi_persist import (
-    AgentAPIClient,
     AgentRunningError,
-    Budget,
-    CoderClient,
     PersistError,
     Settings,
     ShutdownReport,
     StateStore,
     build_snapshot,
     configure_logging,
+    open_peers,
     restore,
-    run_sequence,
+    run_shutdown,
     serve,
 )
 
@@ -87,13 +84,10 @@ async def start_agentapi(
 
 async def persist_once(settings: Settings) -> ShutdownReport:
     """One shutdown sequence without a sidecar: the library equivalent of `shutdown`."""
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
-    async with aiohttp.ClientSession() as agent_session, aiohttp.ClientSession() as coder_session:
-        agent = AgentAPIClient(settings.agentapi_url, session=agent_session)
-        target = settings.coder_target()  # None when no task id is configured
-        coder = CoderClient(target, session=coder_session) if target else None
-        budget = Budget(settings.budget_s)
-        return await run_sequence(settings, store=store, agent=agent, coder=coder, budget=budget)
+    # One session per site, explicit timeouts and body caps: never a bare ClientSession.
+    async with open_peers(settings) as peers:
+        ends_at = time.monotonic() + settings.budget_s
+        return await run_shutdown(settings, peers=peers, ends_at=ends_at)
 
 
 async def stop_agentapi(process: asyncio.subprocess.Process, *, within_s: float) -> None:

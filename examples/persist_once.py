@@ -12,30 +12,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-
-import aiohttp
+import time
 
 from agentapi_persist import (
-    AgentAPIClient,
-    Budget,
-    CoderClient,
     Settings,
     ShutdownReport,
-    StateStore,
     configure_logging,
-    run_sequence,
+    open_peers,
+    run_shutdown,
 )
 
 
 async def persist_once(settings: Settings) -> ShutdownReport:
     """One bounded shutdown sequence with the given settings."""
-    budget = Budget(settings.budget_s)
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
-    async with aiohttp.ClientSession() as agent_session, aiohttp.ClientSession() as coder_session:
-        agent = AgentAPIClient(settings.agentapi_url, session=agent_session)
-        target = settings.coder_target()  # None when no task id is configured
-        coder = CoderClient(target, session=coder_session) if target else None
-        return await run_sequence(settings, store=store, agent=agent, coder=coder, budget=budget)
+    # One session per site, explicit timeouts and body caps: never a bare ClientSession.
+    async with open_peers(settings) as peers:
+        ends_at = time.monotonic() + settings.budget_s
+        return await run_shutdown(settings, peers=peers, ends_at=ends_at)
 
 
 async def main() -> int:

@@ -11,9 +11,7 @@ Three hazards shape this module:
   0.12.0 saves on it (coder/agentapi cmd/server/signals_unix.go). Sending it to an older one
   would be a wasted wait for a save that cannot come, so it is sent only when the version is
   known and new enough. Unknown means no.
-* **Saves are confirmed, not assumed.** After SIGUSR1 we watch the state file until it changed
-  and parses, or until it is seen to hold every message already (AgentAPI skips a save when
-  nothing changed), within the caller's budget.
+* Asking AgentAPI to save (SIGUSR1) and confirming it is ``agentapi_save``'s job.
 """
 
 from __future__ import annotations
@@ -35,17 +33,14 @@ from typing import Literal
 
 import structlog
 
-from .agentapi_state import read_agentapi_state, trim_prompt
+from .agentapi_state import trim_prompt
 from .budget import Budget
-from .errors import StateFileError, cap_text
-from .models import AgentAPIState, Message
+from .errors import cap_text
 
 __all__ = [
     "MIN_SIGUSR1_VERSION",
     "VERSION_CAP_S",
     "AgentProcess",
-    "SaveConfirmation",
-    "SaveOutcome",
     "StopOutcome",
     "StopResult",
     "Version",
@@ -53,8 +48,9 @@ __all__ = [
     "detect_version",
     "find_agentapi",
     "is_alive",
-    "persistence_enabled",
-    "request_save",
+    "process_state",
+    "read_pid_file",
+    "send_signal",
     "stop",
 ]
 
@@ -144,40 +140,6 @@ class AgentProcess:
     def command(self) -> str:
         """The command line, shell-quoted and shortened, for messages."""
         return _show(self.argv)
-
-
-class SaveOutcome(StrEnum):
-    """What ``request_save`` established."""
-
-    CONFIRMED_CHANGED = "confirmed_changed"
-    """The state file changed after the signal and parses."""
-    CONFIRMED_UNCHANGED = "confirmed_unchanged"
-    """The state file already holds every expected message; AgentAPI had nothing to save."""
-    NOT_CONFIRMED = "not_confirmed"
-    """The budget ran out first; the detail says what the file holds."""
-    PROCESS_GONE = "process_gone"
-    """AgentAPI exited before it could be signalled."""
-    SKIPPED_VERSION_UNKNOWN = "skipped_version_unknown"
-    SKIPPED_OLD_VERSION = "skipped_old_version"
-    SKIPPED_NOT_OURS = "skipped_not_ours"
-    SKIPPED_NOT_PERMITTED = "skipped_not_permitted"
-    SKIPPED_NO_BUDGET = "skipped_no_budget"
-
-
-@dataclass(frozen=True, slots=True)
-class SaveConfirmation:
-    """The result of asking AgentAPI to save its state."""
-
-    outcome: SaveOutcome
-    detail: str
-    ms: int
-    signalled: bool = False
-    messages_in_file: int | None = None
-
-    @property
-    def confirmed(self) -> bool:
-        """True when the state file is known to hold the conversation."""
-        return self.outcome in (SaveOutcome.CONFIRMED_CHANGED, SaveOutcome.CONFIRMED_UNCHANGED)
 
 
 class StopOutcome(StrEnum):
@@ -301,6 +263,17 @@ def clear_stale_pid_file(pid_file: Path) -> str | None:
     )
     log.info("agentapi.pid_file_removed", pid_file=str(pid_file), pid=pid, reason=reason)
     return f"Removed the stale pid file {pid_file} ({why})."
+
+
+def read_pid_file(pid_file: Path) -> tuple[int | None, str]:
+    """The pid in ``pid_file``, or ``None`` and why not (missing, not a file, not a pid)."""
+    return _read_pid_file(pid_file)
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """``/proc/<pid>/stat``'s state letter and start time (clock ticks since boot), or
+    ``None`` when no such process runs."""
+    return _read_stat(pid)
 
 
 def _read_pid_file(pid_file: Path) -> tuple[int | None, str]:
@@ -524,29 +497,6 @@ async def _run_version(command: str, seconds: float) -> tuple[str | None, str]:
     return output.decode("utf-8", errors="replace"), ""
 
 
-def persistence_enabled(
-    process: AgentProcess, *, setting: bool | None, state_file_explicit: bool
-) -> bool:
-    """Whether AgentAPI saves its own state, so that asking it to save means something.
-
-    AgentAPI's own configuration wins where it is known, since it decides whether a save can
-    happen at all: saving switched off (``AGENTAPI_SAVE_STATE=false``), or no state file,
-    means no, whatever our ``setting`` says (a wait for a save that cannot come would eat
-    the budget; coder/agentapi lib/screentracker/pty_conversation.go ``SaveState`` returns
-    without writing). Then an explicit ``setting``; then its state file; when its
-    environment is unreadable, an explicitly configured state file means yes.
-    """
-    if process.save_state is False:
-        return False
-    if process.configuration_known and process.state_file is None:
-        return False
-    if setting is not None:
-        return setting
-    if process.state_file is not None:
-        return True
-    return state_file_explicit
-
-
 # -- signals -----------------------------------------------------------------------------
 
 _Verdict = Literal["ours", "gone", "not_ours"]
@@ -593,6 +543,13 @@ def _pidfd(pid: int) -> Iterator[int | None]:
             os.close(fd)
 
 
+def send_signal(process: AgentProcess, sig: signal.Signals) -> tuple[str, str]:
+    """Send ``sig`` through a pidfd if the pid is still this AgentAPI: ``("sent" | "gone" |
+    "not_ours" | "denied", why)``."""
+    with _pidfd(process.pid) as fd:
+        return _send(process, sig, fd)
+
+
 def _send(process: AgentProcess, sig: signal.Signals, fd: int | None) -> tuple[str, str]:
     """Send ``sig`` if the pid is still ours: ("sent" | "gone" | "not_ours" | "denied", why)."""
     verdict, why = _identity(process)
@@ -608,158 +565,6 @@ def _send(process: AgentProcess, sig: signal.Signals, fd: int | None) -> tuple[s
     except PermissionError:
         return "denied", f"not permitted to signal pid {process.pid} (another user's process)"
     return "sent", ""
-
-
-async def request_save(
-    process: AgentProcess,
-    *,
-    state_file: Path,
-    expected: Sequence[Message],
-    budget: Budget,
-    version: Version | None,
-    max_bytes: int = _DEFAULT_STATE_MAX_BYTES,
-) -> SaveConfirmation:
-    """Ask AgentAPI to save (SIGUSR1) and confirm the save landed in ``state_file``.
-
-    Never signals a version that is unknown or older than 0.12.0: those do not save on it.
-    Confirmation: the file changed after the signal and parses as a v1 state, or it holds
-    every ``expected`` message (same count, ids, roles and text) already.
-    """
-    started = time.monotonic()
-
-    def done(
-        outcome: SaveOutcome, detail: str, *, signalled: bool = False, held: int | None = None
-    ) -> SaveConfirmation:
-        ms = round((time.monotonic() - started) * 1000)
-        result = SaveConfirmation(outcome, detail, ms, signalled, held)
-        if result.confirmed:
-            log.info("agentapi.save_confirmed", outcome=str(outcome), ms=ms, held=held)
-        elif outcome.startswith("skipped"):
-            log.info("agentapi.save_skipped", outcome=str(outcome), pid=process.pid, detail=detail)
-        else:
-            log.warning("agentapi.save_not_confirmed", outcome=str(outcome), ms=ms, detail=detail)
-        return result
-
-    if version is None:
-        return done(
-            SaveOutcome.SKIPPED_VERSION_UNKNOWN,
-            "AgentAPI's version is unknown; only versions from "
-            f"{MIN_SIGUSR1_VERSION} save on SIGUSR1, so it was not sent",
-        )
-    if version < MIN_SIGUSR1_VERSION:
-        return done(
-            SaveOutcome.SKIPPED_OLD_VERSION,
-            f"AgentAPI {version} predates save-on-SIGUSR1 ({MIN_SIGUSR1_VERSION}); "
-            "it ignores SIGUSR1, so it was not sent",
-        )
-    if budget.expired:
-        return done(SaveOutcome.SKIPPED_NO_BUDGET, "no time left in the budget to ask for a save")
-    before = _stat_key(state_file)
-    with _pidfd(process.pid) as fd:
-        verdict, why = _send(process, signal.SIGUSR1, fd)
-    if verdict == "gone":
-        return done(SaveOutcome.PROCESS_GONE, why)
-    if verdict == "not_ours":
-        return done(SaveOutcome.SKIPPED_NOT_OURS, f"{why}; not signalling")
-    if verdict == "denied":
-        return done(SaveOutcome.SKIPPED_NOT_PERMITTED, why)
-    log.info("agentapi.save_requested", pid=process.pid, version=str(version))
-    watch = _SaveWatch(state_file, before, expected, max_bytes)
-    try:
-        # The timeout also cuts a slow read of a big file (the read's thread finishes alone).
-        async with asyncio.timeout(budget.remaining()):
-            while True:
-                found = await watch.check()
-                if found is not None:
-                    outcome, detail, held = found
-                    return done(outcome, detail, signalled=True, held=held)
-                await asyncio.sleep(_POLL_S)
-    except TimeoutError:
-        pass
-    waited = (time.monotonic() - started) * 1000
-    return done(
-        SaveOutcome.NOT_CONFIRMED,
-        f"no save seen within {waited:.0f} ms: {state_file} {watch.holds} "
-        f"(expected {len(expected)} messages)",
-        signalled=True,
-        held=watch.held,
-    )
-
-
-_StatKey = tuple[int, int, int]
-
-
-def _stat_key(path: Path) -> _StatKey | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class _SaveWatch:
-    """Watches a state file: cheap ``stat`` calls each poll, a full read only when it changed
-    (and once at the start, for the "already holds everything" case)."""
-
-    def __init__(
-        self, path: Path, before: _StatKey | None, expected: Sequence[Message], max_bytes: int
-    ) -> None:
-        self._path = path
-        self._before = before
-        self._seen = before
-        self._expected = expected
-        self._max_bytes = max_bytes
-        self._checked_initial = False
-        self.holds = "is absent" if before is None else "was not checked"
-        self.held: int | None = None
-
-    async def check(self) -> tuple[SaveOutcome, str, int | None] | None:
-        key = _stat_key(self._path)
-        if key is None:
-            self.holds = "is absent"
-            if not self._expected and self._before is None:
-                return SaveOutcome.CONFIRMED_UNCHANGED, "no messages and no state file", 0
-            return None
-        if key == self._seen and self._checked_initial:
-            return None
-        self._checked_initial = True
-        state = await self._read()
-        after = _stat_key(self._path)
-        self._seen = key if after == key else None  # changed under us: read again next poll
-        if state is None:
-            return None
-        self.held = len(state.messages)
-        holds_all = _holds(state, self._expected)
-        self.holds = f"holds {self.held} messages"
-        if key != self._before:
-            return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} {self.holds}", self.held
-        if holds_all:
-            return (
-                SaveOutcome.CONFIRMED_UNCHANGED,
-                f"{self._path} already holds all {self.held} messages",
-                self.held,
-            )
-        return None
-
-    async def _read(self) -> AgentAPIState | None:
-        try:
-            return await asyncio.to_thread(
-                read_agentapi_state, self._path, max_bytes=self._max_bytes
-            )
-        except FileNotFoundError:
-            self.holds = "is absent"
-        except (StateFileError, OSError) as exc:
-            self.holds = f"does not parse ({cap_text(str(exc), 160)})"
-        return None
-
-
-def _holds(state: AgentAPIState, expected: Sequence[Message]) -> bool:
-    if len(state.messages) != len(expected):
-        return False
-    return all(
-        saved.id == want.id and saved.role == want.role and saved.message == want.content
-        for saved, want in zip(state.messages, expected, strict=True)
-    )
 
 
 async def stop(process: AgentProcess, *, budget: Budget) -> StopResult:

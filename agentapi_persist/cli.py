@@ -155,10 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One-shot commands print a result that states every problem; logs add only errors
         # unless asked for (--log-level or AGENTAPI_PERSIST_LOG_LEVEL). The sidecar logs info.
         default_level = "info" if command == "run" else "error"
-        flags.setdefault("log_level", os.environ.get("AGENTAPI_PERSIST_LOG_LEVEL") or default_level)
         from .config import Settings
 
-        settings = Settings.load(flags)
+        settings = Settings.load(flags, default_log_level=default_level)
         from .log import configure_logging
 
         configure_logging(level=settings.log_level)

@@ -192,16 +192,24 @@ class Settings(BaseModel):
 
     @classmethod
     def load(
-        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        default_log_level: str | None = None,
     ) -> Settings:
         """Build settings from flags the user passed (field name -> value) over ``env``.
 
         ``env`` defaults to ``os.environ``; pass a dict in tests and embedders. Raises
-        ``ConfigError`` naming the flag or variable at fault.
+        ``ConfigError`` naming the flag or variable at fault. ``default_log_level`` is the
+        level when neither a flag nor ``AGENTAPI_PERSIST_LOG_LEVEL`` sets one (the CLI's
+        one-shot commands log errors only, the sidecar info).
         """
         env = os.environ if env is None else env
         # A flag whose value is None was not passed (argparse and embedders both do this).
         flags = {name: value for name, value in (flags or {}).items() if value is not None}
+        if default_log_level is not None and "log_level" not in flags:
+            flags["log_level"] = env.get("AGENTAPI_PERSIST_LOG_LEVEL") or default_log_level
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for option in OPTIONS:

@@ -36,12 +36,12 @@ from ._fsutil import write_atomic
 from .agent_process import (
     MIN_SIGUSR1_VERSION,
     AgentProcess,
-    _read_pid_file,
-    _read_stat,
     detect_version,
     find_agentapi,
-    persistence_enabled,
+    process_state,
+    read_pid_file,
 )
+from .agentapi_save import persistence_enabled
 from .budget import Budget
 from .coder import UploadOutcome
 from .config import Settings
@@ -51,7 +51,7 @@ from .models import AgentStatus, Conversation
 from .peers import open_peers
 from .snapshot import build_snapshot
 from .status import sidecar_view
-from .store import StateStore
+from .store import StateStore, bytes_on_disk
 
 __all__ = [
     "PROBE_BODY",
@@ -89,7 +89,6 @@ _SPACE_FACTOR = 3
 _PROBE_PREFIX = ".agentapi-persist-doctor-"
 _VOLUME_HINT = "e.g. under /home/coder, which templates mount from a volume"
 _OCTAL = re.compile(rb"\\([0-7]{3})")
-_GENERATION = re.compile(r"conversation-(\d{12})\.json")
 
 
 class Verdict(StrEnum):
@@ -311,16 +310,7 @@ def _remove_probe(probe: Path, created: list[Path]) -> None:
 def _copy_bytes(settings: Settings) -> tuple[int, str]:
     """The size of the conversation on disk (the newest generation plus its journal, or
     AgentAPI's state file if that is bigger), and which one it was."""
-    try:
-        names = [p.name for p in settings.state_dir.iterdir()]
-    except OSError:
-        names = []
-    seqs = [int(m[1]) for name in names if (m := _GENERATION.fullmatch(name))]
-    ours = 0
-    if seqs:
-        newest = max(seqs)
-        for part in (f"conversation-{newest:012d}.json", f"journal-{newest:012d}.log"):
-            ours += _file_size(settings.state_dir / part)
+    ours = bytes_on_disk(settings.state_dir)
     theirs = _file_size(settings.agentapi_state_file)
     if theirs > ours:
         return theirs, "AgentAPI's state file"
@@ -395,7 +385,7 @@ def check_pid_file(
         if reachable
         else "AgentAPI rewrites it when it starts"
     )
-    pid, _problem = _read_pid_file(pid_file)
+    pid, _problem = read_pid_file(pid_file)
     if pid is None and not os.path.lexists(pid_file):
         if not reachable:
             return Finding(name, Verdict.SKIP, f"{reason}; AgentAPI does not answer either")
@@ -408,7 +398,7 @@ def check_pid_file(
         )
     if pid is None:
         return Finding(name, Verdict.WARN, f"invalid: {reason}", f"remove it; {elsewhere}")
-    if _read_stat(pid) is None:
+    if process_state(pid) is None:
         return Finding(name, Verdict.WARN, f"stale: {reason}", refresh + elsewhere)
     return Finding(name, Verdict.WARN, f"reused by another process: {reason}", refresh + elsewhere)
 

@@ -39,10 +39,10 @@ from typing import Any, Literal
 import structlog
 
 from . import records
-from .agent_process import AgentProcess, detect_version, find_agentapi, persistence_enabled
-from .agent_process import request_save as agent_request_save
+from .agent_process import AgentProcess, find_agentapi
 from .agent_process import stop as agent_stop
 from .agentapi import AgentAPIClient
+from .agentapi_save import ask_agentapi_to_save
 from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .coder import CoderClient
@@ -55,7 +55,7 @@ from .errors import (
     PersistError,
     StateFileError,
 )
-from .models import Conversation, Message, holds_user_message
+from .models import Conversation, Message
 from .peers import Peers
 from .records import record_upload
 from .snapshot import build_snapshot
@@ -423,45 +423,15 @@ async def _agentapi_save_step(
     agentapi_view: tuple[Message, ...] | None,
     budget: Budget,
 ) -> StepResult:
-    if process is None:
-        return StepResult("agentapi_save", "skipped", True, 0, reason)
-    if (
-        agentapi_view is not None
-        and holds_user_message(conversation.messages)
-        and not holds_user_message(agentapi_view)
-    ):
-        # AgentAPI loads its file only once the agent is ready; until then it holds just the
-        # start-up screen, and a save would overwrite its good file with that.
-        return StepResult(
-            "agentapi_save",
-            "skipped_not_loaded",
-            True,
-            0,
-            "AgentAPI has not loaded its conversation yet (it shows only the agent's start-up "
-            "screen); a save now would overwrite its file with less",
-        )
-    if not persistence_enabled(
+    saved = await ask_agentapi_to_save(
+        settings,
         process,
-        setting=settings.state_persistence,
-        state_file_explicit=settings.agentapi_state_file_explicit,
-    ):
-        return StepResult("agentapi_save", "skipped", True, 0, "AgentAPI state persistence is off")
-    # Leave room for the stop step when it is wanted; otherwise the rest of the budget.
-    save_budget = budget.child(budget.remaining() * (0.5 if settings.stop_agentapi else 0.9))
-    version = await detect_version(process, fallback_bin=settings.agentapi_bin, budget=save_budget)
-    state_file = process.state_file or settings.agentapi_state_file
-    confirmation = await agent_request_save(
-        process,
-        state_file=state_file,
-        expected=conversation.messages,
-        budget=save_budget,
-        version=version,
+        reason=reason,
+        conversation=conversation,
+        agentapi_view=agentapi_view,
+        budget=budget,
     )
-    outcome = str(confirmation.outcome)
-    ok = not outcome.startswith("not_confirmed") and outcome != "process_gone"
-    return StepResult(
-        "agentapi_save", outcome, ok or outcome.startswith("skipped"), 0, confirmation.detail
-    )
+    return StepResult("agentapi_save", str(saved.outcome), saved.ok, 0, saved.detail)
 
 
 async def _adopt_saved_prompt(settings: Settings, store: StateStore, state_file: Path) -> None:

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import records
-from .agent_process import MIN_SIGUSR1_VERSION, detect_version, find_agentapi, persistence_enabled
+from .agent_process import MIN_SIGUSR1_VERSION, detect_version, find_agentapi
+from .agentapi_save import persistence_enabled
 from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .config import Settings

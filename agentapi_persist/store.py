@@ -49,6 +49,7 @@ is refused unless asked for. One writer per directory; readers may load at any t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -78,7 +79,7 @@ from .models import (
     holds_user_message,
 )
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LoadReport", "SaveReport", "StateStore"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "LoadReport", "SaveReport", "StateStore", "bytes_on_disk"]
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +93,23 @@ _STALE_TEMP = re.compile(r"\.conversation-\d{12}\.json\.[0-9a-f]+\.tmp")
 _STALE_TEMP_AGE_S = 300.0
 _HEADER_MAX = 4096
 _CONVERSATION: TypeAdapter[Conversation] = TypeAdapter(Conversation)
+
+
+def bytes_on_disk(directory: Path) -> int:
+    """The size of the newest generation plus its journal in ``directory`` (0 if none):
+    what a load reads. Never raises."""
+    try:
+        names = [p.name for p in directory.iterdir()]
+    except OSError:
+        return 0
+    seqs = [int(m[1]) for name in names if (m := _GENERATION.fullmatch(name))]
+    if not seqs:
+        return 0
+    total = 0
+    for name in (_generation_name(max(seqs)), _journal_name(max(seqs))):
+        with contextlib.suppress(OSError):
+            total += (directory / name).stat().st_size
+    return total
 
 
 def _generation_name(seq: int) -> str:

@@ -23,18 +23,16 @@ from agentapi_persist._http import make_session
 from agentapi_persist.agent_process import (
     MIN_SIGUSR1_VERSION,
     AgentProcess,
-    SaveOutcome,
     StopOutcome,
     Version,
     _poll_exit,
     detect_version,
     find_agentapi,
     is_alive,
-    persistence_enabled,
-    request_save,
     stop,
 )
 from agentapi_persist.agentapi import AgentAPIClient
+from agentapi_persist.agentapi_save import SaveOutcome, persistence_enabled, request_save
 from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.budget import Budget
 from agentapi_persist.models import Message

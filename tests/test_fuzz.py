@@ -27,7 +27,7 @@ from pydantic import SecretStr
 
 from agentapi_persist import records
 from agentapi_persist._options import OPTIONS, quick_settings
-from agentapi_persist.agent_process import Version, _read_pid_file
+from agentapi_persist.agent_process import Version, read_pid_file
 from agentapi_persist.agentapi import AgentEvent, _interpret, _RawEvent, _SSEDecoder
 from agentapi_persist.agentapi_state import (
     conversation_from_state,
@@ -739,7 +739,7 @@ class TestSmallParsers:
         """A pid file with any content: a pid in range, or None with a reason."""
         path = fresh_dir(tmp_path) / "agentapi.pid"
         path.write_bytes(data)
-        pid, reason = _read_pid_file(path)
+        pid, reason = read_pid_file(path)
         if pid is None:
             assert reason
         else:

@@ -40,14 +40,15 @@ import aiohttp
 import structlog
 
 from .agent_process import find_agentapi
-from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
+from .agentapi import AgentAPIClient
 from .budget import Budget
 from .coder import CoderClient
 from .config import Settings
 from .control import ControlServer
-from .errors import AgentAPIError, AgentRunningError, PersistError
-from .mirror import Gap, Mirror, build_replay
-from .models import Conversation, Message
+from .errors import AgentRunningError, PersistError
+from .follower import Follower
+from .mirror import Mirror
+from .models import Conversation
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
 from .restoring import restore
@@ -62,17 +63,9 @@ log = structlog.get_logger(__name__)
 
 #: Compact the journal into a generation once it is this big and bigger than the generation.
 COMPACT_MIN_BYTES = 8 * 1024 * 1024
-_RECONNECT_MIN_S = 0.05
-_RECONNECT_MAX_S = 5.0
-#: A stream followed this long was healthy: its failure starts the reconnect backoff over.
-_HEALTHY_S = 1.0
-_RESYNC_CAP_S = 2.0
 _UPLOAD_CAP_S = 10.0
 #: A failed checkpoint (disk full, EIO) is tried again after this long, doubling up to the
 #: max: the change must not wait in memory until AgentAPI happens to change something else.
-#: How AgentAPI's ``agent_error`` starts when it could not load its state file
-#: (coder/agentapi lib/screentracker/pty_conversation.go, the snapshot loop).
-_LOAD_FAILED = "Failed to restore previous session"
 _RETRY_MIN_S = 0.5
 _RETRY_MAX_S = 30.0
 
@@ -116,7 +109,6 @@ class Daemon:
         self._coder: CoderClient | None = None
         self._changed = asyncio.Event()
         self._checkpoint_now = asyncio.Event()
-        self._stable = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._checkpoint_waiters: list[asyncio.Future[None]] = []
         self._retry_s = _RETRY_MIN_S
@@ -136,11 +128,7 @@ class Daemon:
         }
         self._stop_agentapi: bool | None = None
         self._stop_grace_s: float | None = None
-        self._synced_at: float | None = None
-        self._acp = False
-        """AgentAPI runs its agent over ACP: resync at the end of every turn (``_resync``)."""
-        self._errors_seen: set[tuple[str, str, str]] = set()
-        """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
+        self.follower: Follower | None = None
         self._uploaded_revision = -1
         self._last_upload_at = 0.0
 
@@ -159,6 +147,13 @@ class Daemon:
             )
         )
         self._agent, self._coder = self._peers.agent, self._peers.coder
+        self.follower = Follower(
+            self._agent,
+            self.mirror,
+            self._facts,
+            on_change=self._changed.set,
+            kept_messages=self._kept_messages,
+        )
         if self._peers.coder_problem is not None:
             # Not fatal: the state is still kept durable; the stop's summary reports the
             # misconfigured snapshot (exit 4) so the template author sees it.
@@ -214,7 +209,7 @@ class Daemon:
         A crashed worker is logged and turns into a stop, so the state is still saved.
         """
         workers = {
-            asyncio.create_task(self._follow(), name="daemon.follow"),
+            asyncio.create_task(self._followed().run(), name="daemon.follow"),
             asyncio.create_task(self._checkpoint_loop(), name="daemon.checkpoint"),
         }
         if self._coder is not None and self.settings.snapshot_interval_s > 0:
@@ -276,95 +271,19 @@ class Daemon:
     def _on_signal(self, name: str) -> None:
         self.stopper.request_stop(name, grace_s=self.settings.grace_s)
 
+    def _followed(self) -> Follower:
+        assert self.follower is not None, "use the Daemon as an async context manager"
+        return self.follower
+
+    def _kept_messages(self) -> int:
+        stored = self.store.conversation
+        return len(stored.messages) if stored is not None else 0
+
     def request_checkpoint(self) -> None:
         """Checkpoint now instead of at the end of the grouping window (SIGUSR1)."""
         log.info("daemon.checkpoint_requested")
         self._changed.set()
         self._checkpoint_now.set()
-
-    # -- following AgentAPI ---------------------------------------------------------------------
-
-    async def _follow(self) -> None:
-        assert self._agent is not None
-        backoff = _RECONNECT_MIN_S
-        while True:
-            self._synced_at = None
-            try:
-                await self._stream_once()
-                log.info("agentapi.stream_ended")
-                backoff = _RECONNECT_MIN_S
-            except (AgentAPIError, Gap) as exc:
-                if self._followed_for() >= _HEALTHY_S:
-                    # It had been following fine: a new failure starts the backoff over, or an
-                    # old run of failures would keep changes off the disk for seconds.
-                    backoff = _RECONNECT_MIN_S
-                if isinstance(exc, Gap):
-                    log.warning("agentapi.events_missed", detail=str(exc))
-                else:
-                    log.info("agentapi.unavailable", error=str(exc), retry_in_s=round(backoff, 2))
-            self._facts["connected"] = False
-            await self._resync()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RECONNECT_MAX_S)
-            self._facts["reconnects"] += 1
-
-    def _followed_for(self) -> float:
-        """Seconds the current stream has been synced (0 if it never synced)."""
-        return 0.0 if self._synced_at is None else time.monotonic() - self._synced_at
-
-    async def _stream_once(self) -> None:
-        """Follow one event stream: collect the replay, take it as the truth, apply deltas."""
-        assert self._agent is not None
-        replay: list[Message] = []
-        replaying = True
-        async with contextlib.aclosing(self._agent.events(connect_timeout_s=2.0)) as events:
-            async for event in events:
-                self._facts["last_event_at"] = time.time()
-                if isinstance(event, MessageUpdate):
-                    if replaying:
-                        replay.append(event.as_message())
-                    elif self.mirror.apply(event.as_message()):
-                        self._changed.set()
-                        self._stable.clear()
-                elif isinstance(event, StatusChange):
-                    if replaying:
-                        replaying = False
-                        self._facts["connected"] = True
-                        self._synced_at = time.monotonic()
-                        self.mirror.replace(*build_replay(replay))
-                        self._changed.set()
-                        log.info("agentapi.synced", messages=len(self.mirror.messages))
-                        self._acp = await self._is_acp()
-                    self._facts["agent_status"] = event.status
-                    if event.status == "stable":
-                        if self._acp and not replaying:
-                            # ACP removes a failed turn's message without an event: the end
-                            # of each turn is when GET /messages shows what really remains.
-                            await self._resync()
-                        self._stable.set()
-                    else:
-                        self._stable.clear()
-                elif isinstance(event, AgentErrorEvent):
-                    self._on_agent_error(event)
-
-    def _on_agent_error(self, event: AgentErrorEvent) -> None:
-        """Log an ``agent_error`` the first time it is seen (AgentAPI replays its stored
-        errors after every connect: coder/agentapi lib/httpapi/events.go, ``errors``)."""
-        key = (event.time, event.level, event.message)
-        if key in self._errors_seen:
-            return
-        self._errors_seen.add(key)
-        log.warning("agentapi.agent_error", message=event.message, level=event.level)
-        if event.message.startswith(_LOAD_FAILED):
-            # AgentAPI started without its conversation and will save less over its file on
-            # its next save. The copy keeps the conversation: a start-up screen never replaces
-            # it, and a new conversation that diverges from it moves it to the archive whole.
-            stored = self.store.conversation
-            log.warning(
-                "agentapi.load_failed",
-                kept_messages=len(stored.messages) if stored else 0,
-                state_dir=str(self.settings.state_dir),
-            )
 
     async def _learn_prompt_locked(self) -> None:
         """Record the initial prompt AgentAPI was started with, while it runs.
@@ -398,29 +317,6 @@ class Daemon:
             source="agentapi_process",
             chars=len(learned.initial_prompt or ""),
         )
-
-    async def _resync(self) -> None:
-        """After a dropped stream: take ``GET /messages`` as the truth, if AgentAPI answers."""
-        assert self._agent is not None
-        try:
-            messages, ids = await self._agent.messages_with_ids(budget=Budget(_RESYNC_CAP_S))
-        except AgentAPIError:
-            return
-        if list(messages) == self.mirror.messages and list(ids) == self.mirror.ids:
-            return
-        self.mirror.replace(messages, ids)
-        self._changed.set()
-        log.info("agentapi.resynced", messages=len(messages))
-
-    async def _is_acp(self) -> bool:
-        """Whether AgentAPI drives its agent over ACP (``transport`` in ``GET /status``, from
-        0.12.0); ``False`` when it does not say or does not answer."""
-        assert self._agent is not None
-        try:
-            status = await self._agent.status(budget=Budget(_RESYNC_CAP_S))
-        except AgentAPIError:
-            return False
-        return status.transport == "acp"
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -513,10 +409,11 @@ class Daemon:
         """Upload when the agent is stable after a change, at most once per interval."""
         interval = self.settings.snapshot_interval_s
         while True:
-            await self._stable.wait()
+            stable = self._followed().stable
+            await stable.wait()
             if self.mirror.revision == self._uploaded_revision:
                 # Nothing new since the last upload: wait for the next change to come and go.
-                self._stable.clear()
+                stable.clear()
                 continue
             wait = self._last_upload_at + interval - time.monotonic()
             if wait > 0:

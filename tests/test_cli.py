@@ -3,6 +3,8 @@ file and a state file, and the Coder endpoint on loopback."""
 
 from __future__ import annotations
 
+import argparse
+
 import asyncio
 import json
 import sys
@@ -270,11 +272,14 @@ def test_bad_environment_is_a_usage_error(
     assert "AGENTAPI_PERSIST_GRACE" in capsys.readouterr().err
 
 
-def test_parser_has_the_four_commands() -> None:
-    """The parser offers every documented command."""
+def test_parser_has_every_command() -> None:
+    """The parser offers every documented command, and no other."""
     parser = build_parser()
-    for command in ("shutdown", "restore", "snapshot", "status"):
+    commands = ("run", "shutdown", "restore", "status", "snapshot", "doctor")
+    for command in commands:
         assert parser.parse_args([command]).command == command
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(actions[0].choices) == sorted(commands)
 
 
 async def test_wedged_sidecar_falls_back_to_doing_the_work(

@@ -1,0 +1,165 @@
+"""Following AgentAPI: its event stream into the mirror, reconnecting and resynchronising.
+
+AgentAPI's ``GET /events`` replays every message, then one ``status_change``, then its stored
+errors, then deltas; an idle stream is silent (no keep-alive), so following costs nothing
+while nothing happens. A dropped stream is followed again with a backoff (0.05 s doubling to
+5 s, started over after a healthy second), and ``GET /messages`` is taken as the truth in
+between. In ACP mode the end of every turn is a resync too: a failed turn's message is removed
+without an event (coder/agentapi x/acpio/acp_conversation.go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
+from .budget import Budget
+from .errors import AgentAPIError
+from .mirror import Gap, Mirror, build_replay
+from .models import Message
+
+__all__ = ["Follower"]
+
+log = structlog.get_logger(__name__)
+
+_RECONNECT_MIN_S = 0.05
+_RECONNECT_MAX_S = 5.0
+#: A stream followed this long was healthy: its failure starts the reconnect backoff over.
+_HEALTHY_S = 1.0
+_RESYNC_CAP_S = 2.0
+#: How AgentAPI's ``agent_error`` starts when it could not load its state file
+#: (coder/agentapi lib/screentracker/pty_conversation.go, the snapshot loop).
+_LOAD_FAILED = "Failed to restore previous session"
+
+
+class Follower:
+    """Keeps ``mirror`` equal to what AgentAPI holds; calls ``on_change`` on every change.
+
+    ``facts`` (shared with the sidecar's status view) gets ``connected``, ``agent_status``,
+    ``last_event_at`` and ``reconnects``; ``stable`` is set while the agent is idle.
+    ``kept_messages`` says how much the durable copy holds, for the failed-load warning.
+    """
+
+    def __init__(
+        self,
+        agent: AgentAPIClient,
+        mirror: Mirror,
+        facts: dict[str, Any],
+        *,
+        on_change: Callable[[], None],
+        kept_messages: Callable[[], int],
+    ) -> None:
+        self._agent = agent
+        self.mirror = mirror
+        self._facts = facts
+        self._on_change = on_change
+        self._kept_messages = kept_messages
+        self.stable = asyncio.Event()
+        self._synced_at: float | None = None
+        self._acp = False
+        """AgentAPI runs its agent over ACP: resync at the end of every turn."""
+        self._errors_seen: set[tuple[str, str, str]] = set()
+        """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
+
+    async def run(self) -> None:
+        """Follow until cancelled: one stream after another, with backoff in between."""
+        backoff = _RECONNECT_MIN_S
+        while True:
+            self._synced_at = None
+            try:
+                await self._stream_once()
+                log.info("agentapi.stream_ended")
+                backoff = _RECONNECT_MIN_S
+            except (AgentAPIError, Gap) as exc:
+                if self._followed_for() >= _HEALTHY_S:
+                    # It had been following fine: a new failure starts the backoff over, or an
+                    # old run of failures would keep changes off the disk for seconds.
+                    backoff = _RECONNECT_MIN_S
+                if isinstance(exc, Gap):
+                    log.warning("agentapi.events_missed", detail=str(exc))
+                else:
+                    log.info("agentapi.unavailable", error=str(exc), retry_in_s=round(backoff, 2))
+            self._facts["connected"] = False
+            await self.resync()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RECONNECT_MAX_S)
+            self._facts["reconnects"] += 1
+
+    def _followed_for(self) -> float:
+        """Seconds the current stream has been synced (0 if it never synced)."""
+        return 0.0 if self._synced_at is None else time.monotonic() - self._synced_at
+
+    async def _stream_once(self) -> None:
+        """Follow one event stream: collect the replay, take it as the truth, apply deltas."""
+        replay: list[Message] = []
+        replaying = True
+        async with contextlib.aclosing(self._agent.events(connect_timeout_s=2.0)) as events:
+            async for event in events:
+                self._facts["last_event_at"] = time.time()
+                if isinstance(event, MessageUpdate):
+                    if replaying:
+                        replay.append(event.as_message())
+                    elif self.mirror.apply(event.as_message()):
+                        self._on_change()
+                        self.stable.clear()
+                elif isinstance(event, StatusChange):
+                    if replaying:
+                        replaying = False
+                        self._facts["connected"] = True
+                        self._synced_at = time.monotonic()
+                        self.mirror.replace(*build_replay(replay))
+                        self._on_change()
+                        log.info("agentapi.synced", messages=len(self.mirror.messages))
+                        self._acp = await self._is_acp()
+                    self._facts["agent_status"] = event.status
+                    if event.status == "stable":
+                        if self._acp and not replaying:
+                            # ACP removes a failed turn's message without an event: the end
+                            # of each turn is when GET /messages shows what really remains.
+                            await self.resync()
+                        self.stable.set()
+                    else:
+                        self.stable.clear()
+                elif isinstance(event, AgentErrorEvent):
+                    self._on_agent_error(event)
+
+    def _on_agent_error(self, event: AgentErrorEvent) -> None:
+        """Log an ``agent_error`` the first time it is seen (AgentAPI replays its stored
+        errors after every connect: coder/agentapi lib/httpapi/events.go, ``errors``)."""
+        key = (event.time, event.level, event.message)
+        if key in self._errors_seen:
+            return
+        self._errors_seen.add(key)
+        log.warning("agentapi.agent_error", message=event.message, level=event.level)
+        if event.message.startswith(_LOAD_FAILED):
+            # AgentAPI started without its conversation and will save less over its file on
+            # its next save. The copy keeps the conversation: a start-up screen never replaces
+            # it, and a new conversation that diverges from it moves it to the archive whole.
+            log.warning("agentapi.load_failed", kept_messages=self._kept_messages())
+
+    async def resync(self) -> None:
+        """After a dropped stream: take ``GET /messages`` as the truth, if AgentAPI answers."""
+        try:
+            messages, ids = await self._agent.messages_with_ids(budget=Budget(_RESYNC_CAP_S))
+        except AgentAPIError:
+            return
+        if list(messages) == self.mirror.messages and list(ids) == self.mirror.ids:
+            return
+        self.mirror.replace(messages, ids)
+        self._on_change()
+        log.info("agentapi.resynced", messages=len(messages))
+
+    async def _is_acp(self) -> bool:
+        """Whether AgentAPI drives its agent over ACP (``transport`` in ``GET /status``, from
+        0.12.0); ``False`` when it does not say or does not answer."""
+        try:
+            status = await self._agent.status(budget=Budget(_RESYNC_CAP_S))
+        except AgentAPIError:
+            return False
+        return status.transport == "acp"

@@ -4,7 +4,6 @@ file and a state file, and the Coder endpoint on loopback."""
 from __future__ import annotations
 
 import argparse
-
 import asyncio
 import json
 import sys

@@ -13,10 +13,9 @@ import asyncio
 import aiohttp
 
 from .budget import Budget
-from .errors import UpstreamError
+from .errors import BodyTooLarge
 
 __all__ = [
-    "BodyTooLarge",
     "client_timeout",
     "make_session",
     "read_capped",
@@ -30,10 +29,6 @@ transport_errors: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
-
-
-class BodyTooLarge(UpstreamError):
-    """A peer's body exceeded the cap we read."""
 
 
 def client_timeout(budget: Budget, cap: float | None = None) -> aiohttp.ClientTimeout:

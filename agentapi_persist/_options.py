@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_AGENTAPI_PORT",
+    "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MODULE_DIR_NAME",
     "OPTIONS",
     "Option",
@@ -32,6 +33,9 @@ __all__ = [
 
 DEFAULT_AGENTAPI_PORT = 3284
 DEFAULT_MODULE_DIR_NAME = ".agentapi-module"
+#: The largest AgentAPI response or state file read, in bytes: one value for every reader
+#: (the clients, the store, AgentAPI's file), overridable with --max-body-bytes.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -214,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
         "--max-body-bytes",
         ("AGENTAPI_PERSIST_MAX_BODY_BYTES",),
         "Largest AgentAPI response or state file we accept, in bytes.",
-        str(256 * 1024 * 1024),
+        str(DEFAULT_MAX_BODY_BYTES),
         "int",
         "BYTES",
     ),

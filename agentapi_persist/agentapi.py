@@ -30,9 +30,10 @@ import aiohttp
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from ._http import BodyTooLarge, client_timeout, read_capped
+from ._http import client_timeout, read_capped
+from ._options import DEFAULT_MAX_BODY_BYTES
 from .budget import Budget
-from .errors import AgentAPIBodyError, AgentAPIError, cap_text
+from .errors import AgentAPIBodyError, AgentAPIError, BodyTooLarge, cap_text
 from .models import (
     AgentAPIStateMessage,
     AgentStatus,
@@ -133,7 +134,7 @@ class AgentAPIClient:
         base_url: str,
         *,
         session: aiohttp.ClientSession,
-        max_body_bytes: int = 256 * 2**20,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.base_url = base_url.rstrip("/")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import structlog
 
+from ._options import DEFAULT_MAX_BODY_BYTES
 from .agent_process import (
     MIN_SIGUSR1_VERSION,
     AgentProcess,
@@ -52,7 +53,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _POLL_S = 0.01
-_DEFAULT_STATE_MAX_BYTES = 256 * 2**20
 
 
 class SaveOutcome(StrEnum):
@@ -171,7 +171,7 @@ async def request_save(
     expected: Sequence[Message],
     budget: Budget,
     version: Version | None,
-    max_bytes: int = _DEFAULT_STATE_MAX_BYTES,
+    max_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> SaveConfirmation:
     """Ask AgentAPI to save (SIGUSR1) and confirm the save landed in ``state_file``.
 

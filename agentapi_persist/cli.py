@@ -201,7 +201,8 @@ def _shutdown_via_sidecar(flags: dict[str, Any], *, as_json: bool, started_at: f
     Imports only the standard library: with a sidecar, the whole command should take tens of
     milliseconds, and pydantic plus aiohttp alone cost a few hundred.
     """
-    from .control_client import SidecarUnavailable, ask_sidecar
+    from .control_client import ask_sidecar
+    from .errors import SidecarUnavailable
 
     state_dir, grace_s = quick_settings(flags)
     elapsed = time.monotonic() - started_at

@@ -21,7 +21,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from ._options import DEFAULT_AGENTAPI_PORT, DEFAULT_MODULE_DIR_NAME, OPTIONS, Option, parse_bool
+from ._options import (
+    DEFAULT_AGENTAPI_PORT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MODULE_DIR_NAME,
+    OPTIONS,
+    Option,
+    parse_bool,
+)
 from .errors import ConfigError
 
 __all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
@@ -100,7 +107,7 @@ class Settings(BaseModel):
     snapshot_interval_s: float = Field(default=60.0, ge=0.0, le=86_400.0)
     """Minimum seconds between periodic snapshot uploads while running; 0 disables them."""
 
-    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     """Cap on any AgentAPI body or state file we read: input from AgentAPI is untrusted."""
 
     log_level: str = "info"

@@ -21,7 +21,7 @@ import structlog
 
 from ._fsutil import ensure_private_dir
 from .control_client import SOCKET_NAME, socket_address
-from .errors import PersistError
+from .errors import PersistError, SidecarAlreadyRunning
 
 __all__ = ["ControlServer", "Handler", "SidecarAlreadyRunning"]
 
@@ -30,10 +30,6 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 _MAX_REQUEST_BYTES = 64 * 1024
 _REQUEST_TIMEOUT_S = 5.0
-
-
-class SidecarAlreadyRunning(PersistError):
-    """Another sidecar answers on this state directory's control socket."""
 
 
 class ControlServer:

@@ -19,6 +19,8 @@ import socket
 import time
 from contextlib import contextmanager
 
+from .errors import SidecarUnavailable
+
 TYPE_CHECKING = False  # not `typing`: the client path counts every import
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCEPT_TIMEOUT_S",
     "SOCKET_NAME",
-    "SidecarUnavailable",
     "ask_sidecar",
     "socket_address",
 ]
@@ -58,10 +59,6 @@ def socket_address(path: str | os.PathLike[str]) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{name}"
     finally:
         os.close(fd)
-
-
-class SidecarUnavailable(Exception):
-    """No sidecar answered; the caller should do the work itself."""
 
 
 def ask_sidecar(

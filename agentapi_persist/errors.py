@@ -5,15 +5,21 @@ The tree::
     PersistError                     root; everything we raise on purpose       exit 1
     ├── ConfigError                  bad flags or environment                   exit 2
     ├── UpstreamError                a peer failed us (.url, .status)           exit 1
+    │   ├── BodyTooLarge             a peer's body passed the cap we read
     │   ├── AgentAPIError            AgentAPI down, slow, or sent bad data
-    │   │   └── AgentAPIBodyError    body too big, not JSON, wrong shape
+    │   │   ├── AgentAPIBodyError    body too big, not JSON, wrong shape
+    │   │   └── EventGap             the event stream and the mirror disagree (resync)
     │   └── CoderAPIError            the log-snapshot endpoint refused
     ├── StateFileError               a state file on disk is unusable
     │   ├── StateFileCorrupt         torn, bad checksum, bad JSON, bad schema
     │   └── StateFileVersionError    a format version we do not know
     ├── DurabilityError              a write or fsync failed; previous copy kept exit 3
     ├── AgentRunningError            refused to write AgentAPI's file under it   exit 6
-    └── ShutdownDeadlineExceeded     budget ran out before the durable write    exit 5
+    ├── SidecarAlreadyRunning        another sidecar owns this state directory   exit 1
+    └── SidecarUnavailable           no sidecar answered: do the work here (never shown)
+
+A stop whose budget runs out before the durable write is not an exception: the shutdown
+report says which step was cut, and its exit code is 5 (``ExitCode.DEADLINE``).
 
 Why exit codes live here: ``cli.main`` is the only place that turns exceptions into exit
 codes, and it reads them from the class, so the table below is the single source of truth
@@ -28,12 +34,15 @@ __all__ = [
     "AgentAPIBodyError",
     "AgentAPIError",
     "AgentRunningError",
+    "BodyTooLarge",
     "CoderAPIError",
     "ConfigError",
     "DurabilityError",
+    "EventGap",
     "ExitCode",
     "PersistError",
-    "ShutdownDeadlineExceeded",
+    "SidecarAlreadyRunning",
+    "SidecarUnavailable",
     "StateFileCorrupt",
     "StateFileError",
     "StateFileVersionError",
@@ -99,8 +108,17 @@ class AgentAPIError(UpstreamError):
     """AgentAPI is unreachable, too slow, or answered with an error status."""
 
 
+class BodyTooLarge(UpstreamError):
+    """A peer's body exceeded the cap we read."""
+
+
 class AgentAPIBodyError(AgentAPIError):
     """AgentAPI answered, but the body is too big, not JSON, or not the documented shape."""
+
+
+class EventGap(AgentAPIError):
+    """An event named a message the mirror cannot place: events were missed, so the mirror
+    must be resynchronised from ``GET /messages``."""
 
 
 class CoderAPIError(UpstreamError):
@@ -135,7 +153,9 @@ class AgentRunningError(PersistError):
     exit_code = ExitCode.AGENT_RUNNING
 
 
-class ShutdownDeadlineExceeded(PersistError):
-    """The grace budget ran out before the durable write finished."""
+class SidecarAlreadyRunning(PersistError):
+    """Another sidecar answers on this state directory's control socket."""
 
-    exit_code = ExitCode.DEADLINE
+
+class SidecarUnavailable(PersistError):
+    """No sidecar answered; the caller should do the work itself."""

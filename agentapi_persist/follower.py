@@ -20,8 +20,8 @@ import structlog
 
 from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
 from .budget import Budget
-from .errors import AgentAPIError
-from .mirror import Gap, Mirror, build_replay
+from .errors import AgentAPIError, EventGap
+from .mirror import Mirror, build_replay
 from .models import Message
 
 __all__ = ["Follower"]
@@ -76,12 +76,12 @@ class Follower:
                 await self._stream_once()
                 log.info("agentapi.stream_ended")
                 backoff = _RECONNECT_MIN_S
-            except (AgentAPIError, Gap) as exc:
+            except AgentAPIError as exc:
                 if self._followed_for() >= _HEALTHY_S:
                     # It had been following fine: a new failure starts the backoff over, or an
                     # old run of failures would keep changes off the disk for seconds.
                     backoff = _RECONNECT_MIN_S
-                if isinstance(exc, Gap):
+                if isinstance(exc, EventGap):
                     log.warning("agentapi.events_missed", detail=str(exc))
                 else:
                     log.info("agentapi.unavailable", error=str(exc), retry_in_s=round(backoff, 2))

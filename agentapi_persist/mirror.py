@@ -22,13 +22,10 @@ import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .errors import EventGap
 from .models import Message, renumber
 
-__all__ = ["Gap", "Mirror", "build_replay"]
-
-
-class Gap(Exception):
-    """A delta skipped ids: events were missed, so the mirror must be resynchronised."""
+__all__ = ["Mirror", "build_replay"]
 
 
 @dataclass(slots=True)
@@ -48,14 +45,14 @@ class Mirror:
         """Upsert one message from a delta (``message.id`` is AgentAPI's id). Returns True if
         it changed anything.
 
-        Raises ``Gap`` for an id below the last one that is not known: the mirror and
+        Raises ``EventGap`` for an id below the last one that is not known: the mirror and
         AgentAPI disagree, so it must be resynchronised.
         """
         agent_id = message.id
         index = self._position(agent_id)
         if index is None:
             if self.ids and agent_id < self.ids[-1]:
-                raise Gap(f"message id {agent_id} is unknown and older than the last one")
+                raise EventGap(f"message id {agent_id} is unknown and older than the last one")
             index = len(self.messages)
         renumbered = message if message.id == index else message.model_copy(update={"id": index})
         if index < len(self.messages):

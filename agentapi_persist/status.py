@@ -17,8 +17,8 @@ from .agentapi_save import persistence_enabled
 from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .config import Settings
-from .control_client import SidecarUnavailable, ask_sidecar
-from .errors import ConfigError, ExitCode, PersistError, StateFileError
+from .control_client import ask_sidecar
+from .errors import ConfigError, ExitCode, PersistError, SidecarUnavailable, StateFileError
 from .models import Relation, compare
 from .peers import open_peers
 from .store import StateStore

@@ -67,6 +67,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from ._fsutil import append_durable, fsync_dir, quarantine, read_capped_file, write_atomic
+from ._options import DEFAULT_MAX_BODY_BYTES
 from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
 from .models import (
     MESSAGES_ADAPTER,
@@ -280,7 +281,7 @@ class StateStore:
     """
 
     def __init__(
-        self, directory: Path, *, max_bytes: int = 256 * 1024 * 1024, read_only: bool = False
+        self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES, read_only: bool = False
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes

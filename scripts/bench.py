@@ -75,7 +75,8 @@ from agentapi_persist import (
     run_sequence,
 )
 from agentapi_persist._http import make_session
-from agentapi_persist.control_client import SidecarUnavailable, ask_sidecar
+from agentapi_persist.control_client import ask_sidecar
+from agentapi_persist.errors import SidecarUnavailable
 from agentapi_persist.models import Role
 
 TASK_ID = "0b6f3c1e-8d2a-4f5b-9c7e-2a1d3e4f5a6b"

@@ -187,7 +187,7 @@ async def test_periodic_snapshot_when_stable_after_a_change(
 
 async def test_second_sidecar_on_the_same_directory_is_refused(workspace: Workspace) -> None:
     """One sidecar per state directory: a second one fails clearly instead of racing."""
-    from agentapi_persist.control import SidecarAlreadyRunning
+    from agentapi_persist.errors import SidecarAlreadyRunning
 
     async with FakeAgentAPI() as agent, sidecar(workspace, agentapi_url=agent.url):
         with pytest.raises(SidecarAlreadyRunning):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agentapi_persist.mirror import Gap, Mirror, build_replay
+from agentapi_persist.errors import EventGap
+from agentapi_persist.mirror import Mirror, build_replay
 from agentapi_persist.models import Message
 
 from .conftest import TIME
@@ -49,7 +50,7 @@ def test_an_unknown_older_id_is_a_gap() -> None:
     """An id below the last one that the mirror never saw: resynchronise."""
     mirror = Mirror()
     mirror.replace(*build_replay([msg(0, "a"), msg(5, "b")]))
-    with pytest.raises(Gap):
+    with pytest.raises(EventGap):
         mirror.apply(msg(2, "?"))
 
 

@@ -63,7 +63,6 @@ _PID_FILE_MAX_BYTES = 64
 #: ``agentapi --version`` answers in milliseconds; a binary that takes longer is not trusted.
 VERSION_CAP_S = 1.0
 _VERSION_OUTPUT_MAX = 4096
-_POLL_S = 0.01
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GONE_STATES = frozenset({"Z", "X", "x"})
 

@@ -42,3 +42,18 @@ def test_importing_the_package_and_cli_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_type_checkers_see_exactly_the_public_names() -> None:
+    """The imports for type checkers in __init__ name the same objects as the runtime list
+    (_HOME), each from the module it says: the public API is listed once, and checked."""
+    import ast
+    from pathlib import Path
+
+    source = Path(agentapi_persist.__file__).read_text()
+    typed: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module != "_version":
+            for alias in node.names:
+                typed[alias.name] = str(node.module)
+    assert typed == agentapi_persist._HOME

@@ -21,12 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from agentapi_persist.testing.agentapi import (
-    free_port,
+from agentapi_persist.testing.agentapi_program import (
     run_fake_agentapi_process,
     write_agentapi_script,
 )
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 TASK_ID = "0b6f3c1e-8d2a-4f5b-9c7e-2a1d3e4f5a6b"
 TOKEN = "demo-token-not-a-real-secret"

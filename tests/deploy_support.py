@@ -25,7 +25,7 @@ import yaml
 
 from agentapi_persist.models import Conversation
 from agentapi_persist.store import StateStore
-from agentapi_persist.testing.agentapi import write_agentapi_script
+from agentapi_persist.testing.agentapi_program import write_agentapi_script
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

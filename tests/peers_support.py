@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +34,7 @@ from agentapi_persist.errors import ConfigError
 from agentapi_persist.models import Conversation, Message, Relation, compare
 from agentapi_persist.shutdown import ShutdownReport, run_sequence
 from agentapi_persist.store import StateStore
+from agentapi_persist.testing.server import LoopbackServer
 
 from .conftest import CANARY_TOKEN, Workspace, make_messages, new_workspace
 
@@ -229,7 +229,7 @@ def messages_body(messages: Sequence[Message]) -> bytes:
     return json.dumps({"messages": wire}, ensure_ascii=False).encode()
 
 
-class StallingAgentAPI:
+class StallingAgentAPI(LoopbackServer):
     """A loopback AgentAPI that starts answering and then goes silent, without closing.
 
     ``GET /messages`` declares the full length of a good body, sends half of it and stalls;
@@ -239,36 +239,20 @@ class StallingAgentAPI:
     """
 
     def __init__(self, messages: Sequence[Message]) -> None:
+        super().__init__(shutdown_timeout_s=0.5)
         self._body = messages_body(messages)
         self._release = asyncio.Event()
-        self._runner: web.AppRunner | None = None
         self.stalled = 0
-        self.url = ""
 
-    async def __aenter__(self) -> StallingAgentAPI:
+    def _build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/status", self._status)
         app.router.add_get("/messages", self._messages)
         app.router.add_get("/events", self._events)
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        return self
+        return app
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _before_close(self) -> None:
         self._release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "stable", "agent_type": "claude"})

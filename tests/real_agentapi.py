@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agentapi_persist.testing.agentapi import free_port
+from agentapi_persist.testing.server import free_port
 
 #: Newest first. v0.12.2 is the newest 0.12 release the Go module proxy serves.
 VERSIONS = ("0.12.2", "0.11.8", "0.10.1", "0.10.0")

@@ -36,12 +36,12 @@ from agentapi_persist.agentapi_save import SaveOutcome, persistence_enabled, req
 from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.budget import Budget
 from agentapi_persist.models import Message
-from agentapi_persist.testing.agentapi import (
-    free_port,
+from agentapi_persist.testing.agentapi_program import (
     main,
     run_fake_agentapi_process,
     write_agentapi_script,
 )
+from agentapi_persist.testing.server import free_port
 
 SLACK_S = 1.0
 SEED = [

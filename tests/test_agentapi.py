@@ -26,7 +26,8 @@ from agentapi_persist.agentapi import (
 )
 from agentapi_persist.budget import Budget
 from agentapi_persist.errors import AgentAPIBodyError, AgentAPIError
-from agentapi_persist.testing.agentapi import SUBSCRIBER_BUFFER, FakeAgentAPI, free_port
+from agentapi_persist.testing.agentapi import SUBSCRIBER_BUFFER, FakeAgentAPI
+from agentapi_persist.testing.server import free_port
 
 GO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}Z")
 T0 = "2025-01-02T03:04:05.123456789Z"

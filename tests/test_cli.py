@@ -20,13 +20,13 @@ from agentapi_persist.cli import build_parser, main
 from agentapi_persist.config import OPTIONS
 from agentapi_persist.models import Conversation
 from agentapi_persist.store import StateStore
-from agentapi_persist.testing.agentapi import (
-    FakeAgentAPI,
-    free_port,
+from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.agentapi_program import (
     run_fake_agentapi_process,
     write_agentapi_script,
 )
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
 

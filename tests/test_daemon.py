@@ -22,8 +22,9 @@ from agentapi_persist.errors import ExitCode
 from agentapi_persist.models import Conversation
 from agentapi_persist.shutdown import ShutdownReport
 from agentapi_persist.store import StateStore
-from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
+from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .conftest import TIME, Workspace, coder_env, make_messages
 

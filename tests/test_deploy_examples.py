@@ -26,8 +26,8 @@ import pytest
 
 from agentapi_persist.config import Settings
 from agentapi_persist.models import Conversation
-from agentapi_persist.testing.agentapi import free_port
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .conftest import TASK_ID, coder_env, make_messages
 from .deploy_support import (

@@ -43,8 +43,10 @@ from agentapi_persist.doctor import (
 )
 from agentapi_persist.models import Conversation
 from agentapi_persist.store import StateStore
-from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port, write_agentapi_script
+from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.agentapi_program import write_agentapi_script
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
 from .test_cli import agentapi_process, assert_no_token, cli

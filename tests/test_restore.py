@@ -13,7 +13,8 @@ from agentapi_persist.errors import AgentRunningError, ExitCode
 from agentapi_persist.models import Conversation
 from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore
-from agentapi_persist.testing.agentapi import FakeAgentAPI, free_port
+from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.server import free_port
 
 from .conftest import Workspace, make_messages
 

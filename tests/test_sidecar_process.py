@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from agentapi_persist.agentapi_state import read_agentapi_state
-from agentapi_persist.testing.agentapi import (
-    FakeAgentAPI,
-    free_port,
+from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.agentapi_program import (
     run_fake_agentapi_process,
     write_agentapi_script,
 )
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
 from .sidecar_support import eventually, sidecar_process, stored_count

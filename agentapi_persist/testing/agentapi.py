@@ -10,37 +10,30 @@ dropped), ``POST /message``, and the Host-header check. In-process use::
         agent.behaviour.delay_s = 2.0          # fault knobs apply to the next request
         ...
 
-It is also the ``agentapi`` program itself, for tests that need a real process with a pid
-file, a state file and real signals. Write an executable script named ``agentapi``
-(``write_agentapi_script``) and run ``agentapi server --port N``: it writes its pid file,
-loads and saves the v1 state file the way AgentAPI does (SIGUSR1 from 0.12.0 on; before that
-SIGUSR1 kills it, as it kills the real one), and prints ``ready`` once it listens. Knobs that
-exist only in the fake come from ``FAKE_AGENTAPI_*`` environment variables (see ``main``).
+The same fake as an ``agentapi`` program (a real process with a pid file, a state file and
+real signals) is ``agentapi_persist.testing.agentapi_program``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import struct
-import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
 
 from ..models import Message, Role, sanitize_text
+from .server import LoopbackServer
 
 __all__ = [
     "DEFAULT_VERSION",
@@ -48,11 +41,7 @@ __all__ = [
     "AgentAPIBehaviour",
     "FakeAgentAPI",
     "RecordedRequest",
-    "free_port",
-    "main",
     "rfc3339_nano",
-    "run_fake_agentapi_process",
-    "write_agentapi_script",
 ]
 
 Status = Literal["running", "stable"]
@@ -131,7 +120,7 @@ class RecordedRequest:
     host: str
 
 
-class FakeAgentAPI:
+class FakeAgentAPI(LoopbackServer):
     """AgentAPI's HTTP API over an in-memory conversation, driven by the test."""
 
     def __init__(
@@ -146,6 +135,7 @@ class FakeAgentAPI:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        super().__init__(host=host, port=port)
         self.version = version
         self.agent_type = agent_type
         self.initial_prompt = initial_prompt
@@ -162,10 +152,6 @@ class FakeAgentAPI:
         self._unstalled = asyncio.Event()
         self._unstalled.set()
         self._closing = asyncio.Event()
-        self._host = host
-        self._port = port
-        self._runner: web.AppRunner | None = None
-        self._url = ""
         for item in messages:
             if isinstance(item, Message):
                 self._append(item.role, item.content, item.time)
@@ -173,13 +159,6 @@ class FakeAgentAPI:
                 self._append(item[0], item[1], rfc3339_nano())
 
     # -- what a test reads ------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>`` (or the host given); only valid once started."""
-        if not self._url:
-            raise RuntimeError("FakeAgentAPI is not started")
-        return self._url
 
     @property
     def port(self) -> int:
@@ -328,8 +307,7 @@ class FakeAgentAPI:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen on ``host:port`` (port 0: a free one)."""
+    def _build_app(self) -> web.Application:
         self._closing.clear()
 
         @web.middleware
@@ -352,35 +330,13 @@ class FakeAgentAPI:
         app.router.add_get("/messages", self._handle_messages)
         app.router.add_get("/events", self._handle_events)
         app.router.add_post("/message", self._handle_message)
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return app
 
-    async def close(self) -> None:
-        """Stop listening; streams end, hung requests are released."""
+    async def _before_close(self) -> None:
+        """Streams end, hung requests are released."""
         self._closing.set()
         self._unstalled.set()
         self.drop_subscribers()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeAgentAPI:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -590,174 +546,6 @@ def _hostname(host: str) -> str:
 # -- the `agentapi` program ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for ``agentapi server --port``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def write_agentapi_script(directory: Path, *, version: str | None = None) -> Path:
-    """Create an executable ``directory/agentapi`` that runs this fake with this interpreter.
-
-    ``version`` is baked into the script, as the real binary has its version built in;
-    without it the script reports ``FAKE_AGENTAPI_VERSION`` or the default. The script
-    answers ``--version`` before importing anything heavy, so it is about as quick as the
-    real binary (callers give ``--version`` about a second).
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    script = directory / "agentapi"
-    lines = [f"#!{sys.executable}", "import os", "import sys"]
-    if version is not None:
-        lines.append(f"os.environ['FAKE_AGENTAPI_VERSION'] = {version!r}")
-    lines += [
-        "if sys.argv[1:] == ['--version']:",
-        f"    v = os.environ.get('FAKE_AGENTAPI_VERSION') or {DEFAULT_VERSION!r}",
-        "    print('agentapi version ' + v)",
-        "    raise SystemExit(0)",
-        "from agentapi_persist.testing.agentapi import main",
-        "raise SystemExit(main())",
-        "",
-    ]
-    script.write_text("\n".join(lines))
-    script.chmod(0o755)
-    return script
-
-
-@contextlib.asynccontextmanager
-async def run_fake_agentapi_process(
-    script: Path,
-    *,
-    port: int | None = None,
-    pid_file: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    ready_timeout_s: float = 20.0,
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Start ``script server --port N`` and wait for ``ready``; killed on the way out."""
-    args = [str(script), "server", "--port", str(port if port is not None else free_port())]
-    if pid_file is not None:
-        args += ["--pid-file", str(pid_file)]
-    process = await asyncio.create_subprocess_exec(
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(ready_timeout_s):
-            while (line := await process.stdout.readline()) != b"ready\n":
-                if not line:
-                    raise RuntimeError(f"fake agentapi exited early ({await process.wait()})")
-        yield process
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``agentapi --version`` | ``agentapi server --port N [--pid-file F] [-- agent ...]``.
-
-    Environment, as AgentAPI reads it: ``AGENTAPI_PID_FILE``, ``AGENTAPI_STATE_FILE``,
-    ``AGENTAPI_LOAD_STATE`` / ``AGENTAPI_SAVE_STATE`` (default true when a state file is
-    set), ``AGENTAPI_INITIAL_PROMPT``. Fake-only knobs: ``FAKE_AGENTAPI_VERSION`` (default
-    0.12.1), ``FAKE_AGENTAPI_SEED`` (a JSON file: a list of ``{role, content}`` to start
-    with), ``FAKE_AGENTAPI_SAVE_DELAY_S`` (pause before each save),
-    ``FAKE_AGENTAPI_IGNORE_SIGTERM`` (true: SIGTERM is ignored, as by a wedged process),
-    ``FAKE_AGENTAPI_READY_AFTER_S`` (the agent's start-up time: until then only a start-up
-    screen, no state loaded, as the real AgentAPI does),
-    ``FAKE_AGENTAPI_CHATTER_MS`` (change the conversation by itself at this interval) and
-    ``FAKE_AGENTAPI_CHATTER_LOG`` (a file logging each such change with its wall time).
-    """
-    parser = argparse.ArgumentParser(prog="agentapi")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    commands = parser.add_subparsers(dest="command")
-    server = commands.add_parser("server", help="run the server")
-    server.add_argument("--port", "-p", type=int, default=None)
-    server.add_argument("--pid-file", default=None)
-    server.add_argument("--state-file", default=None)
-    server.add_argument("--type", "-t", default="claude")
-    server.add_argument("--initial-prompt", "-I", default=None)
-    server.add_argument("agent", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    version = os.environ.get("FAKE_AGENTAPI_VERSION") or DEFAULT_VERSION
-    if args.version:
-        print(f"agentapi version {version}")
-        return 0
-    if args.command != "server":
-        parser.print_usage(sys.stderr)
-        return 2
-    fake, options = _prepare(args, version)
-    return asyncio.run(_serve(fake, options))
-
-
-def _env_bool(name: str, *, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    return value in {"1", "t", "true", "yes", "y", "on"}
-
-
-def _say(text: str) -> None:
-    print(f"agentapi: {text}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True, slots=True)
-class _ProcessOptions:
-    version: str
-    state_file: Path | None
-    save: bool
-    pid_file: Path | None
-    save_delay_s: float
-    ignore_sigterm: bool
-    ready_after_s: float = 0.0
-    """>0: the agent's start-up takes this long; until then message 0 is its start-up screen
-    and the state file is not loaded (as with the real AgentAPI)."""
-    load_from: Path | None = None
-    prompt: str = ""
-
-
-def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _ProcessOptions]:
-    """Read the environment, load the state file and the seed: all before serving."""
-    env = os.environ
-    port = args.port if args.port is not None else int(env.get("AGENTAPI_PORT") or 3284)
-    state_path = args.state_file or env.get("AGENTAPI_STATE_FILE") or None
-    state_file = Path(state_path) if state_path else None
-    pid_path = args.pid_file or env.get("AGENTAPI_PID_FILE") or None
-    options = _ProcessOptions(
-        version=version,
-        state_file=state_file,
-        save=_env_bool("AGENTAPI_SAVE_STATE", default=state_file is not None),
-        pid_file=Path(pid_path) if pid_path else None,
-        save_delay_s=float(env.get("FAKE_AGENTAPI_SAVE_DELAY_S") or 0),
-        ignore_sigterm=_env_bool("FAKE_AGENTAPI_IGNORE_SIGTERM", default=False),
-        ready_after_s=float(env.get("FAKE_AGENTAPI_READY_AFTER_S") or 0),
-    )
-    fake = FakeAgentAPI(version=version, agent_type=args.type, port=port)
-    load = _env_bool("AGENTAPI_LOAD_STATE", default=state_file is not None)
-    prompt = args.initial_prompt or env.get("AGENTAPI_INITIAL_PROMPT") or ""
-    if options.ready_after_s > 0:
-        # Until the agent is ready: only its start-up screen, and a save in this window
-        # writes exactly that with the prompt not sent.
-        fake.add_message("agent", "Fake agent starting up...")
-        fake.initial_prompt = prompt.strip(" \t\n\r\f\v")
-        fake.initial_prompt_sent = False
-        load_from = state_file if load else None
-        return fake, replace(options, load_from=load_from, prompt=prompt)
-    if state_file is not None and load and state_file.exists():
-        problem = fake.load_state(state_file)
-        if problem is not None:
-            _say(f"could not load state, starting empty: {problem}")
-    _apply_initial_prompt(fake, args.initial_prompt or env.get("AGENTAPI_INITIAL_PROMPT") or "")
-    if seed := env.get("FAKE_AGENTAPI_SEED"):
-        for item in json.loads(Path(seed).read_text()):
-            fake.add_message(item["role"], item["content"])
-    return fake, options
-
-
 _GO_TIME = re.compile(
     r"\d{4}-\d{2}-\d{2}T\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?(?:Z|[+-]\d{2}:\d{2})", flags=re.ASCII
 )
@@ -809,93 +597,6 @@ def _decode_state_like_go(data: bytes) -> dict[str, Any]:
         messages.append(message)
     state["messages"] = messages
     return state
-
-
-def _write_pid_file(path: Path) -> None:
-    path.write_text(f"{os.getpid()}\n")
-
-
-async def _serve(fake: FakeAgentAPI, options: _ProcessOptions) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    save_lock = asyncio.Lock()
-    saves: set[asyncio.Task[None]] = set()
-    state_file = options.state_file
-
-    async def save_now(reason: str) -> None:
-        if state_file is None or not options.save:
-            return
-        async with save_lock:
-            if options.save_delay_s > 0:
-                await asyncio.sleep(options.save_delay_s)
-            written = fake.save_state(state_file)
-            _say(f"state {'saved' if written else 'unchanged, save skipped'} ({reason})")
-
-    def on_save_signal() -> None:
-        task = loop.create_task(save_now("SIGUSR1"))
-        saves.add(task)
-        task.add_done_callback(saves.discard)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if sig == signal.SIGTERM and options.ignore_sigterm:
-            signal.signal(sig, signal.SIG_IGN)
-        else:
-            loop.add_signal_handler(sig, stop.set)
-    if _version_tuple(options.version) >= (0, 12, 0):
-        loop.add_signal_handler(signal.SIGUSR1, on_save_signal)
-    else:
-        # Go ignores a signal the program never asked for: the real v0.10.0 and v0.11.8 live
-        # on after SIGUSR1 and save nothing.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-    await fake.start()
-    chatter: asyncio.Task[None] | None = None
-    try:
-        if options.pid_file is not None:
-            _write_pid_file(options.pid_file)
-        if options.ready_after_s > 0:
-            loop.call_later(
-                options.ready_after_s, fake.become_ready, options.load_from, options.prompt
-            )
-        interval_ms = float(os.environ.get("FAKE_AGENTAPI_CHATTER_MS") or 0)
-        if interval_ms > 0:
-            log_path = os.environ.get("FAKE_AGENTAPI_CHATTER_LOG")
-            chatter = loop.create_task(
-                _chatter(fake, interval_ms / 1000, Path(log_path) if log_path else None)
-            )
-        print("ready", flush=True)
-        await stop.wait()
-        await save_now("shutdown")
-    finally:
-        if chatter is not None:
-            chatter.cancel()
-        await fake.close()
-    return 0
-
-
-async def _chatter(fake: FakeAgentAPI, interval_s: float, log_path: Path | None) -> None:
-    """Change the conversation every ``interval_s``: alternately extend the last agent message
-    and add a new one, like an agent streaming output. Each change is logged (wall time, id,
-    content length) before the next, so a test that SIGKILLs everything knows what existed
-    when. The log is written with plain ``write``: a SIGKILL does not lose the page cache."""
-    log_file = log_path.open("a", buffering=1) if log_path is not None else None
-    step = 0
-    try:
-        while True:
-            await asyncio.sleep(interval_s)
-            last = fake.messages[-1] if fake.messages else None
-            if last is not None and last.role == "agent" and step % 2 == 1:
-                message = fake.update_last(last.content + f" +{step}")
-            else:
-                role: Role = "user" if last is not None and last.role == "agent" else "agent"
-                message = fake.add_message(role, f"chatter {step}")
-            step += 1
-            if log_file is not None:
-                entry = {"t": time.time(), "id": message.id, "length": len(message.content)}
-                log_file.write(json.dumps(entry) + "\n")
-    finally:
-        if log_file is not None:
-            log_file.close()
 
 
 def _apply_initial_prompt(fake: FakeAgentAPI, started_with: str) -> None:

@@ -26,10 +26,11 @@ import struct
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+
+from .server import LoopbackServer
 
 __all__ = ["CoderBehaviour", "FakeCoder", "InvalidSnapshot", "RecordedRequest"]
 
@@ -92,7 +93,7 @@ class InvalidSnapshot:
     problem: str
 
 
-class FakeCoder:
+class FakeCoder(LoopbackServer):
     """The Coder log-snapshot endpoint on a free loopback port, as an async context manager."""
 
     def __init__(
@@ -108,6 +109,7 @@ class FakeCoder:
         route_exists: bool = True,
         stop_build_finished: bool = False,
     ) -> None:
+        super().__init__()
         self.token = token
         self.task_ids: set[str] = {str(uuid.UUID(task)) for task in task_ids}
         self.behaviour = CoderBehaviour(
@@ -122,53 +124,20 @@ class FakeCoder:
         self.uploads: list[RecordedRequest] = []
         self.snapshots: dict[str, Any] = {}
         self.invalid_snapshots: list[InvalidSnapshot] = []
-        self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
-        self._url = ""
-
-    @property
-    def url(self) -> str:
-        """Base URL, like ``CODER_AGENT_URL`` (no trailing slash)."""
-        if not self._url:
-            raise RuntimeError("FakeCoder is not started")
-        return self._url
 
     def snapshot_url(self, task_id: str) -> str:
         """The full upload URL for ``task_id``, with its one query parameter."""
         return f"{self.url}/api/v2/workspaceagents/me/tasks/{task_id}/log-snapshot?format=agentapi"
 
-    async def start(self) -> None:
-        """Bind 127.0.0.1 on a free port and start answering."""
+    def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=4 * SNAPSHOT_MAX_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        # Cancel a handler when its client goes away, so ``hang`` ends with the connection.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self._url = f"http://{host}:{port}"
+        return app
 
-    async def close(self) -> None:
-        """Release hung requests and stop the server."""
+    async def _before_close(self) -> None:
+        """Release hung requests."""
         self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeCoder:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body, oversize = await _read_bounded(request)

@@ -20,7 +20,6 @@ Four tools, each doing one real thing:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import hashlib
@@ -176,53 +175,6 @@ def temp_files(directory: Path) -> list[str]:
 
 
 # -- the CLI as a process -----------------------------------------------------------------------
-
-
-@dataclass
-class CliRun:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-    """From the start to the exit of the process we started (a tracer included)."""
-    said_last_s: float
-    """From the start to the last line our program wrote: its exit, within a few ms, even when
-    a tracer it runs under lingers after it."""
-
-
-async def run_cli(
-    env: dict[str, str], *args: str, prefix: list[str] | None = None, timeout_s: float = 60
-) -> CliRun:
-    """``[prefix] python -m agentapi_persist ARGS`` with exactly ``env``; peers keep serving."""
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *(prefix or []),
-        sys.executable,
-        "-m",
-        "agentapi_persist",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    last = [started]
-
-    async def read(stream: asyncio.StreamReader | None) -> str:
-        assert stream is not None
-        text = []
-        while line := await stream.readline():
-            decoded = line.decode(errors="replace")
-            text.append(decoded)
-            if decoded.startswith(("shutdown ", "agentapi-persist:", "{")):
-                last[0] = time.monotonic()
-        return "".join(text)
-
-    out, err, _ = await asyncio.wait_for(
-        asyncio.gather(read(proc.stdout), read(proc.stderr), proc.wait()), timeout_s
-    )
-    assert proc.returncode is not None
-    ended = time.monotonic()
-    return CliRun(proc.returncode, out, err, ended - started, last[0] - started)
 
 
 def fsize_prefix(limit: int) -> list[str]:

@@ -12,26 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import select
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from agentapi_persist._http import make_session
-from agentapi_persist.agentapi import AgentAPIClient
 from agentapi_persist.budget import Budget
-from agentapi_persist.coder import CoderClient
-from agentapi_persist.errors import ConfigError
 from agentapi_persist.models import Conversation, Message, Relation, compare
+from agentapi_persist.peers import open_peers
 from agentapi_persist.shutdown import ShutdownReport, run_sequence
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.server import LoopbackServer
@@ -40,16 +30,12 @@ from .conftest import CANARY_TOKEN, Workspace, make_messages, new_workspace
 
 __all__ = [
     "GOOD_MESSAGES",
-    "ExitClock",
-    "Run",
     "StallingAgentAPI",
     "assert_good_or_superset",
     "assert_token_nowhere",
-    "cli_timed",
     "dead_url",
     "messages_body",
     "new_workspace",
-    "run_cli_timed",
     "run_sequence_for",
     "seed_good_copy",
 ]
@@ -113,114 +99,22 @@ def dead_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-async def run_sequence_for(ws: Workspace, *, budget_s: float, **flags: Any) -> ShutdownReport:
-    """The shutdown sequence in-process, wired from ``ws``'s settings the way the ``shutdown``
-    command wires it (body cap included; a half-configured snapshot reaches the sequence as
-    no client, which reports it)."""
+async def run_sequence_for(
+    ws: Workspace, *, budget_s: float, force: asyncio.Event | None = None, **flags: Any
+) -> ShutdownReport:
+    """The shutdown sequence in-process, its peers opened from ``ws``'s settings the way the
+    ``shutdown`` command opens them (``open_peers``: body caps; a half-configured snapshot
+    reaches the sequence as no client, which reports it). The one in-process wiring."""
     settings = ws.settings(**flags)
-    try:
-        target = settings.coder_target()
-    except ConfigError:
-        target = None
-    async with make_session() as agent_session, make_session() as coder_session:
-        agent = AgentAPIClient(
-            settings.agentapi_url, session=agent_session, max_body_bytes=settings.max_body_bytes
-        )
-        coder = CoderClient(target, session=coder_session) if target is not None else None
+    async with open_peers(settings) as peers:
         return await run_sequence(
             settings,
-            store=StateStore(settings.state_dir, max_bytes=settings.max_body_bytes),
-            agent=agent,
-            coder=coder,
+            store=peers.store,
+            agent=peers.agent,
+            coder=peers.coder,
             budget=Budget(budget_s),
+            force=force,
         )
-
-
-@dataclass
-class Run:
-    """One CLI process's life: exit code, output, and times counted from its start."""
-
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-    """From the process's start to its exit."""
-    startup_s: float
-    """From its start to its first log event (only when asked to watch for it; else 0)."""
-
-
-def run_cli_timed(
-    ws: Workspace,
-    args: Sequence[str],
-    env: dict[str, str],
-    on_started: Callable[[], None] | None = None,
-) -> Run:
-    """Run ``python -m agentapi_persist ARGS`` and time its whole life, in the calling thread
-    (call it from a thread of its own: a busy event loop must not add to a process's time).
-
-    With ``on_started``, stderr's first line is awaited first (run with logs at debug: it is
-    the first event, logged as the sequence begins, so the imports are done) and
-    ``on_started`` is called then.
-    """
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentapi_persist", *args],
-        bufsize=0,  # unbuffered pipes: readline() below leaves nothing behind for communicate()
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ws.process_env(**env),
-    )
-    # The kernel's record of the start is what the process's own budget counts from; take it,
-    # or the moment before the spawn if that is earlier, so a time is never shorter than a life.
-    origin = min(started, _start_time(proc.pid))
-    first, startup_s = b"", 0.0
-    if on_started is not None:
-        assert proc.stderr is not None
-        try:
-            first = proc.stderr.readline()  # b"" if it exits without a word
-            startup_s = time.monotonic() - origin
-        finally:
-            on_started()
-    out, err = proc.communicate(timeout=120)
-    seconds = time.monotonic() - origin
-    return Run(proc.returncode, out.decode(), (first + err).decode(), seconds, startup_s)
-
-
-async def cli_timed(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Run:
-    """``run_cli_timed`` from a worker thread, while the caller's loop keeps serving peers."""
-    return await asyncio.to_thread(run_cli_timed, ws, args, env or {})
-
-
-def _start_time(pid: int) -> float:
-    """When process ``pid`` started, on the monotonic clock (both count from boot here)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-class ExitClock:
-    """Notes when a process exits, from a thread of its own watching a pidfd (it does not reap
-    the process: asyncio still does), so a busy event loop cannot add to the time."""
-
-    def __init__(self, pid: int) -> None:
-        self.exited_at: float | None = None
-        self._fd = os.pidfd_open(pid)
-        self._thread = threading.Thread(target=self._watch, name=f"exit-clock-{pid}", daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        try:
-            select.select([self._fd], [], [])
-            self.exited_at = time.monotonic()
-        finally:
-            os.close(self._fd)
-
-    def since(self, started: float, timeout: float = 5.0) -> float:
-        """Seconds from ``started`` to the exit (call once the process has been waited for)."""
-        self._thread.join(timeout)
-        assert self.exited_at is not None, "the process has not exited"
-        return self.exited_at - started
 
 
 def messages_body(messages: Sequence[Message]) -> bytes:

@@ -6,11 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,32 +25,8 @@ from agentapi_persist.testing.agentapi_program import (
 from agentapi_persist.testing.coder import FakeCoder
 from agentapi_persist.testing.server import free_port
 
+from .cli_support import cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-async def cli(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Result:
-    """Run ``python -m agentapi_persist ARGS`` with the workspace's environment."""
-    started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agentapi_persist",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=ws.process_env(**(env or {})),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode(), time.monotonic() - started)
 
 
 @asynccontextmanager

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +47,9 @@ from agentapi_persist.testing.agentapi_program import write_agentapi_script
 from agentapi_persist.testing.coder import FakeCoder
 from agentapi_persist.testing.server import free_port
 
+from .cli_support import cli, run_cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
-from .test_cli import agentapi_process, assert_no_token, cli
+from .test_cli import agentapi_process, assert_no_token
 from .test_daemon import sidecar
 
 STRACE = shutil.which("strace")
@@ -592,19 +592,20 @@ async def test_timing_slow_fsync_warns_then_fails(
     assert STRACE is not None
     env = workspace.process_env(AGENTAPI_PERSIST_AGENTAPI_URL=dead_url())
     delay = f"inject=fsync:delay_enter={round(delay_s * 1_000_000)}"
-    command = [STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=fsync", "-e", delay]
-    command += [sys.executable, "-m", "agentapi_persist", "doctor", "--json", "--grace", grace]
-    command += ["--agentapi-bin", str(workspace.root / "none")]
-    proc = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    prefix = [STRACE, "-f", "-qq", "-o", os.devnull, "-e", "trace=fsync", "-e", delay]
+    run = await run_cli(
+        env,
+        *("doctor", "--json", "--grace", grace, "--agentapi-bin", str(workspace.root / "none")),
+        prefix=prefix,
+        timeout_s=50,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 50)
+    out, err = run.stdout, run.stderr
     result = json.loads(out)
     timing = next(f for f in result["findings"] if f["name"] == "shutdown.timing")
     assert timing["verdict"] == verdict, timing
     assert timing["detail"].startswith(words)
     assert "--grace" in timing["fix"]
-    assert proc.returncode == (8 if verdict is Verdict.FAIL else 0), err.decode()
+    assert run.code == (8 if verdict is Verdict.FAIL else 0), err
 
 
 # -- the command -------------------------------------------------------------------------------

@@ -35,16 +35,15 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
+from .cli_support import Run, run_cli_timed
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
 from .faults_support import needs_strace, strace_prefix
 from .peers_support import (
     GOOD_MESSAGES,
-    Run,
     assert_good_or_superset,
     assert_token_nowhere,
     dead_url,
     new_workspace,
-    run_cli_timed,
     seed_good_copy,
 )
 

@@ -29,16 +29,15 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
+from .cli_support import CliRun, run_cli
 from .conftest import Workspace, coder_env, make_messages
 from .faults_support import (
-    CliRun,
     fill,
     fsize_prefix,
     fsync_retried,
     injected_calls,
     needs_strace,
     read_only,
-    run_cli,
     strace_prefix,
     temp_files,
     thread_logs,

@@ -47,8 +47,9 @@ from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 
+from .cli_support import run_cli
 from .conftest import Workspace
-from .faults_support import STRACE, needs_strace, run_cli, strace_prefix
+from .faults_support import STRACE, needs_strace, strace_prefix
 from .peers_support import dead_url, new_workspace
 
 TIME = "2025-01-02T03:04:05.123456789Z"

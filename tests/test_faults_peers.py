@@ -38,14 +38,13 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
+from .cli_support import ExitClock, cli_timed
 from .conftest import CANARY_TOKEN, TASK_ID, TIME, Workspace, coder_env, make_messages
 from .peers_support import (
     GOOD_MESSAGES,
-    ExitClock,
     StallingAgentAPI,
     assert_good_or_superset,
     assert_token_nowhere,
-    cli_timed,
     dead_url,
     messages_body,
     run_sequence_for,

@@ -21,8 +21,8 @@ from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.coder import FakeCoder
 
+from .cli_support import CliRun, run_cli
 from .conftest import Workspace, coder_env, new_workspace
-from .faults_support import CliRun, run_cli
 from .real_agentapi import (
     STATEFUL,
     VERSIONS,

@@ -30,8 +30,8 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
+from .cli_support import run_cli
 from .conftest import CANARY_TOKEN, TASK_ID, coder_env, make_messages
-from .faults_support import run_cli
 from .peers_support import assert_token_nowhere, dead_url, new_workspace
 from .sidecar_support import eventually, sidecar_process, stored_count
 

@@ -5,31 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import aiohttp
 import pytest
 
-from agentapi_persist._http import make_session
-from agentapi_persist.agentapi import AgentAPIClient
-from agentapi_persist.budget import Budget
-from agentapi_persist.coder import CoderClient
 from agentapi_persist.errors import ExitCode
 from agentapi_persist.models import Conversation
-from agentapi_persist.shutdown import ShutdownReport, run_sequence
+from agentapi_persist.shutdown import ShutdownReport
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 from agentapi_persist.testing.server import free_port
 
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
-
-
-@asynccontextmanager
-async def sessions() -> AsyncIterator[tuple[aiohttp.ClientSession, aiohttp.ClientSession]]:
-    async with make_session() as a, make_session() as b:
-        yield a, b
+from .peers_support import run_sequence_for
 
 
 async def run(
@@ -45,15 +33,7 @@ async def run(
         ws.env.update(coder_env(coder))
     if agent_url is not None:
         flags.setdefault("agentapi_url", agent_url)
-    settings = ws.settings(**flags)
-    store = StateStore(settings.state_dir)
-    async with sessions() as (agent_session, coder_session):
-        agent = AgentAPIClient(settings.agentapi_url, session=agent_session)
-        target = settings.coder_target() if coder is not None else None
-        client = CoderClient(target, session=coder_session) if target else None
-        return await run_sequence(
-            settings, store=store, agent=agent, coder=client, budget=Budget(budget_s), force=force
-        )
+    return await run_sequence_for(ws, budget_s=budget_s, force=force, **flags)
 
 
 def stored(ws: Workspace) -> Conversation | None:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from agentapi_persist.testing.agentapi_program import (
 from agentapi_persist.testing.coder import FakeCoder
 from agentapi_persist.testing.server import free_port
 
+from .cli_support import cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
 from .sidecar_support import eventually, sidecar_process, stored_count
 
@@ -96,21 +96,12 @@ async def test_shutdown_command_goes_through_the_sidecar(
         env = {**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
         async with sidecar_process(workspace, env=env) as sidecar:
             await eventually(lambda: stored_count(workspace) == 40)
-            status = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentapi_persist", "status", "--json",
-                stdout=asyncio.subprocess.PIPE, env=workspace.process_env(**env),
-            )  # fmt: skip
-            out, _ = await status.communicate()
-            assert json.loads(out)["sidecar"]["running"] is True
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentapi_persist", "shutdown",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env=workspace.process_env(**env),
-            )  # fmt: skip
-            out, err = await asyncio.wait_for(proc.communicate(), 15)
-            assert proc.returncode == 0, out + err
-            assert out.decode().startswith("shutdown ok:")
-            assert "(via sidecar)" in out.decode()
+            status = await cli(workspace, "status", "--json", env=env)
+            assert json.loads(status.stdout)["sidecar"]["running"] is True
+            run = await cli(workspace, "shutdown", env=env)
+            assert run.code == 0, run.stdout + run.stderr
+            assert run.stdout.startswith("shutdown ok:")
+            assert "(via sidecar)" in run.stdout
             assert await sidecar.wait() == 0
     assert [m["id"] for m in coder.uploads[-1].json["messages"]] == list(range(10, 40))
 
@@ -167,12 +158,8 @@ async def test_sigkill_everything_loses_nothing_older_than_a_second(workspace: W
     changes = [json.loads(line) for line in chatter_log.read_text().splitlines() if line.strip()]
     assert len(changes) >= 20
     # AgentAPI is dead and never saved (SIGKILL): only the sidecar's copy can restore it.
-    restore = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentapi_persist", "restore", "--force", "--json",
-        stdout=asyncio.subprocess.PIPE, env=workspace.process_env(),
-    )  # fmt: skip
-    out, _ = await restore.communicate()
-    assert restore.returncode == 0, out
+    restore = await cli(workspace, "restore", "--force", "--json")
+    assert restore.code == 0, restore.stdout
     state = read_agentapi_state(workspace.state_file, max_bytes=2**26)
     assert [m.id for m in state.messages] == list(range(len(state.messages)))
     old_enough = [c for c in changes if c["t"] <= killed_at - 1.0]

@@ -1,0 +1,163 @@
+"""Running the real CLI as a process, for tests: one runner, and a timed variant.
+
+``run_cli`` starts ``python -m agentapi_persist ARGS`` with exactly the environment given while
+the caller's event loop keeps serving the loopback peers; ``cli`` does the same with a
+workspace's environment. ``run_cli_timed`` runs from a thread of its own and times the whole
+life of the process from the kernel's record of its start, for the tests that hold the exit to
+the grace period; ``ExitClock`` notes an exit from a pidfd, whatever the event loop is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .conftest import Workspace
+
+__all__ = ["CliRun", "ExitClock", "Run", "cli", "cli_timed", "run_cli", "run_cli_timed"]
+
+
+@dataclass
+class CliRun:
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    """From the start to the exit of the process we started (a tracer included)."""
+    said_last_s: float
+    """From the start to the last line our program wrote: its exit, within a few ms, even when
+    a tracer it runs under lingers after it."""
+
+
+async def run_cli(
+    env: dict[str, str], *args: str, prefix: list[str] | None = None, timeout_s: float = 60
+) -> CliRun:
+    """``[prefix] python -m agentapi_persist ARGS`` with exactly ``env``; peers keep serving."""
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *(prefix or []),
+        sys.executable,
+        "-m",
+        "agentapi_persist",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    last = [started]
+
+    async def read(stream: asyncio.StreamReader | None) -> str:
+        assert stream is not None
+        text = []
+        while line := await stream.readline():
+            decoded = line.decode(errors="replace")
+            text.append(decoded)
+            if decoded.startswith(("shutdown ", "agentapi-persist:", "{")):
+                last[0] = time.monotonic()
+        return "".join(text)
+
+    out, err, _ = await asyncio.wait_for(
+        asyncio.gather(read(proc.stdout), read(proc.stderr), proc.wait()), timeout_s
+    )
+    assert proc.returncode is not None
+    ended = time.monotonic()
+    return CliRun(proc.returncode, out, err, ended - started, last[0] - started)
+
+
+async def cli(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> CliRun:
+    """``run_cli`` with the workspace's environment (plus ``env``)."""
+    return await run_cli(ws.process_env(**(env or {})), *args)
+
+
+@dataclass
+class Run:
+    """One CLI process's life: exit code, output, and times counted from its start."""
+
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    """From the process's start to its exit."""
+    startup_s: float
+    """From its start to its first log event (only when asked to watch for it; else 0)."""
+
+
+def run_cli_timed(
+    ws: Workspace,
+    args: Sequence[str],
+    env: dict[str, str],
+    on_started: Callable[[], None] | None = None,
+) -> Run:
+    """Run ``python -m agentapi_persist ARGS`` and time its whole life, in the calling thread
+    (call it from a thread of its own: a busy event loop must not add to a process's time).
+
+    With ``on_started``, stderr's first line is awaited first (run with logs at debug: it is
+    the first event, logged as the sequence begins, so the imports are done) and
+    ``on_started`` is called then.
+    """
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentapi_persist", *args],
+        bufsize=0,  # unbuffered pipes: readline() below leaves nothing behind for communicate()
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ws.process_env(**env),
+    )
+    # The kernel's record of the start is what the process's own budget counts from; take it,
+    # or the moment before the spawn if that is earlier, so a time is never shorter than a life.
+    origin = min(started, _start_time(proc.pid))
+    first, startup_s = b"", 0.0
+    if on_started is not None:
+        assert proc.stderr is not None
+        try:
+            first = proc.stderr.readline()  # b"" if it exits without a word
+            startup_s = time.monotonic() - origin
+        finally:
+            on_started()
+    out, err = proc.communicate(timeout=120)
+    seconds = time.monotonic() - origin
+    return Run(proc.returncode, out.decode(), (first + err).decode(), seconds, startup_s)
+
+
+async def cli_timed(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Run:
+    """``run_cli_timed`` from a worker thread, while the caller's loop keeps serving peers."""
+    return await asyncio.to_thread(run_cli_timed, ws, args, env or {})
+
+
+def _start_time(pid: int) -> float:
+    """When process ``pid`` started, on the monotonic clock (both count from boot here)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ExitClock:
+    """Notes when a process exits, from a thread of its own watching a pidfd (it does not reap
+    the process: asyncio still does), so a busy event loop cannot add to the time."""
+
+    def __init__(self, pid: int) -> None:
+        self.exited_at: float | None = None
+        self._fd = os.pidfd_open(pid)
+        self._thread = threading.Thread(target=self._watch, name=f"exit-clock-{pid}", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            select.select([self._fd], [], [])
+            self.exited_at = time.monotonic()
+        finally:
+            os.close(self._fd)
+
+    def since(self, started: float, timeout: float = 5.0) -> float:
+        """Seconds from ``started`` to the exit (call once the process has been waited for)."""
+        self._thread.join(timeout)
+        assert self.exited_at is not None, "the process has not exited"
+        return self.exited_at - started

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from agentapi_persist.config import Settings
-from agentapi_persist.models import Message, Role
+from agentapi_persist.models import Conversation, Message, Role
+from agentapi_persist.store import StateStore
 from agentapi_persist.testing.coder import FakeCoder
 
 TASK_ID = "5f1c7a0e-3b2d-4c1e-9f00-1234567890ab"
@@ -65,6 +66,12 @@ class Workspace:
 
     def settings(self, **flags: Any) -> Settings:
         return Settings.load(flags, env=self.env)
+
+    def stored(self) -> Conversation:
+        """What a fresh process would load from the state directory right now, read-only
+        (an empty conversation when nothing is stored yet)."""
+        loaded = StateStore(self.state_dir, read_only=True).load()
+        return loaded.conversation or Conversation()
 
     def process_env(self, **extra: str) -> dict[str, str]:
         """The environment for a real CLI process: ours plus the interpreter's basics."""

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-from agentapi_persist.store import StateStore
-
 from .conftest import Workspace
 
 
@@ -89,5 +87,5 @@ async def eventually(check: Any, *, within: float = 5.0) -> None:
 
 
 def stored_count(ws: Workspace) -> int:
-    conversation = StateStore(ws.state_dir, read_only=True).load().conversation
-    return len(conversation.messages) if conversation else 0
+    """How many messages the durable copy holds now."""
+    return len(ws.stored().messages)

@@ -19,7 +19,6 @@ import structlog
 from agentapi_persist.control_client import ask_sidecar
 from agentapi_persist.daemon import Daemon, DaemonState
 from agentapi_persist.errors import ExitCode
-from agentapi_persist.models import Conversation
 from agentapi_persist.shutdown import ShutdownReport
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
@@ -36,11 +35,6 @@ async def eventually(check: Callable[[], bool], *, within: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(0.02)
-
-
-def on_disk(ws: Workspace) -> Conversation:
-    """What a fresh process would load right now (empty if nothing yet)."""
-    return StateStore(ws.state_dir, read_only=True).load().conversation or Conversation()
 
 
 @dataclass
@@ -77,12 +71,12 @@ async def test_follows_and_checkpoints_every_change(workspace: Workspace) -> Non
         FakeAgentAPI(messages=make_messages(5)) as agent,
         sidecar(workspace, agentapi_url=agent.url) as running,
     ):
-        await eventually(lambda: len(on_disk(workspace).messages) == 5)
+        await eventually(lambda: len(workspace.stored().messages) == 5)
         agent.add_message("user", "and now?")
         agent.add_message("agent", "working")
-        await eventually(lambda: len(on_disk(workspace).messages) == 7)
+        await eventually(lambda: len(workspace.stored().messages) == 7)
         agent.update_last("working... done")
-        await eventually(lambda: on_disk(workspace).messages[-1].content == "working... done")
+        await eventually(lambda: workspace.stored().messages[-1].content == "working... done")
         assert running.daemon.store.journal_bytes > 0  # changes were journalled, not rewritten
         report = await running.finish()
     assert report.exit_code is ExitCode.OK
@@ -103,11 +97,11 @@ async def test_reconnects_after_a_dropped_subscription(workspace: Workspace) -> 
         await eventually(lambda: running.daemon.view()["connected"])
         agent.drop_subscribers()
         agent.add_message("user", "missed while dropped?")
-        await eventually(lambda: len(on_disk(workspace).messages) == 4)
+        await eventually(lambda: len(workspace.stored().messages) == 4)
         await eventually(lambda: running.daemon.view()["connected"])
         assert running.daemon.view()["reconnects"] >= 1
         agent.add_message("agent", "after reconnect")
-        await eventually(lambda: len(on_disk(workspace).messages) == 5)
+        await eventually(lambda: len(workspace.stored().messages) == 5)
 
 
 async def test_agentapi_starting_late_and_restarting(workspace: Workspace) -> None:
@@ -117,10 +111,10 @@ async def test_agentapi_starting_late_and_restarting(workspace: Workspace) -> No
         await asyncio.sleep(0.3)
         assert not running.daemon.view()["connected"]
         async with FakeAgentAPI(messages=make_messages(4), port=port):
-            await eventually(lambda: len(on_disk(workspace).messages) == 4)
+            await eventually(lambda: len(workspace.stored().messages) == 4)
         # Restarted with its history reloaded plus one new message.
         async with FakeAgentAPI(messages=make_messages(5), port=port):
-            await eventually(lambda: len(on_disk(workspace).messages) == 5, within=8)
+            await eventually(lambda: len(workspace.stored().messages) == 5, within=8)
 
 
 async def test_agentapi_back_with_less_never_shrinks_the_copy(workspace: Workspace) -> None:
@@ -128,11 +122,11 @@ async def test_agentapi_back_with_less_never_shrinks_the_copy(workspace: Workspa
     port = free_port()
     async with sidecar(workspace, agentapi_url=f"http://127.0.0.1:{port}") as running:
         async with FakeAgentAPI(messages=make_messages(6), port=port):
-            await eventually(lambda: len(on_disk(workspace).messages) == 6)
+            await eventually(lambda: len(workspace.stored().messages) == 6)
         async with FakeAgentAPI(messages=(), port=port):
             await eventually(lambda: running.daemon.view()["connected"], within=8)
             await asyncio.sleep(0.2)
-            assert len(on_disk(workspace).messages) == 6
+            assert len(workspace.stored().messages) == 6
 
 
 async def test_control_channel_status_checkpoint_and_shutdown(
@@ -216,7 +210,7 @@ async def test_agent_errors_replayed_on_reconnect_are_logged_once(workspace: Wor
             FakeAgentAPI(messages=make_messages(3)) as agent,
             sidecar(workspace, agentapi_url=agent.url) as running,
         ):
-            await eventually(lambda: len(on_disk(workspace).messages) == 3)
+            await eventually(lambda: len(workspace.stored().messages) == 3)
             agent.emit_agent_error("Failed to restore previous session: unsupported version 2")
             await eventually(lambda: any(e["event"] == "agentapi.load_failed" for e in logs))
             reconnects = running.daemon.view()["reconnects"]
@@ -241,18 +235,18 @@ async def test_id_gaps_are_appended_and_renumbered(workspace: Workspace) -> None
         FakeAgentAPI(messages=make_messages(3)) as agent,
         sidecar(workspace, agentapi_url=agent.url) as running,
     ):
-        await eventually(lambda: len(on_disk(workspace).messages) == 3)
+        await eventually(lambda: len(workspace.stored().messages) == 3)
         reconnects = running.daemon.view()["reconnects"]
         for agent_id, text in ((5, "after a failed prompt"), (6, "and its answer")):
             update = {"id": agent_id, "role": "user", "message": text, "time": TIME}
             agent.inject_raw(
                 b"event: message_update\ndata: " + json.dumps(update).encode() + b"\n\n"
             )
-        await eventually(lambda: len(on_disk(workspace).messages) == 5)
+        await eventually(lambda: len(workspace.stored().messages) == 5)
         update = {"id": 6, "role": "user", "message": "its answer, grown", "time": TIME}
         agent.inject_raw(b"event: message_update\ndata: " + json.dumps(update).encode() + b"\n\n")
-        await eventually(lambda: on_disk(workspace).messages[-1].content == "its answer, grown")
+        await eventually(lambda: workspace.stored().messages[-1].content == "its answer, grown")
         assert running.daemon.view()["reconnects"] == reconnects
-    stored = on_disk(workspace).messages
+    stored = workspace.stored().messages
     assert [m.id for m in stored] == [0, 1, 2, 3, 4]
     assert [m.content for m in stored[3:]] == ["after a failed prompt", "its answer, grown"]

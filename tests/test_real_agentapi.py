@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from agentapi_persist.agentapi_state import read_agentapi_state
-from agentapi_persist.store import StateStore
 from agentapi_persist.testing.coder import FakeCoder
 
 from .cli_support import CliRun, run_cli
@@ -63,10 +62,8 @@ def comparable(messages: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
 
 def stored(ws: Workspace) -> list[tuple[Any, ...]]:
-    conversation = StateStore(ws.state_dir, read_only=True).load().conversation
-    if conversation is None:
-        return []
-    return [(i, m.role, m.content, m.time) for i, m in enumerate(conversation.messages)]
+    """The durable copy in the shape of ``comparable``."""
+    return [(i, m.role, m.content, m.time) for i, m in enumerate(ws.stored().messages)]
 
 
 async def cli(env: dict[str, str], *args: str) -> CliRun:

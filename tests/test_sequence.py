@@ -36,10 +36,6 @@ async def run(
     return await run_sequence_for(ws, budget_s=budget_s, force=force, **flags)
 
 
-def stored(ws: Workspace) -> Conversation | None:
-    return StateStore(ws.state_dir).load().conversation
-
-
 async def test_forty_messages_last_thirty_uploaded_and_all_durable(
     workspace: Workspace, coder: FakeCoder
 ) -> None:
@@ -53,8 +49,7 @@ async def test_forty_messages_last_thirty_uploaded_and_all_durable(
     sent = json.loads(upload.body)["messages"]
     assert [m["id"] for m in sent] == list(range(10, 40))
     assert sent[-1]["content"] == make_messages(40)[-1].content
-    conversation = stored(workspace)
-    assert conversation is not None
+    conversation = workspace.stored()
     assert len(conversation.messages) == 40
     assert "shutdown ok" in report.summary()
 
@@ -79,8 +74,7 @@ async def test_agentapi_state_file_is_a_source_too(workspace: Workspace, coder: 
     report = await run(workspace, agent_url=f"http://127.0.0.1:{free_port()}", coder=coder)
     assert report.exit_code is ExitCode.OK, report.summary()
     assert report.step("fetch").outcome == "agentapi_state"  # type: ignore[union-attr]
-    conversation = stored(workspace)
-    assert conversation is not None
+    conversation = workspace.stored()
     assert conversation.initial_prompt == "build it"
     assert conversation.initial_prompt_sent is True
 
@@ -98,8 +92,7 @@ async def test_hung_coder_exits_in_budget_with_state_saved(workspace: Workspace)
     assert report.durable
     assert report.exit_code is ExitCode.SNAPSHOT_FAILED
     assert report.step("snapshot").outcome in ("timed_out", "cut")  # type: ignore[union-attr]
-    conversation = stored(workspace)
-    assert conversation is not None
+    conversation = workspace.stored()
     assert len(conversation.messages) == 40
 
 
@@ -137,8 +130,7 @@ async def test_live_prefix_never_shrinks_the_copy(workspace: Workspace, coder: F
     StateStore(workspace.state_dir).save(Conversation(messages=tuple(make_messages(20))))
     async with FakeAgentAPI(messages=make_messages(7)) as agent:
         report = await run(workspace, agent_url=agent.url, coder=coder)
-    conversation = stored(workspace)
-    assert conversation is not None
+    conversation = workspace.stored()
     assert len(conversation.messages) == 20
     assert report.step("fetch").outcome == "sidecar"  # type: ignore[union-attr]
     assert len(json.loads(coder.uploads[0].body)["messages"]) == 20
@@ -152,8 +144,7 @@ async def test_diverged_live_conversation_wins_and_the_old_one_is_archived(
     async with FakeAgentAPI(messages=make_messages(2, prefix="fresh")) as agent:
         report = await run(workspace, agent_url=agent.url, coder=coder)
     assert report.exit_code is ExitCode.OK
-    conversation = stored(workspace)
-    assert conversation is not None
+    conversation = workspace.stored()
     assert [m.content[:7] for m in conversation.messages] == ["fresh 0", "fresh 1"]
     (archived,) = (workspace.state_dir / "archive").iterdir()
     _header, body = archived.read_bytes().split(b"\n", 1)
@@ -173,8 +164,7 @@ async def test_growing_last_message_is_journalled_not_rewritten(
     assert first.exit_code is ExitCode.OK
     assert second.exit_code is ExitCode.OK
     assert "journal +1 messages" in second.step("state").detail  # type: ignore[union-attr]
-    conversation = stored(workspace)
-    assert conversation is not None
+    conversation = workspace.stored()
     assert conversation.messages[-1].content.endswith("and then some more")
 
 

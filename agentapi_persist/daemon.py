@@ -39,16 +39,15 @@ from typing import Any
 import aiohttp
 import structlog
 
-from .agent_process import find_agentapi
 from .agentapi import AgentAPIClient
 from .budget import Budget
+from .checkpointer import Checkpointer
 from .coder import CoderClient
 from .config import Settings
 from .control import ControlServer
 from .errors import AgentRunningError, PersistError
 from .follower import Follower
 from .mirror import Mirror
-from .models import Conversation
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
 from .restoring import restore
@@ -61,13 +60,7 @@ __all__ = ["Daemon", "DaemonState", "run", "serve"]
 
 log = structlog.get_logger(__name__)
 
-#: Compact the journal into a generation once it is this big and bigger than the generation.
-COMPACT_MIN_BYTES = 8 * 1024 * 1024
 _UPLOAD_CAP_S = 10.0
-#: A failed checkpoint (disk full, EIO) is tried again after this long, doubling up to the
-#: max: the change must not wait in memory until AgentAPI happens to change something else.
-_RETRY_MIN_S = 0.5
-_RETRY_MAX_S = 30.0
 
 Trigger = Callable[[], Awaitable[object]]
 
@@ -107,12 +100,6 @@ class Daemon:
         self._coder_session = coder_session
         self._agent: AgentAPIClient | None = None
         self._coder: CoderClient | None = None
-        self._changed = asyncio.Event()
-        self._checkpoint_now = asyncio.Event()
-        self._write_lock = asyncio.Lock()
-        self._checkpoint_waiters: list[asyncio.Future[None]] = []
-        self._retry_s = _RETRY_MIN_S
-        self._retry: asyncio.TimerHandle | None = None
         self._done: asyncio.Future[ShutdownReport] | None = None
         self._control: ControlServer | None = None
         self._facts: dict[str, Any] = {
@@ -126,6 +113,7 @@ class Daemon:
             "reconnects": 0,
             "uploads": 0,
         }
+        self.checkpointer = Checkpointer(settings, self.store, self.mirror, self._facts)
         self._stop_agentapi: bool | None = None
         self._stop_grace_s: float | None = None
         self.follower: Follower | None = None
@@ -151,7 +139,7 @@ class Daemon:
             self._agent,
             self.mirror,
             self._facts,
-            on_change=self._changed.set,
+            on_change=self.checkpointer.changed.set,
             kept_messages=self._kept_messages,
         )
         if self._peers.coder_problem is not None:
@@ -168,8 +156,7 @@ class Daemon:
     ) -> None:
         self.state = DaemonState.CLOSED
         self.stopper.disarm()
-        if self._retry is not None:
-            self._retry.cancel()
+        self.checkpointer.close()
         await self._exit_stack.aclose()
 
     # -- the whole life -----------------------------------------------------------------------
@@ -210,7 +197,7 @@ class Daemon:
         """
         workers = {
             asyncio.create_task(self._followed().run(), name="daemon.follow"),
-            asyncio.create_task(self._checkpoint_loop(), name="daemon.checkpoint"),
+            asyncio.create_task(self.checkpointer.run(), name="daemon.checkpoint"),
         }
         if self._coder is not None and self.settings.snapshot_interval_s > 0:
             workers.add(asyncio.create_task(self._upload_loop(), name="daemon.upload"))
@@ -281,127 +268,11 @@ class Daemon:
 
     def request_checkpoint(self) -> None:
         """Checkpoint now instead of at the end of the grouping window (SIGUSR1)."""
-        log.info("daemon.checkpoint_requested")
-        self._changed.set()
-        self._checkpoint_now.set()
-
-    async def _learn_prompt_locked(self) -> None:
-        """Record the initial prompt AgentAPI was started with, while it runs.
-
-        The prompt fields exist only in AgentAPI's state file; when the copy never saw that
-        file (AgentAPI killed before any save), ``restore`` must still write the exact prompt,
-        or AgentAPI finds it "different" at load and sends it again. Its command line and
-        environment say what it is; nothing is written when the copy already knows. Runs after
-        each resync checkpoint (AgentAPI may have restarted), under the write lock.
-        """
-        stored = self.store.conversation
-        if stored is None or stored.prompt_origin not in ("unknown", "environment"):
-            return
-        process, _ = find_agentapi(self.settings.agentapi_pid_file)
-        if process is None or process.initial_prompt is None:
-            return
-        learned = stored.model_copy(
-            update={
-                "initial_prompt": process.initial_prompt,
-                "initial_prompt_sent": None,
-                "prompt_origin": "agentapi_process",
-            }
-        )
-        try:
-            await self.store.aappend((), prompt=learned)
-        except PersistError as exc:
-            log.warning("daemon.prompt_not_recorded", error=str(exc))
-            return
-        log.info(
-            "daemon.prompt_learned",
-            source="agentapi_process",
-            chars=len(learned.initial_prompt or ""),
-        )
-
-    # -- checkpoints ----------------------------------------------------------------------------
-
-    async def _checkpoint_loop(self) -> None:
-        interval = self.settings.checkpoint_interval_s
-        while True:
-            await self._changed.wait()
-            if not self._checkpoint_now.is_set():
-                # Group the changes of the next `interval` into one fsync.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(interval):
-                        await self._checkpoint_now.wait()
-            self._changed.clear()
-            self._checkpoint_now.clear()
-            await self.checkpoint()
+        self.checkpointer.request()
 
     async def checkpoint(self) -> None:
-        """Make the mirror's changes durable now (journal append, or a full compare after a
-        resync), and compact the journal when it has outgrown the generation."""
-        async with self._write_lock:
-            started = time.perf_counter()
-            try:
-                if not self.mirror.synced:
-                    await self._checkpoint_full()
-                else:
-                    updates = self.mirror.take_dirty()
-                    if updates:
-                        try:
-                            await self.store.aappend(updates)
-                        except PersistError:
-                            self.mirror.requeue(updates)
-                            raise
-                await self._maybe_compact()
-            except PersistError as exc:
-                self._facts["checkpoint_errors"] += 1
-                delay = self._retry_later()
-                log.error("daemon.checkpoint_failed", error=str(exc), retry_in_s=delay)
-                return
-            finally:
-                waiters, self._checkpoint_waiters = self._checkpoint_waiters, []
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
-            self._retry_s = _RETRY_MIN_S
-            ms = round((time.perf_counter() - started) * 1000, 2)
-            self._facts.update(
-                last_checkpoint_at=time.time(),
-                last_checkpoint_ms=ms,
-                checkpoints=self._facts["checkpoints"] + 1,
-            )
-            log.debug("daemon.checkpoint", ms=ms, journal_bytes=self.store.journal_bytes)
-
-    def _retry_later(self) -> float:
-        """Ask the checkpoint loop to try again after the current backoff; return it."""
-        if self._retry is not None:
-            self._retry.cancel()
-        delay, self._retry_s = self._retry_s, min(self._retry_s * 2, _RETRY_MAX_S)
-        self._retry = asyncio.get_running_loop().call_later(delay, self._changed.set)
-        return delay
-
-    async def _checkpoint_full(self) -> None:
-        messages = tuple(self.mirror.messages)
-        self.mirror.dirty.clear()
-        stored = self.store.conversation or Conversation()
-        conversation = Conversation.model_construct(
-            messages=messages,
-            initial_prompt=stored.initial_prompt,
-            initial_prompt_sent=stored.initial_prompt_sent,
-            prompt_origin=stored.prompt_origin,
-        )
-        outcome, detail = await self.store.async_sync(conversation)
-        current = self.store.conversation
-        # Synced once the store holds exactly the mirror; while the stored copy is ahead
-        # (AgentAPI came back with less), every checkpoint compares again.
-        self.mirror.synced = current is not None and current.messages == messages
-        log.info(
-            "daemon.resync_checkpoint", outcome=outcome, detail=detail, synced=self.mirror.synced
-        )
-        await self._learn_prompt_locked()
-
-    async def _maybe_compact(self) -> None:
-        journal = self.store.journal_bytes
-        if journal > COMPACT_MIN_BYTES and journal > self.store.generation_bytes:
-            report = await self.store.acompact()
-            log.info("store.compacted", seq=report.seq, bytes=report.bytes_written)
+        """Make the mirror's changes durable now."""
+        await self.checkpointer.checkpoint()
 
     # -- periodic snapshots ---------------------------------------------------------------------
 
@@ -484,30 +355,15 @@ class Daemon:
             reason=reason,
             publish=publish,
         )
-        await self._compact_on_exit(report)
+        await self.checkpointer.compact_on_exit(
+            durable=report.durable,
+            forced=self.stopper.force.is_set(),
+            remaining_s=self.stopper.remaining() - self.settings.margin_s,
+        )
         if self._control is not None:
             await self._control.close()
         self.stopper.disarm()
         return report
-
-    async def _compact_on_exit(self, report: ShutdownReport) -> None:
-        """Fold the journal into a generation, when it is durable and there is time for it.
-
-        The next start then loads one file instead of replaying records. It is optional: a
-        generation plus its journal loads just as correctly, so it is skipped when forced or
-        when the estimated write (at a pessimistic 50 MB/s) would not fit what is left.
-        """
-        if not report.durable or self.stopper.force.is_set() or self.store.journal_bytes == 0:
-            return
-        estimate_s = (self.store.generation_bytes + self.store.journal_bytes) / 50e6 + 0.05
-        if self.stopper.remaining() - self.settings.margin_s < 2 * estimate_s:
-            log.info(
-                "store.compaction_skipped", reason="not enough time left", estimate_s=estimate_s
-            )
-            return
-        with contextlib.suppress(PersistError):
-            compacted = await self.store.acompact()
-            log.info("store.compacted", seq=compacted.seq, bytes=compacted.bytes_written, on="exit")
 
     # -- control channel ------------------------------------------------------------------------
 
@@ -518,10 +374,7 @@ class Daemon:
         if op == "status":
             return {"ok": True, "status": self.view()}
         if op == "checkpoint":
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._checkpoint_waiters.append(waiter)
-            self.request_checkpoint()
-            await waiter
+            await self.checkpointer.wait_for_next()
             return {"ok": True, "status": self.view()}
         if op == "shutdown":
             grace = float(request.get("grace_s") or self.settings.grace_s)

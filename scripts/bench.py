@@ -62,9 +62,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agentapi_persist import (
-    AgentAPIClient,
     Budget,
-    CoderClient,
     Conversation,
     Message,
     Settings,
@@ -72,9 +70,9 @@ from agentapi_persist import (
     StateStore,
     build_snapshot,
     configure_logging,
+    open_peers,
     run_sequence,
 )
-from agentapi_persist._http import make_session
 from agentapi_persist.control_client import ask_sidecar
 from agentapi_persist.errors import SidecarUnavailable
 from agentapi_persist.models import Role
@@ -524,15 +522,13 @@ async def sequence_once(settings: Settings) -> tuple[float, ShutdownReport]:
     """What ``shutdown`` does in-process once its settings are built: two sessions, the
     sequence (fetch, durable write, snapshot upload), sessions closed."""
     started = time.perf_counter()
-    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
-    async with make_session() as agent_session, make_session() as coder_session:
-        agent = AgentAPIClient(
-            settings.agentapi_url, session=agent_session, max_body_bytes=settings.max_body_bytes
-        )
-        target = settings.coder_target()
-        coder = CoderClient(target, session=coder_session) if target else None
+    async with open_peers(settings) as opened:
         report = await run_sequence(
-            settings, store=store, agent=agent, coder=coder, budget=Budget(settings.budget_s)
+            settings,
+            store=opened.store,
+            agent=opened.agent,
+            coder=opened.coder,
+            budget=Budget(settings.budget_s),
         )
     return (time.perf_counter() - started) * 1000, report
 

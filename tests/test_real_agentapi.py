@@ -82,6 +82,26 @@ async def start_conversation(agent: RealAgentAPI, *texts: str) -> list[dict[str,
     return messages
 
 
+async def assert_restored_and_reloaded(
+    version: str,
+    ws: Workspace,
+    before: list[dict[str, Any]],
+    *,
+    prompt: str = PROMPT,
+    **restore_env: str,
+) -> None:
+    """`restore`, then a new real AgentAPI: it shows exactly ``before``, and the agent got
+    the initial prompt once in all its lives (a re-sent prompt is typed within a snapshot tick
+    or two of the agent being ready)."""
+    run = await cli(ws.process_env(**restore_env), "restore")
+    assert run.code == 0, describe(run)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws, prompt=prompt)) as again:
+        after = await again.wait_stable(at_least=len(before))
+        assert comparable(after) == comparable(before)
+        await asyncio.sleep(1.0)
+        assert again.inputs().count(PROMPT) == 1, again.inputs()
+
+
 # --- 1. Round trip -------------------------------------------------------------------------
 
 
@@ -104,13 +124,7 @@ async def test_round_trip_reloads_the_whole_conversation(
         agent.kill()  # the runtime's SIGKILL once the stop scripts are done
     assert coder.uploads, "the snapshot was not uploaded"
 
-    run = await cli(ws.process_env(ARG_ENABLE_STATE_PERSISTENCE="true"), "restore")
-    assert run.code == 0, describe(run)
-    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
-        after = await again.wait_stable(at_least=len(before))
-        assert comparable(after) == comparable(before)
-        await asyncio.sleep(1.0)  # a re-sent prompt would be typed within a snapshot tick or two
-        assert again.inputs().count(PROMPT) == 1, again.inputs()
+    await assert_restored_and_reloaded(version, ws, before)
 
 
 # --- 2. SIGKILL of everything mid-conversation ---------------------------------------------
@@ -129,13 +143,7 @@ async def test_sigkill_of_everything_then_restore(tmp_path: Path, version: str) 
             os.killpg(sidecar.proc.pid, signal.SIGKILL)
             agent.kill()
     assert not ws.state_file.exists(), "AgentAPI saved although nothing asked it to"
-    run = await cli(ws.process_env(), "restore")
-    assert run.code == 0, describe(run)
-    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
-        after = await again.wait_stable(at_least=len(before))
-        assert comparable(after) == comparable(before)
-        await asyncio.sleep(1.0)
-        assert again.inputs().count(PROMPT) == 1, again.inputs()
+    await assert_restored_and_reloaded(version, ws, before)
 
 
 # --- 3. A stop during start-up, before AgentAPI loaded its file ----------------------------
@@ -171,15 +179,8 @@ async def test_stop_during_startup_never_adopts_the_startup_screen(
         assert run.code == 0, describe(run)
         assert len(stored(ws)) == len(before), "the start-up screen replaced the copy"
 
-    run = await cli(ws.process_env(), "restore")
-    assert run.code == 0, describe(run)
-    restored = read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES)
-    assert restored.initial_prompt_sent is True
-    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as again:
-        after = await again.wait_stable(at_least=len(before))
-        assert comparable(after) == comparable(before)
-        await asyncio.sleep(1.0)
-        assert again.inputs().count(PROMPT) == 1, again.inputs()
+    await assert_restored_and_reloaded(version, ws, before)
+    assert read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES).initial_prompt_sent is True
 
 
 @pytest.mark.parametrize("version", STATEFUL)
@@ -301,13 +302,9 @@ async def test_prompt_with_surrounding_whitespace_is_not_rerun(
             await eventually(lambda: len(stored(ws)) == len(before), within=10)
             os.killpg(sidecar.proc.pid, signal.SIGKILL)
             agent.kill()
-    run = await cli(ws.process_env(AGENTAPI_INITIAL_PROMPT=padded), "restore")
-    assert run.code == 0, describe(run)
-    async with real_agentapi(version, ws.home, env=agentapi_env(ws, prompt=padded)) as again:
-        after = await again.wait_stable(at_least=len(before))
-        assert comparable(after) == comparable(before)
-        await asyncio.sleep(1.0)
-        assert again.inputs().count(PROMPT) == 1, again.inputs()
+    await assert_restored_and_reloaded(
+        version, ws, before, prompt=padded, AGENTAPI_INITIAL_PROMPT=padded
+    )
 
 
 # --- 7. Persistence on for us, off in AgentAPI -----------------------------------------------

@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command
     if command == "shutdown":
         answered = _shutdown_via_sidecar(flags, as_json=as_json, started_at=started_at)
+        if answered is None:
+            answered = _wait_for_a_starting_sidecar(flags, as_json=as_json, started_at=started_at)
         if answered is not None:
             return answered
     try:
@@ -227,6 +229,29 @@ def _shutdown_via_sidecar(flags: dict[str, Any], *, as_json: bool, started_at: f
     return int(result["exit_code"])
 
 
+def _wait_for_a_starting_sidecar(
+    flags: dict[str, Any], *, as_json: bool, started_at: float
+) -> int | None:
+    """No sidecar answered, but one holds the state directory: it is starting (its repair
+    runs before it listens). Ask again until it answers, within part of the budget, rather
+    than write beside it; ``None`` when no sidecar holds the directory (do the work here)."""
+    from pathlib import Path
+
+    from .ownership import held_by
+
+    state_dir, grace_s = quick_settings(flags)
+    holder = held_by(Path(state_dir))
+    if holder is None or holder.get("purpose") != "sidecar":
+        return None
+    give_up_at = started_at + grace_s * 0.5
+    while time.monotonic() < give_up_at:
+        time.sleep(0.05)
+        answered = _shutdown_via_sidecar(flags, as_json=as_json, started_at=started_at)
+        if answered is not None:
+            return answered
+    return None
+
+
 def _emit_error_text(message: str, code: ExitCode, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"ok": False, "exit_code": int(code), "error": message}))
@@ -272,13 +297,19 @@ def _exit_soon() -> None:
 async def _shutdown_async(
     settings: Settings, *, started_at: float, publish: Callable[[ShutdownReport], None]
 ) -> ShutdownReport:
+    from .errors import DurabilityError, StateDirBusy
     from .peers import open_peers
     from .shutdown import run_shutdown
 
-    async with open_peers(settings) as peers:
-        return await run_shutdown(
-            settings, peers=peers, ends_at=started_at + settings.budget_s, publish=publish
-        )
+    ends_at = started_at + settings.budget_s
+    # One writer per state directory: a stop that is still finishing gets a moment, a sidecar
+    # that did not answer keeps the directory (its copy is the latest durable one).
+    wait_s = min(2.0, max(ends_at - time.monotonic(), 0.0) * 0.3)
+    try:
+        async with open_peers(settings, lock="shutdown", lock_wait_s=wait_s) as peers:
+            return await run_shutdown(settings, peers=peers, ends_at=ends_at, publish=publish)
+    except StateDirBusy as exc:
+        raise DurabilityError(f"{exc}; its holder keeps the latest durable copy") from None
 
 
 def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
@@ -327,7 +358,8 @@ async def _snapshot_async(settings: Settings, *, as_json: bool, dry_run: bool) -
     target = None if dry_run else settings.coder_target()
     if not dry_run and target is None:
         raise ConfigError("no snapshot is configured: set ARG_TASK_ID (or --task-id) to upload")
-    async with open_peers(settings) as peers:
+    # Read-only: a snapshot never writes the copy, so it needs no lock and moves nothing aside.
+    async with open_peers(settings, read_only=True) as peers:
         gathered = await gather(settings, store=peers.store, agent=peers.agent, budget=budget)
         messages = gathered.conversation.messages if gathered.conversation else ()
         snapshot = build_snapshot(

@@ -45,7 +45,7 @@ from .checkpointer import Checkpointer
 from .coder import CoderClient
 from .config import Settings
 from .control import ControlServer
-from .errors import AgentRunningError, PersistError
+from .errors import AgentRunningError, PersistError, SidecarAlreadyRunning, StateDirBusy
 from .follower import Follower
 from .mirror import Mirror
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
@@ -125,15 +125,21 @@ class Daemon:
     async def __aenter__(self) -> Daemon:
         if self.state is not DaemonState.NEW:
             raise RuntimeError(f"a Daemon is used once; this one is {self.state.value}")
-        self._peers = await self._exit_stack.enter_async_context(
-            open_peers(
-                self.settings,
-                store=self.store,
-                agent_session=self._agent_session,
-                coder_session=self._coder_session,
-                agent_timeout_s=SIDECAR_AGENTAPI_TIMEOUT_S,
+        try:
+            # The state directory's lock first, held for the sidecar's whole life: before the
+            # start's repair, before any write, before the control socket is bound.
+            self._peers = await self._exit_stack.enter_async_context(
+                open_peers(
+                    self.settings,
+                    store=self.store,
+                    agent_session=self._agent_session,
+                    coder_session=self._coder_session,
+                    agent_timeout_s=SIDECAR_AGENTAPI_TIMEOUT_S,
+                    lock="sidecar",
+                )
             )
-        )
+        except StateDirBusy as exc:
+            raise SidecarAlreadyRunning(str(exc)) from None
         self._agent, self._coder = self._peers.agent, self._peers.coder
         self.follower = Follower(
             self._agent,
@@ -220,7 +226,7 @@ class Daemon:
 
     async def _start(self) -> None:
         try:
-            outcome = await asyncio.to_thread(restore, self.settings, store=self.store)
+            outcome = await asyncio.to_thread(restore, self.settings, store=self.store, locked=True)
             log.info("daemon.restored", outcome=outcome.outcome, messages=outcome.messages)
         except AgentRunningError:
             log.info("daemon.restore_skipped", reason="AgentAPI is already running")

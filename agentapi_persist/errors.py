@@ -15,7 +15,8 @@ The tree::
     │   └── StateFileVersionError    a format version we do not know
     ├── DurabilityError              a write or fsync failed; previous copy kept exit 3
     ├── AgentRunningError            refused to write AgentAPI's file under it   exit 6
-    ├── SidecarAlreadyRunning        another sidecar owns this state directory   exit 1
+    ├── StateDirBusy                 another writer holds the state directory    exit 1
+    │   └── SidecarAlreadyRunning    ... and it is a sidecar, for a second sidecar
     └── SidecarUnavailable           no sidecar answered: do the work here (never shown)
 
 A stop whose budget runs out before the durable write is not an exception: the shutdown
@@ -43,6 +44,7 @@ __all__ = [
     "PersistError",
     "SidecarAlreadyRunning",
     "SidecarUnavailable",
+    "StateDirBusy",
     "StateFileCorrupt",
     "StateFileError",
     "StateFileVersionError",
@@ -153,8 +155,13 @@ class AgentRunningError(PersistError):
     exit_code = ExitCode.AGENT_RUNNING
 
 
-class SidecarAlreadyRunning(PersistError):
-    """Another sidecar answers on this state directory's control socket."""
+class StateDirBusy(PersistError):
+    """Another writer (a sidecar, a ``shutdown``, a ``restore``) holds the state directory's
+    lock; nothing was written. The message names it."""
+
+
+class SidecarAlreadyRunning(StateDirBusy):
+    """Another sidecar owns this state directory."""
 
 
 class SidecarUnavailable(PersistError):

@@ -12,6 +12,7 @@ configured. Nobody opens a bare ``aiohttp.ClientSession()`` (a 300 s default tim
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .agentapi import AgentAPIClient
 from .coder import CoderClient
 from .config import Settings
 from .errors import ConfigError
+from .ownership import take_lock
 from .store import StateStore
 
 __all__ = ["Peers", "open_peers"]
@@ -54,13 +56,23 @@ async def open_peers(
     agent_session: aiohttp.ClientSession | None = None,
     coder_session: aiohttp.ClientSession | None = None,
     agent_timeout_s: float = 30.0,
+    lock: str | None = None,
+    lock_wait_s: float = 0.0,
 ) -> AsyncIterator[Peers]:
     """Open the store and one session per site; close what was opened here on exit.
 
     ``store`` and the sessions may be passed in (tests, embedders); those stay open.
-    ``read_only`` opens the store for reading only (``status``, ``snapshot --dry-run``).
+    ``read_only`` opens the store for reading only (``status``, ``snapshot``). ``lock`` names
+    the writer (``"sidecar"``, ``"shutdown"``): the state directory's lock is taken first,
+    before anything is read or written, waiting up to ``lock_wait_s`` for another holder, and
+    held until the peers are closed (``ownership``; ``StateDirBusy`` names the holder).
     """
     async with AsyncExitStack() as stack:
+        if lock is not None:
+            held = await asyncio.to_thread(
+                take_lock, settings.state_dir, purpose=lock, wait_s=lock_wait_s
+            )
+            stack.callback(held.release)
         if agent_session is None:
             agent_session = make_session(total_timeout_s=agent_timeout_s)
             stack.push_async_callback(agent_session.close)

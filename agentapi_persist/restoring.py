@@ -38,13 +38,17 @@ from .agent_process import clear_stale_pid_file, find_agentapi
 from .agentapi_state import conversation_from_state, read_agentapi_state, write_agentapi_state
 from .config import Settings
 from .copies import file_time, with_prompt_fields
-from .errors import AgentRunningError, ExitCode, StateFileError
+from .errors import AgentRunningError, ExitCode, StateDirBusy, StateFileError
 from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
+from .ownership import take_lock
 from .store import StateStore
 
 __all__ = ["RestoreReport", "restore"]
 
 log = structlog.get_logger(__name__)
+
+#: How long ``restore`` waits for another writer (a stop finishing) before it refuses.
+_LOCK_WAIT_S = 1.0
 
 Outcome = Literal["unchanged", "written", "adopted", "nothing", "no_good_copy"]
 
@@ -96,14 +100,38 @@ def _listening(url: str, timeout_s: float = 0.2) -> bool:
 
 
 def restore(
-    settings: Settings, *, force: bool = False, store: StateStore | None = None
+    settings: Settings,
+    *,
+    force: bool = False,
+    store: StateStore | None = None,
+    locked: bool = False,
 ) -> RestoreReport:
     """Validate AgentAPI's state file and repair it from the newest good copy.
 
     Raises ``AgentRunningError`` if AgentAPI is running (unless ``force``): writing its file
-    under it would be overwritten on its next save, or worse, read half-written.
+    under it would be overwritten on its next save, or worse, read half-written. Takes the
+    state directory's writer lock first (``locked``: the caller, the sidecar's start, holds
+    it already) and raises ``StateDirBusy`` naming the holder when a sidecar or a stop is
+    writing there: a generation written under a running sidecar is one it never sees.
     """
     report = RestoreReport()
+    _refuse_while_agentapi_runs(settings, force=force)
+    if locked:
+        return _restore(settings, report, force=force, store=store)
+    try:
+        held = take_lock(settings.state_dir, purpose="restore", wait_s=_LOCK_WAIT_S)
+    except StateDirBusy as exc:
+        raise StateDirBusy(
+            f"{exc}. restore runs before the sidecar starts (the sidecar repairs AgentAPI's "
+            "file itself when it starts); stop the sidecar first"
+        ) from None
+    try:
+        return _restore(settings, report, force=force, store=store)
+    finally:
+        held.release()
+
+
+def _refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
     if not force:
         process, _ = find_agentapi(settings.agentapi_pid_file)
         if process is not None:
@@ -116,6 +144,11 @@ def restore(
                 f"something is listening at {settings.agentapi_url} (AgentAPI?); restore runs "
                 "before AgentAPI starts. Nothing was changed. Use --force if that is not AgentAPI."
             )
+
+
+def _restore(
+    settings: Settings, report: RestoreReport, *, force: bool, store: StateStore | None
+) -> RestoreReport:
     if not force:
         cleared = clear_stale_pid_file(settings.agentapi_pid_file)
         if cleared is not None:

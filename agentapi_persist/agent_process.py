@@ -172,12 +172,12 @@ class StopResult:
 
 def find_agentapi(pid_file: Path) -> tuple[AgentProcess | None, str]:
     """The AgentAPI named by ``pid_file``, or ``None`` and a sentence saying why not."""
-    pid, problem = _read_pid_file(pid_file)
+    pid, problem = read_pid_file(pid_file)
     if pid is None:
         log.info("agentapi.not_found", pid_file=str(pid_file), reason=problem)
         return None, problem
     source = f"pid {pid} from {pid_file}"
-    stat = _read_stat(pid)
+    stat = process_state(pid)
     try:
         argv = _read_cmdline(pid)
     except OSError as exc:
@@ -229,21 +229,18 @@ def clear_stale_pid_file(pid_file: Path) -> str | None:
     AgentAPI, and only if it still holds the same bytes right before the unlink. ``None``
     when nothing was removed.
     """
-    pid, _problem = _read_pid_file(pid_file)
+    pid, _problem = read_pid_file(pid_file)
     if pid is None:
         return None
-    process, reason = find_agentapi(pid_file)
-    if process is not None:
-        return None
-    stat = _read_stat(pid)
+    stat = process_state(pid)
     try:
         argv = _read_cmdline(pid)
     except OSError:
         return None  # identity unknown: leave it alone
-    alive = stat is not None and argv is not None and stat[0] not in _GONE_STATES
+    alive = stat is not None and bool(argv) and stat[0] not in _GONE_STATES
     if alive and argv is not None and _looks_like_agentapi(argv):
-        return None
-    again, _ = _read_pid_file(pid_file)
+        return None  # a running AgentAPI: its file is its own
+    again, _ = read_pid_file(pid_file)
     if again != pid:
         return None
     try:
@@ -259,22 +256,12 @@ def clear_stale_pid_file(pid_file: Path) -> str | None:
         if alive
         else f"pid {pid} is not running"
     )
-    log.info("agentapi.pid_file_removed", pid_file=str(pid_file), pid=pid, reason=reason)
+    log.info("agentapi.pid_file_removed", pid_file=str(pid_file), pid=pid, reason=why)
     return f"Removed the stale pid file {pid_file} ({why})."
 
 
 def read_pid_file(pid_file: Path) -> tuple[int | None, str]:
     """The pid in ``pid_file``, or ``None`` and why not (missing, not a file, not a pid)."""
-    return _read_pid_file(pid_file)
-
-
-def process_state(pid: int) -> tuple[str, int] | None:
-    """``/proc/<pid>/stat``'s state letter and start time (clock ticks since boot), or
-    ``None`` when no such process runs."""
-    return _read_stat(pid)
-
-
-def _read_pid_file(pid_file: Path) -> tuple[int | None, str]:
     try:
         # O_NONBLOCK: a FIFO in its place must not block us until someone writes to it.
         fd = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -387,7 +374,7 @@ def _read_cmdline(pid: int) -> tuple[str, ...] | None:
     return tuple(os.fsdecode(part) for part in parts)
 
 
-def _read_stat(pid: int) -> tuple[str, int] | None:
+def process_state(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in ticks), or ``None`` when there is no such process."""
     try:
         raw = (_PROC / str(pid) / "stat").read_bytes()
@@ -502,7 +489,7 @@ _Verdict = Literal["ours", "gone", "not_ours"]
 
 def is_alive(process: AgentProcess) -> bool:
     """True while this very process (same pid *and* start time) runs and is not a zombie."""
-    stat = _read_stat(process.pid)
+    stat = process_state(process.pid)
     if stat is None or stat[0] in _GONE_STATES:
         return False
     return process.start_ticks is None or stat[1] in (process.start_ticks, -1)
@@ -510,7 +497,7 @@ def is_alive(process: AgentProcess) -> bool:
 
 def _identity(process: AgentProcess) -> tuple[_Verdict, str]:
     """Is ``process.pid`` still the AgentAPI we found? Checked right before a signal."""
-    stat = _read_stat(process.pid)
+    stat = process_state(process.pid)
     try:
         argv = _read_cmdline(process.pid)
     except OSError as exc:

@@ -27,7 +27,7 @@ import structlog
 from ._fsutil import ensure_private_dir
 from .errors import PersistError, StateDirBusy
 
-__all__ = ["LOCK_NAME", "StateDirLock", "held_by", "holder_of", "take_lock"]
+__all__ = ["LOCK_NAME", "StateDirLock", "held_by", "take_lock"]
 
 log = structlog.get_logger(__name__)
 
@@ -104,17 +104,6 @@ def held_by(state_dir: Path) -> dict[str, object] | None:
         return None
     finally:
         os.close(fd)
-
-
-def holder_of(state_dir: Path) -> dict[str, object] | None:
-    """Who last took the lock (pid, purpose, since), as it wrote it; ``None`` if unknown."""
-    with contextlib.suppress(OSError):
-        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return _read_holder(fd)
-        finally:
-            os.close(fd)
-    return None
 
 
 def _read_holder(fd: int) -> dict[str, object] | None:

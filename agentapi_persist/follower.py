@@ -62,8 +62,9 @@ class Follower:
         self._kept_messages = kept_messages
         self.stable = asyncio.Event()
         self._synced_at: float | None = None
-        self._acp = False
-        """AgentAPI runs its agent over ACP: resync at the end of every turn."""
+        self._acp: bool | None = None
+        """AgentAPI runs its agent over ACP: resync at the end of every turn. ``None``: not
+        known yet (``GET /status`` did not answer); asked again at the next turn's end."""
         self._errors_seen: set[tuple[str, str, str]] = set()
         """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
 
@@ -117,6 +118,8 @@ class Follower:
                         self._on_change()
                         log.info("agentapi.synced", messages=len(self.mirror.messages))
                         self._acp = await self._is_acp()
+                    elif self._acp is None and event.status == "stable":
+                        self._acp = await self._is_acp()  # it did not answer at connect
                     self._facts["agent_status"] = event.status
                     if event.status == "stable":
                         if self._acp and not replaying:
@@ -155,11 +158,11 @@ class Follower:
         self._on_change()
         log.info("agentapi.resynced", messages=len(messages))
 
-    async def _is_acp(self) -> bool:
+    async def _is_acp(self) -> bool | None:
         """Whether AgentAPI drives its agent over ACP (``transport`` in ``GET /status``, from
-        0.12.0); ``False`` when it does not say or does not answer."""
+        0.12.0); ``False`` when it does not say, ``None`` when it does not answer."""
         try:
             status = await self._agent.status(budget=Budget(_RESYNC_CAP_S))
         except AgentAPIError:
-            return False
+            return None
         return status.transport == "acp"

@@ -277,13 +277,23 @@ def _is_token(text: str) -> bool:
     return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
 
 
-def append_durable(path: Path, data: bytes, *, offset: int, mode: int = _FILE_MODE) -> None:
+def append_durable(
+    path: Path,
+    data: bytes,
+    *,
+    offset: int,
+    expect_size: int | None = None,
+    mode: int = _FILE_MODE,
+) -> None:
     """Write ``data`` at ``offset`` of ``path`` (created if missing) and ``fsync`` it once.
 
     ``offset`` is where the caller's last known-good byte ends: anything after it (a torn record
     from a crash, or a write that failed half way) is cut off first, in the same fsync. Cost is
     the size of ``data``, whatever the size of the file. The directory is fsynced only when the
     file is new. A file shorter than ``offset`` means someone else changed it: refused.
+    ``expect_size`` is the size the caller last saw (``None``: unknown, after a failed
+    write): a file of another size was written by someone else, and cutting it would erase
+    their records, so it is refused too.
     """
     dir_fd = _open_private_dir(path.parent)
     step = "open"
@@ -298,6 +308,11 @@ def append_durable(path: Path, data: bytes, *, offset: int, mode: int = _FILE_MO
             step = "chmod"
             os.fchmod(fd, mode)
             size = os.fstat(fd).st_size
+            if expect_size is not None and size != expect_size and size > offset:
+                raise DurabilityError(
+                    f"could not append to {path}: it holds {size} bytes where this writer left "
+                    f"{expect_size}; another process wrote to it, so nothing was cut or appended"
+                )
             if size < offset:
                 raise DurabilityError(
                     f"could not append to {path}: it holds {size} bytes but {offset} were "

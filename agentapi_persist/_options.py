@@ -9,8 +9,10 @@ sidecar is running. Together with ``config`` this is the only code that reads th
 from __future__ import annotations
 
 import os
+import re
 
 from .errors import ConfigError
+from .identity import Instance, default_state_dir, port_of
 
 # Not `from typing import ...`: this module is on the `shutdown` client path, where every
 # import counts; mypy treats a name TYPE_CHECKING as true whatever its origin.
@@ -98,8 +100,9 @@ OPTIONS: tuple[Option, ...] = (
         "state_dir",
         "--state-dir",
         ("AGENTAPI_PERSIST_STATE_DIR",),
-        "Directory of the sidecar's own durable copy (put it on the persistent volume).",
-        "${XDG_STATE_HOME:-$HOME/.local/state}/agentapi-persist",
+        "Directory of the sidecar's own durable copy (put it on the persistent volume); one "
+        "per AgentAPI instance: a directory used by another instance is refused.",
+        "${XDG_STATE_HOME:-$HOME/.local/state}/agentapi-persist/<module dir name>-<hash>",
         "path",
         "DIR",
     ),
@@ -234,25 +237,70 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def _lookup(field: str, flags: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    """The raw value of ``field`` the way ``Settings.load`` picks it: the flag, then the first
+    variable of its list that is set (an empty one counts only for text settings)."""
+    if flags.get(field) is not None:
+        return flags[field]
+    option = next(o for o in OPTIONS if o.field == field)
+    for name in option.env:
+        raw = env.get(name)
+        if raw is None or (raw == "" and option.kind != "str"):
+            continue
+        return raw
+    return None
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def quick_settings(
     flags: Mapping[str, Any], env: Mapping[str, str] | None = None
-) -> tuple[str, float]:
-    """``(state_dir, grace_s)`` as ``Settings.load`` would resolve them, without pydantic.
+) -> tuple[str, float, Instance]:
+    """``(state_dir, grace_s, instance)`` as ``Settings.load`` would resolve them, without
+    pydantic.
 
     Only for reaching a running sidecar fast; anything invalid here is left for the full
-    validation in ``Settings.load`` to report.
+    validation in ``Settings.load`` to report, and never raises.
     """
     env = os.environ if env is None else env
-    state_dir = flags.get("state_dir") or env.get("AGENTAPI_PERSIST_STATE_DIR")
+    home = env.get("HOME") or os.path.expanduser("~")
+    module_dir = os.path.join(home, env.get("ARG_MODULE_DIR_NAME") or DEFAULT_MODULE_DIR_NAME)
+    state_dir = _lookup("state_dir", flags, env)
     if not state_dir:
-        home = env.get("HOME") or os.path.expanduser("~")
-        state_dir = os.path.join(
-            env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state"),
-            "agentapi-persist",
-        )
-    grace: Any = flags.get("grace_s") or env.get("AGENTAPI_PERSIST_GRACE") or 10.0
+        state_home = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+        state_dir = default_state_dir(state_home, module_dir)
+    grace: Any = _lookup("grace_s", flags, env) or 10.0
     try:
         grace_s = float(grace)
     except ValueError:
         grace_s = 10.0
-    return os.path.expanduser(str(state_dir)), grace_s
+    url = _lookup("agentapi_url", flags, env)
+    if url is not None:
+        port = port_of(str(url))
+    else:
+        raw_port = (env.get("ARG_AGENTAPI_PORT") or env.get("AGENTAPI_PORT") or "").strip()
+        raw_port = raw_port or str(DEFAULT_AGENTAPI_PORT)
+        digits = raw_port.isascii() and raw_port.isdigit() and len(raw_port) <= 5
+        port = int(raw_port) if digits else None
+    state_file = _lookup("agentapi_state_file", flags, env)
+    explicit = state_file is not None
+    task_id = str(_lookup("task_id", flags, env) or "").strip()
+    if _UUID.fullmatch(task_id):
+        task_id = task_id.lower()
+    try:
+        expanded = os.path.expanduser(str(state_file)) if explicit else ""
+    except (RuntimeError, ValueError):
+        expanded = str(state_file)
+    instance = Instance(
+        module_dir=module_dir,
+        port=port,
+        state_file=expanded or os.path.join(module_dir, "agentapi-state.json"),
+        state_file_explicit=explicit,
+        task_id=task_id,
+    )
+    try:
+        state_dir = os.path.expanduser(str(state_dir))
+    except (RuntimeError, ValueError):
+        state_dir = str(state_dir)
+    return state_dir, grace_s, instance

@@ -206,9 +206,15 @@ def _shutdown_via_sidecar(flags: dict[str, Any], *, as_json: bool, started_at: f
     from .control_client import ask_sidecar
     from .errors import SidecarUnavailable
 
-    state_dir, grace_s = quick_settings(flags)
+    state_dir, grace_s, instance = quick_settings(flags)
     elapsed = time.monotonic() - started_at
-    request: dict[str, Any] = {"op": "shutdown", "grace_s": grace_s, "elapsed_s": elapsed}
+    request: dict[str, Any] = {
+        "op": "shutdown",
+        "grace_s": grace_s,
+        "elapsed_s": elapsed,
+        # The sidecar checks it is this instance's: another module's sidecar refuses.
+        "instance": instance.as_dict(),
+    }
     if "stop_agentapi" in flags:
         request["stop_agentapi"] = bool(flags["stop_agentapi"])
     try:
@@ -239,7 +245,7 @@ def _wait_for_a_starting_sidecar(
 
     from .ownership import held_by
 
-    state_dir, grace_s = quick_settings(flags)
+    state_dir, grace_s, _ = quick_settings(flags)
     holder = held_by(Path(state_dir))
     if holder is None or holder.get("purpose") != "sidecar":
         return None

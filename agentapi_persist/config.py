@@ -30,6 +30,7 @@ from ._options import (
     parse_bool,
 )
 from .errors import ConfigError
+from .identity import Instance, default_state_dir, port_of
 
 __all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
 
@@ -61,6 +62,13 @@ class Settings(BaseModel):
 
     state_dir: Path
     """The sidecar's durable copy. Must be on the persistent volume to survive a stop."""
+
+    state_dir_explicit: bool = False
+    """True when the state directory was configured, not the per-instance default (only a
+    default directory adopts a copy left by a release before instance directories)."""
+
+    module_dir: Path = Path(DEFAULT_MODULE_DIR_NAME)
+    """The registry module's directory (``$HOME/$ARG_MODULE_DIR_NAME``): part of the identity."""
 
     agentapi_url: str = f"http://localhost:{DEFAULT_AGENTAPI_PORT}"
     """AgentAPI's base URL; its Host check accepts localhost, 127.0.0.1 and [::1]."""
@@ -167,6 +175,17 @@ class Settings(BaseModel):
         return max(self.grace_s - self.margin_s, 0.1)
 
     @property
+    def instance(self) -> Instance:
+        """The AgentAPI instance these settings describe (the owner of the conversation)."""
+        return Instance(
+            module_dir=str(self.module_dir),
+            port=port_of(self.agentapi_url),
+            state_file=str(self.agentapi_state_file),
+            state_file_explicit=self.agentapi_state_file_explicit,
+            task_id=self.task_id,
+        )
+
+    @property
     def snapshot_wanted(self) -> bool:
         """True when a task id is configured and snapshots are not switched off."""
         return self.task_log_snapshot and self.task_id != ""
@@ -236,9 +255,11 @@ class Settings(BaseModel):
 
         home = Path(env.get("HOME") or Path.home())
         module_dir = home / (env.get("ARG_MODULE_DIR_NAME") or DEFAULT_MODULE_DIR_NAME)
+        values["module_dir"] = module_dir
+        values["state_dir_explicit"] = "state_dir" in values
         if "state_dir" not in values:
-            xdg = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
-            values["state_dir"] = Path(xdg) / "agentapi-persist"
+            state_home = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
+            values["state_dir"] = Path(default_state_dir(state_home, module_dir))
         if "agentapi_url" not in values:
             port = env.get("ARG_AGENTAPI_PORT") or env.get("AGENTAPI_PORT") or ""
             port = port.strip() or str(DEFAULT_AGENTAPI_PORT)

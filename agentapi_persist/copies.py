@@ -3,8 +3,9 @@
 Three copies can exist when a stop comes: the sidecar's durable copy (always current when the
 sidecar runs), AgentAPI's own state file (current as of its last save), and AgentAPI's live
 ``GET /messages`` (current, if it answers in time). ``choose`` picks the freshest by content,
-not by clock: a copy that extends another is newer. Clocks only break ties between copies that
-diverge, and every decision carries a sentence saying why.
+never by clock: a copy that extends another is newer; between copies that diverge, a current
+one wins, and ``file_mark`` says whether AgentAPI's file was written since it last agreed with
+the sidecar's copy. Every decision carries a sentence saying why.
 
 The prompt fields (``initial_prompt``, ``initial_prompt_sent``) exist only in AgentAPI's state
 file, so they are taken from there when it is readable and carried forward otherwise.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from .agentapi import AgentAPIClient
@@ -23,6 +23,7 @@ from .agentapi_state import read_agentapi_state, trim_prompt
 from .budget import Budget
 from .config import Settings
 from .errors import PersistError, StateFileError
+from .file_mark import unchanged_since_mark
 from .models import (
     AgentAPIState,
     Conversation,
@@ -46,11 +47,13 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One copy of the conversation and when it was last known to be current."""
+    """One copy of the conversation, and whether it is current right now."""
 
     name: str  # "live", "sidecar", "agentapi_state"
     messages: tuple[Message, ...]
-    as_of: datetime | None = None  # None for "live": it is current by definition
+    current: bool = False
+    """True for ``GET /messages`` and for a running sidecar's in-memory copy (it follows
+    AgentAPI's event stream): as of now by construction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +64,17 @@ class Choice:
     reasons: tuple[str, ...] = field(default=())
 
 
-def choose(candidates: Sequence[Candidate]) -> Choice:
+def choose(candidates: Sequence[Candidate], *, file_unchanged: bool | None = None) -> Choice:
     """Pick the freshest copy: the one that extends the others; the live copy on equal terms.
 
     Order of preference among copies that agree: live, then sidecar, then AgentAPI's file (the
     list order). A copy that is strictly ahead of the current best replaces it. A copy with no
     user message (AgentAPI's start-up screen, before it loaded its file) never replaces one
-    that has one, whatever the clocks say. Divergent copies are settled by ``as_of`` (newest
-    wins; live counts as now), and the loser is named in the reasons so that nothing is
-    dropped silently.
+    that has one. Divergent copies are settled without clocks: a current copy beats a stored
+    one; between the stored copy and AgentAPI's file, ``file_unchanged`` (``file_mark``) says
+    whether the file was written after the two last agreed (then the file is newer; unknown
+    counts as written: AgentAPI's own file is what it would load). The loser is named in the
+    reasons so that nothing is dropped silently (the store archives a replaced copy whole).
     """
     best: Candidate | None = None
     reasons: list[str] = []
@@ -97,21 +102,31 @@ def choose(candidates: Sequence[Candidate]) -> Choice:
             )
             best = candidate
         elif relation in (Relation.LAST_DIFFERS, Relation.DIVERGED):
-            newer = _newer(candidate, best)
+            newer, why = _newer(best, candidate, file_unchanged)
             loser = best if newer is candidate else candidate
             reasons.append(
-                f"{candidate.name} and {best.name} differ ({relation.value}); "
-                f"kept {newer.name} as the more recent, {loser.name} was not used"
+                f"{candidate.name} and {best.name} differ ({relation.value}); kept {newer.name} "
+                f"({why}), {loser.name} was not used"
             )
             best = newer
     return Choice(winner=best, reasons=tuple(reasons))
 
 
-def _newer(a: Candidate, b: Candidate) -> Candidate:
-    far_future = datetime.max.replace(tzinfo=UTC)
-    a_time = a.as_of or far_future
-    b_time = b.as_of or far_future
-    return a if a_time > b_time else b
+def _newer(best: Candidate, other: Candidate, file_unchanged: bool | None) -> tuple[Candidate, str]:
+    """The more recent of two diverging copies, and why; ``best`` came first in the list."""
+    if best.current != other.current:
+        return (best, "it is current") if best.current else (other, "it is current")
+    if best.current:
+        return best, "both are current; the first in order of preference"
+    names = {best.name, other.name}
+    if names == {"sidecar", "agentapi_state"}:
+        by_name = {best.name: best, other.name: other}
+        if file_unchanged:
+            return by_name["sidecar"], "AgentAPI's file was not written since the two agreed"
+        if file_unchanged is False:
+            return by_name["agentapi_state"], "AgentAPI's file was written since the two agreed"
+        return by_name["agentapi_state"], "no record says which is newer: AgentAPI's own file"
+    return best, "the first in order of preference"
 
 
 def prompt_was_sent(conversation: Conversation, prompt: str) -> bool:
@@ -190,14 +205,6 @@ def with_prompt_fields(
     return updated, note
 
 
-def file_time(path: Path) -> datetime | None:
-    """The modification time of ``path`` (UTC), or ``None`` if it cannot be read."""
-    try:
-        return datetime.fromtimestamp(path.stat().st_mtime, tz=UTC)
-    except OSError:
-        return None
-
-
 @dataclass(frozen=True, slots=True)
 class Gathered:
     """The freshest conversation and where it came from."""
@@ -233,16 +240,16 @@ async def gather(
     agentapi_file = state_file or settings.agentapi_state_file
     notes: list[str] = []
 
-    async def load_store() -> tuple[Conversation | None, datetime | None]:
+    async def load_store() -> Conversation | None:
         if live_copy is not None:
-            return live_copy, datetime.now(UTC)
+            return live_copy
         try:
             report = await store.aload()
         except StateFileError as exc:
             notes.append(f"the sidecar copy could not be read: {exc}")
-            return None, None
+            return None
         notes.extend(report.problems)
-        return report.conversation, report.saved_at
+        return report.conversation
 
     async def load_file() -> AgentAPIState | None:
         path = agentapi_file
@@ -265,7 +272,7 @@ async def gather(
         except PersistError as exc:
             return None, str(exc)
 
-    (stored, stored_at), file_state, (live, live_error) = await asyncio.gather(
+    stored, file_state, (live, live_error) = await asyncio.gather(
         load_store(), load_file(), fetch_live()
     )
     if live_error is not None and agent is not None:
@@ -273,18 +280,14 @@ async def gather(
 
     candidates: list[Candidate] = []
     if live is not None:
-        candidates.append(Candidate("live", live, None))
+        candidates.append(Candidate("live", live, current=True))
     if stored is not None:
-        candidates.append(Candidate("sidecar", stored.messages, stored_at))
+        candidates.append(Candidate("sidecar", stored.messages, current=live_copy is not None))
+    unchanged: bool | None = None
     if file_state is not None:
-        candidates.append(
-            Candidate(
-                "agentapi_state",
-                file_state.conversation_messages(),
-                file_time(agentapi_file),
-            )
-        )
-    choice = choose(candidates)
+        candidates.append(Candidate("agentapi_state", file_state.conversation_messages()))
+        unchanged = unchanged_since_mark(settings.state_dir, agentapi_file)
+    choice = choose(candidates, file_unchanged=unchanged)
     notes.extend(choice.reasons)
     view = live if live is not None else (live_copy.messages if live_copy is not None else None)
     if choice.winner is None:

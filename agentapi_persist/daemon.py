@@ -45,8 +45,15 @@ from .checkpointer import Checkpointer
 from .coder import CoderClient
 from .config import Settings
 from .control import ControlServer
-from .errors import AgentRunningError, PersistError, SidecarAlreadyRunning, StateDirBusy
+from .errors import (
+    AgentRunningError,
+    ExitCode,
+    PersistError,
+    SidecarAlreadyRunning,
+    StateDirBusy,
+)
 from .follower import Follower
+from .identity import Instance
 from .mirror import Mirror
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
@@ -90,7 +97,11 @@ class Daemon:
         coder_session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.settings = settings
-        self.store = store or StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+        self.store = store or StateStore(
+            settings.state_dir,
+            max_bytes=settings.max_body_bytes,
+            instance=settings.instance.as_dict(),
+        )
         self.state = DaemonState.NEW
         self.mirror = Mirror()
         self.stopper = StopController(hard_margin_s=settings.watchdog_margin_s)
@@ -383,6 +394,9 @@ class Daemon:
             await self.checkpointer.wait_for_next()
             return {"ok": True, "status": self.view()}
         if op == "shutdown":
+            refusal = self._foreign(request)
+            if refusal is not None:
+                return {"ok": False, "error": refusal, "exit_code": int(ExitCode.USAGE)}
             grace = float(request.get("grace_s") or self.settings.grace_s)
             elapsed = float(request.get("elapsed_s") or 0.0)
             if request.get("stop_agentapi") is not None:
@@ -401,6 +415,26 @@ class Daemon:
                 "report": report.as_dict(),
             }
         return {"ok": False, "error": f"unknown op {op!r}", "exit_code": 2}
+
+    def _foreign(self, request: dict[str, Any]) -> str | None:
+        """Why a request names another AgentAPI instance than this sidecar's (``None``: it
+        is ours, or names none, as an embedder's request may). A stop for module B must
+        never be answered "ok" by module A's sidecar, which would save and stop A instead."""
+        if "instance" not in request:
+            return None
+        theirs = Instance.from_dict(request["instance"])
+        ours = self.settings.instance
+        if theirs is None:
+            return "bad request: 'instance' does not describe an AgentAPI instance"
+        differences = ours.differences(theirs)
+        if not differences:
+            return None
+        log.warning("control.foreign_request", op=request.get("op"), differences=differences)
+        return (
+            f"this sidecar keeps {ours.describe()}, and the request is for another instance "
+            f"({'; '.join(differences)}): nothing was done. Give each instance its own "
+            "--state-dir, or leave it unset (the default is one per module directory)"
+        )
 
     def view(self) -> dict[str, Any]:
         """The live sidecar's facts for ``status``."""

@@ -41,6 +41,7 @@ __all__ = [
     "DurabilityError",
     "EventGap",
     "ExitCode",
+    "ForeignStateDir",
     "PersistError",
     "SidecarAlreadyRunning",
     "SidecarUnavailable",
@@ -158,6 +159,12 @@ class AgentRunningError(PersistError):
 class StateDirBusy(PersistError):
     """Another writer (a sidecar, a ``shutdown``, a ``restore``) holds the state directory's
     lock; nothing was written. The message names it."""
+
+
+class ForeignStateDir(ConfigError):
+    """The state directory holds another AgentAPI instance's conversation (its
+    ``instance.json`` says so); nothing was read for, or written by, this one. The fix is
+    configuration: one state directory per instance."""
 
 
 class SidecarAlreadyRunning(StateDirBusy):

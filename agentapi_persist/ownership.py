@@ -10,6 +10,12 @@ the file, so a refused second writer can say who holds the directory.
 A second writer waits up to its ``wait_s`` and then refuses with ``StateDirBusy``: two writers
 would interleave journal records and generations (one truncating the other's records), and a
 ``restore`` under a running sidecar would write a generation the sidecar never sees.
+
+The lock says who writes; ``claim`` says whose conversation the directory holds. The first
+writer records its ``Instance`` in ``<state-dir>/instance.json``; from then on a command for
+another instance (another module directory, port, state file or task) is refused with
+``ForeignStateDir`` before it reads or writes anything there, so that module B's stop can never
+upload, restore or overwrite module A's conversation.
 """
 
 from __future__ import annotations
@@ -24,14 +30,26 @@ from pathlib import Path
 
 import structlog
 
-from ._fsutil import ensure_private_dir
-from .errors import PersistError, StateDirBusy
+from ._fsutil import ensure_private_dir, quarantine, read_capped_file, write_atomic
+from .errors import ForeignStateDir, PersistError, StateDirBusy
+from .identity import Instance
 
-__all__ = ["LOCK_NAME", "StateDirLock", "held_by", "take_lock"]
+__all__ = [
+    "INSTANCE_NAME",
+    "LOCK_NAME",
+    "StateDirLock",
+    "claim",
+    "held_by",
+    "read_owner",
+    "take_lock",
+]
 
 log = structlog.get_logger(__name__)
 
 LOCK_NAME = "lock"
+INSTANCE_NAME = "instance.json"
+_INSTANCE_FORMAT = "agentapi-persist-instance"
+_INSTANCE_MAX_BYTES = 64 * 1024
 _POLL_S = 0.02
 _HOLDER_MAX_BYTES = 4096
 
@@ -122,3 +140,71 @@ def _refusal(state_dir: Path, fd: int, purpose: str, wait_s: float) -> str:
         f"{state_dir} is in use by {who}{waited}: one writer at a time, so this {purpose} "
         "wrote nothing there"
     )
+
+
+def read_owner(state_dir: Path) -> Instance | None:
+    """The instance ``state_dir`` belongs to, ``None`` when it records none (a new directory,
+    one written before instance records, or an unreadable record). Never raises."""
+    try:
+        document = json.loads(read_capped_file(state_dir / INSTANCE_NAME, _INSTANCE_MAX_BYTES))
+    except (OSError, PersistError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("format") != _INSTANCE_FORMAT:
+        return None
+    return Instance.from_dict(document.get("instance"))
+
+
+def claim(state_dir: Path, instance: Instance, *, write: bool) -> str | None:
+    """Check that ``state_dir`` holds ``instance``'s conversation; record it when it records
+    no owner (or knows less) and ``write`` (the caller holds the lock).
+
+    Raises ``ForeignStateDir`` naming both instances when the directory belongs to another.
+    Returns a sentence when it adopted a directory that had no owner yet but held a copy (a
+    directory given with ``--state-dir`` to a release before instance records), else ``None``.
+    A record that cannot be written is logged and left: the store's own write reports the
+    real failure, and the snapshot still runs.
+    """
+    path = state_dir / INSTANCE_NAME
+    owner = read_owner(state_dir)
+    if owner is not None:
+        differences = instance.differences(owner, by_port=False)
+        if differences:
+            raise ForeignStateDir(
+                f"{state_dir} holds the conversation of {owner.describe()}, not of "
+                f"{instance.describe()} (it records {'; '.join(differences)}): one state "
+                "directory per instance, so nothing was read or written there. Give each "
+                "instance its own --state-dir, or leave it unset (the default is one directory "
+                "per module directory)"
+            )
+        record = instance.merged(owner)
+        if not write or record == owner:
+            return None
+    elif not write:
+        return None
+    else:
+        record = instance
+    adopted = None
+    if owner is None and _holds_a_copy(state_dir):
+        adopted = (
+            f"{state_dir} held a copy with no owner recorded (written before instance records): "
+            f"adopted it for {instance.describe()}"
+        )
+    if path.exists() and owner is None:
+        # A record that does not parse: its bytes are kept for a person, then replaced.
+        with contextlib.suppress(OSError, PersistError):
+            quarantine(path, reason="unreadable instance record")
+    document = {"format": _INSTANCE_FORMAT, "format_version": 1, "instance": record.as_dict()}
+    try:
+        write_atomic(path, json.dumps(document, ensure_ascii=False).encode() + b"\n")
+    except (OSError, PersistError) as exc:
+        log.warning("ownership.claim_unwritten", path=str(path), error=str(exc))
+        return adopted
+    log.info("ownership.claimed", path=str(path), module_dir=record.module_dir, port=record.port)
+    return adopted
+
+
+def _holds_a_copy(state_dir: Path) -> bool:
+    try:
+        return any(name.startswith("conversation-") for name in os.listdir(state_dir))
+    except OSError:
+        return False

@@ -18,16 +18,19 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+import structlog
 
 from ._http import make_session
 from .agentapi import AgentAPIClient
 from .coder import CoderClient
 from .config import Settings
 from .errors import ConfigError
-from .ownership import take_lock
+from .ownership import claim, take_lock
 from .store import StateStore
 
 __all__ = ["Peers", "open_peers"]
+
+log = structlog.get_logger(__name__)
 
 #: The sidecar's AgentAPI session lives for days around one event stream; every request it
 #: makes still carries its own budgeted timeout.
@@ -66,6 +69,8 @@ async def open_peers(
     the writer (``"sidecar"``, ``"shutdown"``): the state directory's lock is taken first,
     before anything is read or written, waiting up to ``lock_wait_s`` for another holder, and
     held until the peers are closed (``ownership``; ``StateDirBusy`` names the holder).
+    A state directory that belongs to another AgentAPI instance is refused with
+    ``ForeignStateDir``; a writer records its instance in a directory that records none.
     """
     async with AsyncExitStack() as stack:
         if lock is not None:
@@ -73,6 +78,13 @@ async def open_peers(
                 take_lock, settings.state_dir, purpose=lock, wait_s=lock_wait_s
             )
             stack.callback(held.release)
+        # Whose conversation the directory holds, before anything is read or written there:
+        # module B's command never loads, uploads or writes module A's copy.
+        adopted = await asyncio.to_thread(
+            claim, settings.state_dir, settings.instance, write=lock is not None
+        )
+        if adopted is not None:
+            log.warning("peers.adopted_state_dir", note=adopted)
         if agent_session is None:
             agent_session = make_session(total_timeout_s=agent_timeout_s)
             stack.push_async_callback(agent_session.close)
@@ -81,7 +93,10 @@ async def open_peers(
             stack.push_async_callback(coder_session.close)
         if store is None:
             store = StateStore(
-                settings.state_dir, max_bytes=settings.max_body_bytes, read_only=read_only
+                settings.state_dir,
+                max_bytes=settings.max_body_bytes,
+                read_only=read_only,
+                instance=settings.instance.as_dict(),
             )
         agent = AgentAPIClient(
             settings.agentapi_url, session=agent_session, max_body_bytes=settings.max_body_bytes

@@ -10,8 +10,10 @@ AgentAPI's file        sidecar's copy               action
 valid, current         any older or equal           nothing (adopt its prompt fields)
 valid, behind          ahead (extends it)           rewrite the file from the copy
 valid, ahead           behind                       adopt the file into the copy
-valid, diverged        diverged                     the more recent wins; a replaced file
-                                                    is quarantined first
+valid, diverged        diverged                     the file, unless it was not written
+                                                    since the two last agreed (file_mark);
+                                                    the other is kept whole (quarantined
+                                                    file, or the copy archived)
 missing                present                      write the file from the copy
 corrupt/unknown ver.   present                      quarantine, write from the copy
 corrupt/unknown ver.   absent                       quarantine; exit 7 (no good copy)
@@ -37,10 +39,11 @@ from ._fsutil import quarantine
 from .agent_process import clear_stale_pid_file, find_agentapi
 from .agentapi_state import conversation_from_state, read_agentapi_state, write_agentapi_state
 from .config import Settings
-from .copies import file_time, with_prompt_fields
+from .copies import with_prompt_fields
 from .errors import AgentRunningError, ExitCode, StateDirBusy, StateFileError
+from .file_mark import remember, unchanged_since_mark
 from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
-from .ownership import take_lock
+from .ownership import claim, take_lock
 from .store import StateStore
 
 __all__ = ["RestoreReport", "restore"]
@@ -153,7 +156,12 @@ def _restore(
         cleared = clear_stale_pid_file(settings.agentapi_pid_file)
         if cleared is not None:
             report.did.append(cleared)
-    store = store or StateStore(settings.state_dir, max_bytes=settings.max_body_bytes)
+    adopted = claim(settings.state_dir, settings.instance, write=True)
+    if adopted is not None:
+        report.found.append(adopted + ".")
+    store = store or StateStore(
+        settings.state_dir, max_bytes=settings.max_body_bytes, instance=settings.instance.as_dict()
+    )
     loaded = store.load()
     report.found.extend(loaded.problems)
     report.quarantined.extend(str(p) for p in loaded.quarantined)
@@ -191,6 +199,7 @@ def _restore(
     report.messages = len(from_file.messages)
     if stored is None:
         store.save(from_file)
+        remember(settings.state_dir, path)
         report.outcome = "adopted"
         report.did.append(
             f"Saved the file's {len(from_file.messages)} messages as the sidecar copy."
@@ -215,6 +224,7 @@ def _restore(
         report.outcome = "unchanged"
         report.found.append("The file is current.")
         _adopt_prompt_fields(store, stored, from_file, report)
+        remember(settings.state_dir, path)
     elif relation is Relation.A_AHEAD:
         report.found.append(
             f"The file is behind the sidecar copy ({len(from_file.messages)} vs "
@@ -224,22 +234,52 @@ def _restore(
     elif relation is Relation.B_AHEAD:
         report.found.append("The file is ahead of the sidecar copy.")
         store.save(from_file)
+        remember(settings.state_dir, path)
         report.outcome = "adopted"
         report.did.append("Updated the sidecar copy from the file.")
     else:
-        stored_at = loaded.saved_at or datetime.min.replace(tzinfo=UTC)
-        file_at = file_time(path) or datetime.min.replace(tzinfo=UTC)
         report.found.append(f"The file and the sidecar copy differ ({relation.value}).")
-        if stored_at > file_at:
-            moved = quarantine(path, reason="replaced by a more recent sidecar copy")
-            report.quarantined.append(str(moved))
-            report.did.append(f"Kept the older file's bytes at {moved}.")
-            _write_file(settings, path, stored, file_state, report)
-        else:
-            store.save(from_file, allow_shrink=True)
-            report.outcome = "adopted"
-            report.did.append("The file is more recent: updated the sidecar copy from it.")
+        _settle_divergence(settings, store, stored, from_file, file_state, report)
     return report
+
+
+def _settle_divergence(
+    settings: Settings,
+    store: StateStore,
+    stored: Conversation,
+    from_file: Conversation,
+    file_state: AgentAPIState,
+    report: RestoreReport,
+) -> None:
+    """Neither copy extends the other: keep the newer by what is known, not by clocks, and
+    keep the other whole (AgentAPI's file quarantined beside it, or the sidecar's copy in its
+    archive), so that no conversation is ever dropped from the home."""
+    path = settings.agentapi_state_file
+    unchanged = unchanged_since_mark(settings.state_dir, path)
+    if unchanged:
+        report.found.append(
+            "AgentAPI's file was not written since it last agreed with the sidecar copy: the "
+            "copy is newer."
+        )
+        moved = quarantine(path, reason="replaced by a newer sidecar copy")
+        report.quarantined.append(str(moved))
+        report.did.append(f"Kept the older file's bytes at {moved}.")
+        _write_file(settings, path, stored, file_state, report)
+        return
+    report.found.append(
+        "AgentAPI's file was written since it last agreed with the sidecar copy: the file is newer."
+        if unchanged is False
+        else "No record says which is newer: kept AgentAPI's own file (what it would load "
+        "without us)."
+    )
+    archived = store.archive(reason="replaced at restore by AgentAPI's diverging file")
+    store.save(from_file, allow_shrink=True)
+    remember(settings.state_dir, path)
+    report.outcome = "adopted"
+    report.did.append(
+        f"Archived the sidecar copy's {len(stored.messages)} messages whole at {archived}, "
+        "then updated the copy from the file."
+    )
 
 
 def _read_file(
@@ -271,6 +311,7 @@ def _write_file(
     if note:
         report.found.append(note + ".")
     write_agentapi_state(path, conversation, extra=file_state)
+    remember(settings.state_dir, path)
     report.outcome = "written"
     report.messages = len(conversation.messages)
     report.did.append(

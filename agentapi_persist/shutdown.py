@@ -55,6 +55,7 @@ from .errors import (
     PersistError,
     StateFileError,
 )
+from .file_mark import remember
 from .models import Conversation, Message
 from .peers import Peers
 from .records import record_upload
@@ -260,8 +261,13 @@ async def run_sequence(
             for task, name in zip(best_effort, names, strict=True):
                 report.steps.append(await _best_effort(task, name, force))
             saved = report.step("agentapi_save")
-            if report.durable and saved is not None and saved.outcome == "confirmed_changed":
-                await _adopt_saved_prompt(settings, store, agentapi_file)
+            confirmed = ("confirmed_changed", "confirmed_unchanged")
+            if report.durable and saved is not None and saved.outcome in confirmed:
+                # AgentAPI's file and our durable copy now hold the same conversation: say so
+                # (file_mark), so that a later divergence is settled without clocks.
+                if saved.outcome == "confirmed_changed":
+                    await _adopt_saved_prompt(settings, store, agentapi_file)
+                await asyncio.to_thread(remember, settings.state_dir, agentapi_file)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
             if settings.stop_agentapi:

@@ -14,8 +14,11 @@ On-disk layout (directory 0700, files 0600, re-asserted on every write)::
 
 A generation file is one compact JSON header line, ``\\n``, then exactly ``length`` body bytes::
 
-    {"format":"agentapi-persist","format_version":1,"seq":7,"saved_at":"2025-01-02T03:04:05.123456Z","length":1234,"sha256":"<hex>"}
+    {"format":"agentapi-persist","format_version":1,"seq":7,"saved_at":"2025-01-02T03:04:05.123456Z","length":1234,"sha256":"<hex>","instance":{...}}
     {"messages":[...],"initial_prompt":...,"initial_prompt_sent":...,"prompt_origin":...}
+
+``instance`` names the AgentAPI instance the conversation belongs to (``identity``; the
+directory's ``instance.json`` says the same for the directory as a whole).
 
 The body is ``Conversation`` as compact JSON. A short body, extra bytes, a bad header or a
 checksum mismatch marks the file torn or corrupt; an unknown ``format_version`` is refused.
@@ -57,7 +60,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -281,12 +284,20 @@ class StateStore:
     """
 
     def __init__(
-        self, directory: Path, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES, read_only: bool = False
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        read_only: bool = False,
+        instance: Mapping[str, Any] | None = None,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.read_only = read_only
         """A read-only store never moves, cuts or writes anything (``status`` looks with one)."""
+        self.instance = dict(instance) if instance is not None else None
+        """The AgentAPI instance the conversation belongs to (``identity.Instance.as_dict``):
+        every generation written records it in its header, beside ``instance.json``."""
         self._lock = threading.RLock()
         self._loaded = False
         self._seq: int | None = None
@@ -298,6 +309,7 @@ class StateStore:
         self._cached: Conversation | None = None
         self._generation_bytes = 0
         self._journal_end = 0
+        self._journal_size: int | None = 0
         self._preserve_tail = False
         self._needs_generation = False
 
@@ -429,6 +441,7 @@ class StateStore:
         self._cached = None
         self._generation_bytes = 0
         self._journal_end = 0
+        self._journal_size = 0
         self._preserve_tail = False
         self._needs_generation = False
 
@@ -487,6 +500,7 @@ class StateStore:
             )
             return _Replay()
         self._journal_end = replay.good_end
+        self._journal_size = len(data)
         self._preserve_tail = replay.bad_complete_records
         if replay.problem is not None:
             dropped = len(data) - replay.good_end
@@ -674,14 +688,18 @@ class StateStore:
             if self._preserve_tail:
                 self._preserve_journal_tail(path)
             try:
-                append_durable(path, data, offset=self._journal_end)
+                # The size this store last saw: a journal that grew beside it holds another
+                # writer's records, and is never cut back (a new generation is written instead).
+                append_durable(path, data, offset=self._journal_end, expect_size=self._journal_size)
             except DurabilityError:
                 self._needs_generation = True
+                self._journal_size = None
                 raise
             self._upsert(puts)
             if new_prompt is not None:
                 self._prompt = new_prompt
             self._journal_end += len(data)
+            self._journal_size = self._journal_end
             report = SaveReport(self._seq, len(data), _ms_since(start), path, "journal")
             log.debug(
                 "store.appended",
@@ -774,16 +792,22 @@ class StateStore:
         body = _CONVERSATION.dump_json(conversation)
         digest = hashlib.sha256(body).hexdigest()
         saved_at = _now()
-        header = dump_compact(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "seq": seq,
-                "saved_at": saved_at,
-                "length": len(body),
-                "sha256": digest,
-            }
-        )
+        fields: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "seq": seq,
+            "saved_at": saved_at,
+            "length": len(body),
+            "sha256": digest,
+        }
+        if self.instance is not None:
+            fields["instance"] = self.instance
+        header = dump_compact(fields)
+        if len(header) >= _HEADER_MAX:
+            # Paths thousands of bytes long: a header a reader would refuse costs the copy;
+            # instance.json still records the owner.
+            del fields["instance"]
+            header = dump_compact(fields)
         size = len(header) + 1 + len(body)
         if size > self.max_bytes:
             raise StateFileError(
@@ -810,6 +834,7 @@ class StateStore:
         self._cached = conversation
         self._generation_bytes = size
         self._journal_end = 0
+        self._journal_size = 0
         self._preserve_tail = False
         self._needs_generation = False
         self._loaded = True

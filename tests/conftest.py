@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from agentapi_persist.config import Settings
+from agentapi_persist.identity import default_state_dir
 from agentapi_persist.models import Conversation, Message, Role
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.coder import FakeCoder
@@ -50,7 +51,8 @@ class Workspace:
 
     @property
     def state_dir(self) -> Path:
-        return self.home / ".local" / "state" / "agentapi-persist"
+        """The default: one directory per module directory (``identity``)."""
+        return Path(default_state_dir(self.home / ".local" / "state", self.module_dir))
 
     @property
     def module_dir(self) -> Path:

@@ -8,6 +8,7 @@ import pytest
 
 from agentapi_persist.config import Settings
 from agentapi_persist.errors import ConfigError
+from agentapi_persist.identity import instance_dir_name
 
 TASK = "5f1c7a0e-3b2d-4c1e-9f00-1234567890ab"
 
@@ -24,7 +25,10 @@ def test_defaults_follow_the_registry_module() -> None:
     assert s.grace_s == 10
     assert s.snapshot_messages == 30
     assert s.agentapi_url == "http://localhost:3284"
-    assert s.state_dir == Path("/home/coder/.local/state/agentapi-persist")
+    assert s.state_dir == Path("/home/coder/.local/state/agentapi-persist") / instance_dir_name(
+        "/home/coder/.agentapi-module"
+    )
+    assert not s.state_dir_explicit
     assert s.agentapi_state_file == Path("/home/coder/.agentapi-module/agentapi-state.json")
     assert s.agentapi_pid_file == Path("/home/coder/.agentapi-module/agentapi.pid")
     assert not s.agentapi_state_file_explicit
@@ -48,7 +52,11 @@ def test_defaults_follow_the_registry_module() -> None:
             Path("/tmp/b.pid"),
         ),
         ({"ARG_STATE_FILE_PATH": "/tmp/s.json"}, "agentapi_state_file", Path("/tmp/s.json")),
-        ({"XDG_STATE_HOME": "/var/state"}, "state_dir", Path("/var/state/agentapi-persist")),
+        (
+            {"XDG_STATE_HOME": "/var/state"},
+            "state_dir",
+            Path("/var/state/agentapi-persist", instance_dir_name("/home/coder/.agentapi-module")),
+        ),
         ({"AGENTAPI_PERSIST_GRACE": "30"}, "grace_s", 30.0),
         ({"ARG_ENABLE_STATE_PERSISTENCE": "true"}, "state_persistence", True),
         ({"ARG_ENABLE_STATE_PERSISTENCE": "false"}, "state_persistence", False),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 
 from agentapi_persist.copies import Candidate, choose, with_prompt_fields
@@ -37,24 +35,47 @@ def test_compare(a: tuple[Message, ...], b: tuple[Message, ...], relation: Relat
 
 def test_live_wins_when_equal_and_longer_copy_wins_otherwise() -> None:
     """The copy that extends the others is chosen whatever the order."""
-    old = datetime(2025, 1, 1, tzinfo=UTC)
-    live = Candidate("live", conv("a", "b"))
-    sidecar = Candidate("sidecar", conv("a", "b", "c"), old)
-    file = Candidate("agentapi_state", conv("a"), old)
+    live = Candidate("live", conv("a", "b"), current=True)
+    sidecar = Candidate("sidecar", conv("a", "b", "c"))
+    file = Candidate("agentapi_state", conv("a"))
     choice = choose([live, sidecar, file])
     assert choice.winner is sidecar
     assert any("ahead" in r for r in choice.reasons)
-    assert choose([live, Candidate("sidecar", conv("a", "b"), old)]).winner is live
+    assert choose([live, Candidate("sidecar", conv("a", "b"))]).winner is live
 
 
-def test_diverged_copies_go_to_the_most_recent_and_say_so() -> None:
-    """Divergent copies are settled by time, and the loser is named."""
-    now = datetime.now(UTC)
-    newer = Candidate("sidecar", conv("x", "y"), now)
-    older = Candidate("agentapi_state", conv("a", "b", "c"), now - timedelta(hours=1))
-    choice = choose([newer, older])
-    assert choice.winner is newer
-    assert "agentapi_state was not used" in choice.reasons[0]
+@pytest.mark.parametrize(
+    ("file_unchanged", "winner", "why"),
+    [
+        (True, "sidecar", "not written since"),
+        (False, "agentapi_state", "written since"),
+        (None, "agentapi_state", "no record says which is newer"),
+    ],
+)
+def test_diverged_stored_copies_are_settled_by_the_file_mark_not_clocks(
+    file_unchanged: bool | None, winner: str, why: str
+) -> None:
+    """Between the stored copy and AgentAPI's file, whether the file was written since the
+    two agreed decides; without a record, AgentAPI's own file; the loser is named."""
+    sidecar = Candidate("sidecar", conv("x", "y"))
+    file = Candidate("agentapi_state", conv("a", "b", "c"))
+    for order in ([sidecar, file], [file, sidecar]):
+        choice = choose(order, file_unchanged=file_unchanged)
+        assert choice.winner is not None
+        assert choice.winner.name == winner
+        assert why in choice.reasons[0]
+        loser = "agentapi_state" if winner == "sidecar" else "sidecar"
+        assert f"{loser} was not used" in choice.reasons[0]
+
+
+def test_a_current_copy_beats_a_stored_one_when_they_diverge() -> None:
+    """The live copy (or a running sidecar's) is as of now: it wins a divergence."""
+    live = Candidate("live", conv("new", "talk"), current=True)
+    file = Candidate("agentapi_state", conv("a", "b", "c"))
+    for order in ([live, file], [file, live]):
+        choice = choose(order, file_unchanged=False)
+        assert choice.winner is live
+        assert "it is current" in choice.reasons[0]
 
 
 def test_no_candidates() -> None:

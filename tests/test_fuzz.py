@@ -639,11 +639,14 @@ class TestSettings:
         """Arbitrary environments: valid Settings whose URLs and Coder target the clients can
         use as they are, or ConfigError; never anything else."""
         full = {"HOME": "/home/coder", **env}
-        quick_settings({}, full)  # the client path never raises on its own
+        state_dir, _, instance = quick_settings({}, full)  # the client path never raises
         try:
             settings = Settings.load({}, env=full)
         except ConfigError:
             return
+        # The sidecar is found, and checks the instance, by what the fast path resolves.
+        assert Path(state_dir) == settings.state_dir
+        assert instance == settings.instance
         _check_url(settings.agentapi_url)
         _check_url(settings.coder_url)
         assert settings.budget_s > 0

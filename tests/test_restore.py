@@ -10,6 +10,7 @@ import pytest
 
 from agentapi_persist.agentapi_state import read_agentapi_state, render_agentapi_state
 from agentapi_persist.errors import AgentRunningError, ExitCode
+from agentapi_persist.file_mark import remember
 from agentapi_persist.models import Conversation
 from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore
@@ -128,20 +129,72 @@ def test_file_ahead_of_the_copy_updates_the_copy(workspace: Workspace) -> None:
     assert len(stored.messages) == 8
 
 
-def test_diverged_copies_go_to_the_more_recent_and_keep_the_other(workspace: Workspace) -> None:
-    """When file and copy disagree, the more recent wins and the replaced file is kept."""
-    workspace.state_file.write_bytes(render_agentapi_state(conversation(4, prefix="old")))
-    old = time.time() - 3600
-    os.utime(workspace.state_file, (old, old))
-    StateStore(workspace.state_dir).save(conversation(4, prefix="new"))
+def archived(workspace: Workspace) -> list[bytes]:
+    directory = workspace.state_dir / "archive"
+    return [p.read_bytes() for p in directory.iterdir()] if directory.exists() else []
+
+
+def test_diverged_file_written_after_the_last_agreement_wins_whatever_the_clocks(
+    workspace: Workspace,
+) -> None:
+    """restore wrote the file from the copy (they agree); then AgentAPI saved a diverging
+    conversation with its clock a day behind: the file is newer by what is known, so it
+    wins, and the sidecar's copy is archived whole, not dropped."""
+    StateStore(workspace.state_dir).save(conversation(4, prefix="old"))
     assert run(workspace).outcome == "written"
-    assert (
-        read_agentapi_state(workspace.state_file, max_bytes=2**20)
-        .messages[0]
-        .message.startswith("new")
-    )
+    workspace.state_file.unlink()  # AgentAPI saves by rename: a new file
+    workspace.state_file.write_bytes(render_agentapi_state(conversation(3, prefix="new")))
+    day_ago = time.time() - 86_400
+    os.utime(workspace.state_file, (day_ago, day_ago))
+    report = run(workspace)
+    assert report.outcome == "adopted"
+    assert any("written since" in line for line in report.found)
+    assert workspace.stored().messages[0].content.startswith("new")
+    (kept,) = archived(workspace)
+    assert b"old 0" in kept
+    assert quarantined(workspace) == []
+
+
+def test_diverged_file_untouched_since_the_last_agreement_loses_whatever_the_clocks(
+    workspace: Workspace,
+) -> None:
+    """The file is the version the copy last agreed with (its clock says tomorrow); the copy
+    moved on and diverged (a new conversation followed by the sidecar): the copy wins, and
+    the file's bytes are kept beside it."""
+    store = StateStore(workspace.state_dir)
+    store.save(conversation(4, prefix="old"))
+    assert run(workspace).outcome == "written"
+    tomorrow = time.time() + 86_400
+    os.utime(workspace.state_file, (tomorrow, tomorrow))
+    # os.utime changed the file's version: record it as agreed, as a confirmed save would.
+    remember(workspace.state_dir, workspace.state_file)
+    store.save(conversation(5, prefix="new"), allow_shrink=True)
+    report = run(workspace)
+    assert report.outcome == "written"
+    assert any("not written since" in line for line in report.found)
+    state = read_agentapi_state(workspace.state_file, max_bytes=2**20)
+    assert state.messages[0].message.startswith("new")
     (kept,) = quarantined(workspace)
     assert b"old 0" in kept.read_bytes()
+
+
+def test_diverged_copies_with_no_record_keep_the_file_and_archive_the_copy(
+    workspace: Workspace,
+) -> None:
+    """Nobody can tell which is newer (no mark; the copy's clock is a day ahead): AgentAPI's
+    own file stays, and the copy is archived whole, so nothing is lost either way."""
+    workspace.state_file.write_bytes(render_agentapi_state(conversation(4, prefix="file")))
+    day_ago = time.time() - 86_400
+    os.utime(workspace.state_file, (day_ago, day_ago))
+    StateStore(workspace.state_dir).save(conversation(6, prefix="copy"))
+    before = workspace.state_file.read_bytes()
+    report = run(workspace)
+    assert report.outcome == "adopted"
+    assert any("No record says which is newer" in line for line in report.found)
+    assert workspace.state_file.read_bytes() == before
+    assert workspace.stored().messages[0].content.startswith("file")
+    (kept,) = archived(workspace)
+    assert b"copy 5" in kept
 
 
 async def test_refuses_while_agentapi_answers(workspace: Workspace) -> None:

@@ -119,7 +119,8 @@ async def test_everything_created_under_umask_000_is_private(tmp_path: Path) -> 
             assert await sidecar.wait() == 0
 
     assert socket_mode == 0o600
-    assert while_running[".local/state/agentapi-persist/control.sock"] == ("socket", 0o600)
+    socket_name = str((ws.state_dir / "control.sock").relative_to(ws.home))
+    assert while_running[socket_name] == ("socket", 0o600)
     assert_private(while_running)
     after = modes(ws.home, skip=planted)
     assert any(name.endswith(".log") for name in after)  # a journal was written

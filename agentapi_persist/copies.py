@@ -72,9 +72,10 @@ def choose(candidates: Sequence[Candidate], *, file_unchanged: bool | None = Non
     user message (AgentAPI's start-up screen, before it loaded its file) never replaces one
     that has one. Divergent copies are settled without clocks: a current copy beats a stored
     one; between the stored copy and AgentAPI's file, ``file_unchanged`` (``file_mark``) says
-    whether the file was written after the two last agreed (then the file is newer; unknown
-    counts as written: AgentAPI's own file is what it would load). The loser is named in the
-    reasons so that nothing is dropped silently (the store archives a replaced copy whole).
+    whether the file was written after the two last agreed (then the file is newer; with no
+    record, the sidecar's checksummed copy wins: AgentAPI's file carries no checksum, so a
+    damaged one can still parse). The loser is named in the reasons so that nothing is
+    dropped silently (the store archives a replaced copy whole).
     """
     best: Candidate | None = None
     reasons: list[str] = []
@@ -121,11 +122,11 @@ def _newer(best: Candidate, other: Candidate, file_unchanged: bool | None) -> tu
     names = {best.name, other.name}
     if names == {"sidecar", "agentapi_state"}:
         by_name = {best.name: best, other.name: other}
-        if file_unchanged:
-            return by_name["sidecar"], "AgentAPI's file was not written since the two agreed"
         if file_unchanged is False:
             return by_name["agentapi_state"], "AgentAPI's file was written since the two agreed"
-        return by_name["agentapi_state"], "no record says which is newer: AgentAPI's own file"
+        if file_unchanged:
+            return by_name["sidecar"], "AgentAPI's file was not written since the two agreed"
+        return by_name["sidecar"], "no record says which is newer: the checksummed copy"
     return best, "the first in order of preference"
 
 

@@ -54,6 +54,7 @@ from .errors import (
 )
 from .follower import Follower
 from .identity import Instance
+from .migration import adopt_legacy_copy
 from .mirror import Mirror
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
@@ -147,6 +148,7 @@ class Daemon:
                     coder_session=self._coder_session,
                     agent_timeout_s=SIDECAR_AGENTAPI_TIMEOUT_S,
                     lock="sidecar",
+                    record_owner=True,
                 )
             )
         except StateDirBusy as exc:
@@ -236,6 +238,11 @@ class Daemon:
         return crashed
 
     async def _start(self) -> None:
+        # Before the repair and the first load: a copy an earlier release kept for this
+        # instance joins its directory (whether or not AgentAPI is up yet).
+        moved = await asyncio.to_thread(adopt_legacy_copy, self.settings)
+        if moved is not None:
+            log.warning("daemon.legacy_copy", note=moved)
         try:
             outcome = await asyncio.to_thread(restore, self.settings, store=self.store, locked=True)
             log.info("daemon.restored", outcome=outcome.outcome, messages=outcome.messages)

@@ -61,6 +61,7 @@ async def open_peers(
     agent_timeout_s: float = 30.0,
     lock: str | None = None,
     lock_wait_s: float = 0.0,
+    record_owner: bool = False,
 ) -> AsyncIterator[Peers]:
     """Open the store and one session per site; close what was opened here on exit.
 
@@ -70,9 +71,14 @@ async def open_peers(
     before anything is read or written, waiting up to ``lock_wait_s`` for another holder, and
     held until the peers are closed (``ownership``; ``StateDirBusy`` names the holder).
     A state directory that belongs to another AgentAPI instance is refused with
-    ``ForeignStateDir``; a writer records its instance in a directory that records none.
+    ``ForeignStateDir``. ``record_owner`` (the sidecar, holding the lock) records the
+    instance in a directory that records none; the stop never writes the record (one more
+    synchronous write before the sequence, outside its budget), it only checks it.
     """
     async with AsyncExitStack() as stack:
+        # Another instance's directory is refused before waiting for its lock: the answer
+        # is the same however long one waits, and says what to change.
+        await asyncio.to_thread(claim, settings.state_dir, settings.instance, write=False)
         if lock is not None:
             held = await asyncio.to_thread(
                 take_lock, settings.state_dir, purpose=lock, wait_s=lock_wait_s
@@ -81,7 +87,7 @@ async def open_peers(
         # Whose conversation the directory holds, before anything is read or written there:
         # module B's command never loads, uploads or writes module A's copy.
         adopted = await asyncio.to_thread(
-            claim, settings.state_dir, settings.instance, write=lock is not None
+            claim, settings.state_dir, settings.instance, write=record_owner
         )
         if adopted is not None:
             log.warning("peers.adopted_state_dir", note=adopted)

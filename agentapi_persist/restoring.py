@@ -10,10 +10,10 @@ AgentAPI's file        sidecar's copy               action
 valid, current         any older or equal           nothing (adopt its prompt fields)
 valid, behind          ahead (extends it)           rewrite the file from the copy
 valid, ahead           behind                       adopt the file into the copy
-valid, diverged        diverged                     the file, unless it was not written
-                                                    since the two last agreed (file_mark);
-                                                    the other is kept whole (quarantined
-                                                    file, or the copy archived)
+valid, diverged        diverged                     the file if it was written since the
+                                                    two last agreed (file_mark), else the
+                                                    copy; the other is kept whole
+                                                    (quarantined file, or copy archived)
 missing                present                      write the file from the copy
 corrupt/unknown ver.   present                      quarantine, write from the copy
 corrupt/unknown ver.   absent                       quarantine; exit 7 (no good copy)
@@ -42,6 +42,7 @@ from .config import Settings
 from .copies import with_prompt_fields
 from .errors import AgentRunningError, ExitCode, StateDirBusy, StateFileError
 from .file_mark import remember, unchanged_since_mark
+from .migration import adopt_legacy_copy
 from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
 from .ownership import claim, take_lock
 from .store import StateStore
@@ -121,6 +122,7 @@ def restore(
     _refuse_while_agentapi_runs(settings, force=force)
     if locked:
         return _restore(settings, report, force=force, store=store)
+    claim(settings.state_dir, settings.instance, write=False)  # another's: refused, not waited
     try:
         held = take_lock(settings.state_dir, purpose="restore", wait_s=_LOCK_WAIT_S)
     except StateDirBusy as exc:
@@ -156,9 +158,12 @@ def _restore(
         cleared = clear_stale_pid_file(settings.agentapi_pid_file)
         if cleared is not None:
             report.did.append(cleared)
-    adopted = claim(settings.state_dir, settings.instance, write=True)
-    if adopted is not None:
-        report.found.append(adopted + ".")
+    for note in (
+        claim(settings.state_dir, settings.instance, write=True),
+        adopt_legacy_copy(settings),
+    ):
+        if note is not None:
+            report.found.append(note[0].upper() + note[1:] + ".")
     store = store or StateStore(
         settings.state_dir, max_bytes=settings.max_body_bytes, instance=settings.instance.as_dict()
     )
@@ -256,21 +261,21 @@ def _settle_divergence(
     archive), so that no conversation is ever dropped from the home."""
     path = settings.agentapi_state_file
     unchanged = unchanged_since_mark(settings.state_dir, path)
-    if unchanged:
+    if unchanged is not False:
         report.found.append(
             "AgentAPI's file was not written since it last agreed with the sidecar copy: the "
             "copy is newer."
+            if unchanged
+            else "No record says which is newer: kept the sidecar's checksummed copy (AgentAPI's "
+            "file has no checksum, so damage can still parse)."
         )
-        moved = quarantine(path, reason="replaced by a newer sidecar copy")
+        moved = quarantine(path, reason="replaced by the sidecar copy")
         report.quarantined.append(str(moved))
-        report.did.append(f"Kept the older file's bytes at {moved}.")
+        report.did.append(f"Kept the file's bytes at {moved}.")
         _write_file(settings, path, stored, file_state, report)
         return
     report.found.append(
         "AgentAPI's file was written since it last agreed with the sidecar copy: the file is newer."
-        if unchanged is False
-        else "No record says which is newer: kept AgentAPI's own file (what it would load "
-        "without us)."
     )
     archived = store.archive(reason="replaced at restore by AgentAPI's diverging file")
     store.save(from_file, allow_shrink=True)

@@ -97,6 +97,9 @@ class ShutdownReport:
     total_ms: int = 0
     internal_error: bool = False
     """The sidecar stopped because one of its tasks crashed (the state was still saved)."""
+    agreed_file: Path | None = None
+    """AgentAPI's state file, when its confirmed save and our durable copy hold the same
+    conversation (``file_mark`` records it after the result is published)."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -198,6 +201,9 @@ async def run_shutdown(
         await asyncio.to_thread(
             records.write_record, settings.state_dir, records.LAST_SHUTDOWN, report.as_dict()
         )
+    if report.agreed_file is not None:
+        # So that a later divergence between the two is settled by what changed, not clocks.
+        await asyncio.to_thread(remember, settings.state_dir, report.agreed_file)
     return report
 
 
@@ -263,11 +269,11 @@ async def run_sequence(
             saved = report.step("agentapi_save")
             confirmed = ("confirmed_changed", "confirmed_unchanged")
             if report.durable and saved is not None and saved.outcome in confirmed:
-                # AgentAPI's file and our durable copy now hold the same conversation: say so
-                # (file_mark), so that a later divergence is settled without clocks.
+                # AgentAPI's file and our durable copy now hold the same conversation; the
+                # clean-up records it (file_mark) once the result is out.
+                report.agreed_file = agentapi_file
                 if saved.outcome == "confirmed_changed":
                     await _adopt_saved_prompt(settings, store, agentapi_file)
-                await asyncio.to_thread(remember, settings.state_dir, agentapi_file)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
             if settings.stop_agentapi:

@@ -44,6 +44,8 @@ class Workspace:
 
     root: Path
     env: dict[str, str] = field(default_factory=dict)
+    module: str = ".agentapi-module"
+    """The module directory's name (``ARG_MODULE_DIR_NAME``): several modules share a home."""
 
     @property
     def home(self) -> Path:
@@ -56,7 +58,7 @@ class Workspace:
 
     @property
     def module_dir(self) -> Path:
-        return self.home / ".agentapi-module"
+        return self.home / self.module
 
     @property
     def state_file(self) -> Path:
@@ -81,13 +83,14 @@ class Workspace:
         return {**keep, **self.env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **extra}
 
 
-def new_workspace(root: Path) -> Workspace:
-    """A fresh workspace under ``root`` whose environment uses the registry module's names."""
-    ws = Workspace(root=root)
+def new_workspace(root: Path, module: str = ".agentapi-module") -> Workspace:
+    """A fresh workspace under ``root`` whose environment uses the registry module's names;
+    another ``module`` under the same ``root`` is a second agent module in the same home."""
+    ws = Workspace(root=root, module=module)
     ws.module_dir.mkdir(parents=True)
     ws.env = {
         "HOME": str(ws.home),
-        "ARG_MODULE_DIR_NAME": ".agentapi-module",
+        "ARG_MODULE_DIR_NAME": module,
         "AGENTAPI_STATE_FILE": str(ws.state_file),
         "AGENTAPI_PID_FILE": str(ws.pid_file),
     }

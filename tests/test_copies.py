@@ -49,14 +49,14 @@ def test_live_wins_when_equal_and_longer_copy_wins_otherwise() -> None:
     [
         (True, "sidecar", "not written since"),
         (False, "agentapi_state", "written since"),
-        (None, "agentapi_state", "no record says which is newer"),
+        (None, "sidecar", "no record says which is newer"),
     ],
 )
 def test_diverged_stored_copies_are_settled_by_the_file_mark_not_clocks(
     file_unchanged: bool | None, winner: str, why: str
 ) -> None:
     """Between the stored copy and AgentAPI's file, whether the file was written since the
-    two agreed decides; without a record, AgentAPI's own file; the loser is named."""
+    two agreed decides; without a record, the checksummed copy; the loser is named."""
     sidecar = Candidate("sidecar", conv("x", "y"))
     file = Candidate("agentapi_state", conv("a", "b", "c"))
     for order in ([sidecar, file], [file, sidecar]):

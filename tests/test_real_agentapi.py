@@ -19,6 +19,7 @@ import pytest
 
 from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .cli_support import CliRun, run_cli
 from .conftest import Workspace, coder_env, new_workspace
@@ -479,3 +480,78 @@ async def test_acp_id_gaps_are_followed_not_looped_on(tmp_path: Path, version: s
     assert names.count("agentapi.synced") == 1, names
     assert "agentapi.events_missed" not in names
     assert stored(ws) == expected
+
+
+# --- One owner per conversation: two modules in one home -------------------------------------
+
+
+def registry_stop_env(ws: Workspace, agent: RealAgentAPI) -> dict[str, str]:
+    """What the registry module's stop script is given: no state file path (it is not passed;
+    registry agentapi/main.tf), the module's directory name, port and pid file."""
+    env = ws.process_env(
+        ARG_AGENTAPI_PORT=str(agent.port),
+        ARG_ENABLE_STATE_PERSISTENCE="true",
+        ARG_PID_FILE_PATH=str(ws.pid_file),
+        PATH=f"{agent.program.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    del env["AGENTAPI_STATE_FILE"], env["AGENTAPI_PID_FILE"]
+    return env
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_two_modules_in_one_home_each_keep_their_own_conversation(
+    tmp_path: Path, version: str
+) -> None:
+    """Two agent modules (own module directory, port, state file, prompt), default settings,
+    a sidecar each (B's started before its AgentAPI). The registry's stop for B reaches B's
+    sidecar and stops B's AgentAPI only; A keeps running until its own stop. After `restore`,
+    each new real AgentAPI shows exactly its own conversation, its prompt sent once."""
+    a = new_workspace(tmp_path, ".claude-module")
+    b = new_workspace(tmp_path, ".codex-module")
+    prompts = {a.module: "Summarise module A", b.module: "Summarise module B"}
+    port_b = free_port()
+    before: dict[str, list[dict[str, Any]]] = {}
+    async with real_agentapi(
+        version, a.module_dir, env=agentapi_env(a, prompt=prompts[a.module])
+    ) as agent_a:
+        env_a = persist_env(a, agent_a, ARG_AGENTAPI_PORT=str(agent_a.port))
+        del env_a["AGENTAPI_PERSIST_AGENTAPI_URL"]  # the port decides, as in the registry
+        env_b = {
+            **b.process_env(ARG_AGENTAPI_PORT=str(port_b), ARG_ENABLE_STATE_PERSISTENCE="true")
+        }
+        env_b["PATH"] = env_a["PATH"]
+        async with (
+            sidecar_process(a, env=env_a) as side_a,
+            sidecar_process(b, env=env_b) as side_b,
+            real_agentapi(
+                version, b.module_dir, env=agentapi_env(b, prompt=prompts[b.module]), port=port_b
+            ) as agent_b,
+        ):
+            before[a.module] = await start_conversation(agent_a, "alpha question")
+            before[b.module] = await start_conversation(agent_b, "beta question")
+            for ws in (a, b):
+                await eventually(lambda ws=ws: len(stored(ws)) == len(before[ws.module]), within=10)
+            run = await cli(registry_stop_env(b, agent_b), "shutdown", "--stop-agentapi")
+            assert run.code == 0, describe(run)
+            assert "(via sidecar)" in run.stdout, describe(run)
+            assert "agentapi_save=confirmed" in run.stdout, describe(run)
+            assert await side_b.wait() == 0
+            assert await agent_b.exited() is not None
+            assert agent_a.proc.poll() is None, "A's AgentAPI was stopped by B's stop"
+            assert side_a.proc.returncode is None, "A's sidecar answered B's stop"
+            before[a.module] = await agent_a.say("alpha again")
+            await eventually(lambda: len(stored(a)) == len(before[a.module]), within=10)
+            run = await cli(registry_stop_env(a, agent_a), "shutdown", "--stop-agentapi")
+            assert run.code == 0, describe(run)
+            assert await side_a.wait() == 0
+    for ws, other in ((a, b), (b, a)):
+        assert stored(ws) == comparable(before[ws.module])
+        assert not set(stored(ws)) & set(comparable(before[other.module])[1:])
+        run = await cli(ws.process_env(), "restore")
+        assert run.code == 0, describe(run)
+        env = agentapi_env(ws, prompt=prompts[ws.module])
+        async with real_agentapi(version, ws.module_dir, env=env) as again:
+            after = await again.wait_stable(at_least=len(before[ws.module]))
+            assert comparable(after) == comparable(before[ws.module])
+            await asyncio.sleep(1.0)
+            assert again.inputs().count(prompts[ws.module]) == 1, again.inputs()

@@ -178,23 +178,22 @@ def test_diverged_file_untouched_since_the_last_agreement_loses_whatever_the_clo
     assert b"old 0" in kept.read_bytes()
 
 
-def test_diverged_copies_with_no_record_keep_the_file_and_archive_the_copy(
+def test_diverged_copies_with_no_record_keep_the_checksummed_copy_whatever_the_clocks(
     workspace: Workspace,
 ) -> None:
-    """Nobody can tell which is newer (no mark; the copy's clock is a day ahead): AgentAPI's
-    own file stays, and the copy is archived whole, so nothing is lost either way."""
+    """Nobody can tell which is newer (no mark; the file's clock says it is an hour newer):
+    the sidecar's checksummed copy is restored, and the file's bytes are kept beside it."""
     workspace.state_file.write_bytes(render_agentapi_state(conversation(4, prefix="file")))
-    day_ago = time.time() - 86_400
-    os.utime(workspace.state_file, (day_ago, day_ago))
+    hour_ahead = time.time() + 3600
+    os.utime(workspace.state_file, (hour_ahead, hour_ahead))
     StateStore(workspace.state_dir).save(conversation(6, prefix="copy"))
-    before = workspace.state_file.read_bytes()
     report = run(workspace)
-    assert report.outcome == "adopted"
+    assert report.outcome == "written"
     assert any("No record says which is newer" in line for line in report.found)
-    assert workspace.state_file.read_bytes() == before
-    assert workspace.stored().messages[0].content.startswith("file")
-    (kept,) = archived(workspace)
-    assert b"copy 5" in kept
+    state = read_agentapi_state(workspace.state_file, max_bytes=2**20)
+    assert state.messages[0].message.startswith("copy")
+    (kept,) = quarantined(workspace)
+    assert b"file 0" in kept.read_bytes()
 
 
 async def test_refuses_while_agentapi_answers(workspace: Workspace) -> None:

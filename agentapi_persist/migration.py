@@ -30,7 +30,7 @@ from .config import Settings
 from .errors import PersistError, StateDirBusy
 from .models import Relation, compare, holds_user_message
 from .ownership import INSTANCE_NAME, take_lock
-from .store import StateStore
+from .store import StateStore, holds_a_copy
 
 __all__ = ["MARKER_NAME", "adopt_legacy_copy"]
 
@@ -58,7 +58,7 @@ def adopt_legacy_copy(settings: Settings) -> str | None:
     legacy = target.parent
     marker = target / MARKER_NAME
     resuming = marker.exists()
-    if not resuming and not _holds_generations(legacy):
+    if not resuming and not holds_a_copy(legacy):
         return None
     try:
         held = take_lock(legacy, purpose="migration", wait_s=0.0)
@@ -92,18 +92,11 @@ def adopt_legacy_copy(settings: Settings) -> str | None:
     return f"adopted the copy an earlier release kept in {legacy} ({moved} files moved to {target})"
 
 
-def _holds_generations(directory: Path) -> bool:
-    try:
-        return any(name.startswith("conversation-") for name in os.listdir(directory))
-    except OSError:
-        return False
-
-
 def _not_ours(settings: Settings, legacy: Path, target: Path) -> str | None:
     """Why the earlier copy cannot be shown to be this instance's (``None``: it is)."""
     if (legacy / INSTANCE_NAME).exists():
         return "it records another owner"
-    if _holds_generations(target):
+    if holds_a_copy(target):
         return f"{target} already holds a copy of its own"
     old = StateStore(legacy, max_bytes=settings.max_body_bytes, read_only=True).load().conversation
     if old is None:

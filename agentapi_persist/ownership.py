@@ -33,6 +33,7 @@ import structlog
 from ._fsutil import ensure_private_dir, quarantine, read_capped_file, write_atomic
 from .errors import ForeignStateDir, PersistError, StateDirBusy
 from .identity import Instance
+from .store import holds_a_copy
 
 __all__ = [
     "INSTANCE_NAME",
@@ -184,7 +185,7 @@ def claim(state_dir: Path, instance: Instance, *, write: bool) -> str | None:
     else:
         record = instance
     adopted = None
-    if owner is None and _holds_a_copy(state_dir):
+    if owner is None and holds_a_copy(state_dir):
         adopted = (
             f"{state_dir} held a copy with no owner recorded (written before instance records): "
             f"adopted it for {instance.describe()}"
@@ -201,10 +202,3 @@ def claim(state_dir: Path, instance: Instance, *, write: bool) -> str | None:
         return adopted
     log.info("ownership.claimed", path=str(path), module_dir=record.module_dir, port=record.port)
     return adopted
-
-
-def _holds_a_copy(state_dir: Path) -> bool:
-    try:
-        return any(name.startswith("conversation-") for name in os.listdir(state_dir))
-    except OSError:
-        return False

@@ -20,8 +20,9 @@ from .config import Settings
 from .control_client import ask_sidecar
 from .errors import ConfigError, ExitCode, PersistError, SidecarUnavailable, StateFileError
 from .models import Relation, compare
+from .ownership import claim, read_owner
 from .peers import open_peers
-from .store import StateStore
+from .store import StateStore, holds_a_copy
 
 __all__ = ["StatusReport", "collect_status", "sidecar_view"]
 
@@ -71,6 +72,8 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
     """Gather every fact, each bounded; never raises for what it finds."""
     report = StatusReport()
     facts = report.facts
+    # Another instance's directory: refused before anything is read from it (exit 2).
+    await asyncio.to_thread(claim, settings.state_dir, settings.instance, write=False)
     facts["sidecar"] = await asyncio.to_thread(sidecar_view, settings)
 
     store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
@@ -84,7 +87,14 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "age_s": _age_s(loaded.saved_at),
         "bytes": _dir_bytes(settings),
         "dir": str(settings.state_dir),
+        "owner": _owner(settings),
     }
+    if not settings.state_dir_explicit and holds_a_copy(settings.state_dir.parent):
+        report.problems.append(
+            f"A copy written by an earlier release is in {settings.state_dir.parent}: it "
+            "moves into its module's directory at that module's next sidecar start or "
+            "`restore`, when AgentAPI's file shows whose it is (nothing is deleted)."
+        )
 
     path = settings.agentapi_state_file
     try:
@@ -162,6 +172,11 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
 
 def _age_s(when: datetime | None) -> float | None:
     return None if when is None else round((datetime.now(UTC) - when).total_seconds(), 1)
+
+
+def _owner(settings: Settings) -> str:
+    owner = read_owner(settings.state_dir)
+    return owner.describe() if owner is not None else "not recorded yet"
 
 
 def _dir_bytes(settings: Settings) -> int:

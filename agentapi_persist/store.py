@@ -83,7 +83,15 @@ from .models import (
     holds_user_message,
 )
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "LoadReport", "SaveReport", "StateStore", "bytes_on_disk"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LoadReport",
+    "SaveReport",
+    "StateStore",
+    "bytes_on_disk",
+    "holds_a_copy",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +122,15 @@ def bytes_on_disk(directory: Path) -> int:
         with contextlib.suppress(OSError):
             total += (directory / name).stat().st_size
     return total
+
+
+def holds_a_copy(directory: Path) -> bool:
+    """True when ``directory`` holds at least one generation file (usable or not). Never
+    raises: a directory that cannot be listed holds nothing this process can use."""
+    try:
+        return any(_GENERATION.fullmatch(name) for name in os.listdir(directory))
+    except OSError:
+        return False
 
 
 def _generation_name(seq: int) -> str:

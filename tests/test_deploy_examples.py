@@ -431,7 +431,7 @@ async def test_coder_template_scripts_across_a_restart(tmp_path: Path, coder: Fa
         env = stage.env(env, coder_env(coder), AGENTAPI_PORT=str(free_port()), HOME=str(home))
         url = f"http://127.0.0.1:{env['AGENTAPI_PORT']}"
         state_dir, state_file = (
-            Path(env["AGENTAPI_PERSIST_STATE_DIR"]),
+            Settings.load({}, env=env).state_dir,  # the default: this module's directory
             Path(env["AGENTAPI_STATE_FILE"]),
         )
         grace = float(env["AGENTAPI_PERSIST_GRACE"])

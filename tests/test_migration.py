@@ -101,3 +101,14 @@ def test_an_explicit_state_dir_is_never_filled_from_elsewhere(tmp_path: Path) ->
     stored = StateStore(tmp_path / "mine", read_only=True).load().conversation
     assert stored is not None
     assert len(stored.messages) == 4  # from AgentAPI's file, not the earlier copy's 5
+
+
+async def test_status_names_the_owner_and_an_earlier_copy_not_adopted_yet(tmp_path: Path) -> None:
+    from agentapi_persist.status import collect_status
+
+    ws = new_workspace(tmp_path)
+    StateStore(legacy_dir(ws)).save(conversation(4, "alpha"))
+    restore_for(ws)  # no state file: the earlier copy stays where it is
+    report = await collect_status(ws.settings(agentapi_url=f"http://127.0.0.1:{free_port()}"))
+    assert report.facts["checkpoint"]["owner"].startswith(f"the AgentAPI of {ws.module_dir} on")
+    assert any("written by an earlier release" in problem for problem in report.problems)

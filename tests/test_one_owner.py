@@ -22,6 +22,7 @@ from agentapi_persist.models import Conversation
 from agentapi_persist.ownership import read_owner
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.server import free_port
 
 from .cli_support import cli, run_cli
 from .conftest import Workspace, make_messages, new_workspace
@@ -56,19 +57,21 @@ async def test_three_modules_three_sidecars_each_stop_reaches_its_own(tmp_path: 
     sidecar, stops B's sidecar only, and the others keep following and stop on their own."""
     spaces = [new_workspace(tmp_path, module) for module in MODULES]
     assert len({ws.state_dir for ws in spaces}) == 3
+    ports = [free_port() for _ in spaces]
     agents = [
-        FakeAgentAPI(messages=make_messages(4 + i, prefix=prefixed(ws)))
-        for i, ws in enumerate(spaces)
+        FakeAgentAPI(messages=make_messages(4 + i, prefix=prefixed(ws)), port=port)
+        for i, (ws, port) in enumerate(zip(spaces, ports, strict=True))
     ]
-    for agent in agents:
+    for agent in (agents[0], agents[2]):
         await agent.start()
     try:
         a, b, c = spaces
         async with (
             sidecar_process(a, env=module_env(agents[0])) as side_a,
-            sidecar_process(b, env=module_env(agents[1])) as side_b,
+            sidecar_process(b, env={"ARG_AGENTAPI_PORT": str(ports[1])}) as side_b,
             sidecar_process(c, env=module_env(agents[2])) as side_c,
         ):
+            await agents[1].start()  # B's sidecar was up first, as the docs suggest
             for i, ws in enumerate(spaces):
                 await eventually(lambda ws=ws, n=4 + i: len(contents(ws)) == n)
             agents[1].add_message("user", "codex only")

@@ -678,3 +678,24 @@ def _ro_messages(n: int) -> list[Message]:
         )
         for i in range(n)
     ]
+
+
+def test_a_journal_that_grew_beside_the_store_is_never_cut_back(tmp_path: Path) -> None:
+    """Two stores on one directory (what the lock prevents; here, no lock): the second
+    appends after the first loaded. The first's next append refuses instead of cutting the
+    other's record, and its change then goes into a whole new generation; every record the
+    other wrote is still on disk."""
+    messages = [Message(id=i, role="user", content=f"m{i}", time=TIME) for i in range(5)]
+    StateStore(tmp_path).save(Conversation(messages=tuple(messages[:3])))
+    first, second = StateStore(tmp_path), StateStore(tmp_path)
+    first.load()
+    second.load()
+    second.append([messages[3]])
+    journal = tmp_path / "journal-000000000001.log"
+    theirs = journal.read_bytes()
+    with pytest.raises(DurabilityError, match="another process wrote to it"):
+        first.append([messages[3].model_copy(update={"content": "other"})])
+    assert journal.read_bytes() == theirs
+    report = first.append([messages[3].model_copy(update={"content": "other"})])
+    assert report.kind == "generation"
+    assert journal.read_bytes() == theirs

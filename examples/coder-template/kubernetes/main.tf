@@ -76,7 +76,6 @@ locals {
     # agentapi-persist's: the names the registry's agentapi module uses, and its own.
     ARG_MODULE_DIR_NAME            = local.module_dir
     ARG_TASK_ID                    = try(data.coder_task.me.id, "")
-    AGENTAPI_PERSIST_STATE_DIR     = "${local.home}/.local/state/agentapi-persist"
     AGENTAPI_PERSIST_GRACE         = tostring(var.persist_grace_seconds)
     AGENTAPI_PERSIST_STOP_AGENTAPI = "true"
     # The start script's arguments.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agentapi_persist.agentapi_state import render_agentapi_state
+from agentapi_persist.agentapi_state import read_agentapi_state, render_agentapi_state
 from agentapi_persist.models import Conversation
 from agentapi_persist.ownership import read_owner
 from agentapi_persist.store import StateStore
@@ -219,3 +219,35 @@ async def test_two_stops_at_once_on_a_slow_disk_claim_only_what_is_stored(tmp_pa
     assert len(contents(ws)) == 31
     assert contents(ws)[-1] == "late 3"
     assert "fsync(" in log.read_text()
+
+
+async def test_sigkill_of_every_process_then_each_restore_writes_its_own_file(
+    tmp_path: Path,
+) -> None:
+    """Two modules; both sidecars SIGKILLed mid-conversation (no stop ran), a stale socket
+    and lock file left in each directory. Each module's `restore` writes its own AgentAPI
+    file from its own copy, in either order, and never the other's."""
+    a = new_workspace(tmp_path, MODULES[0])
+    b = new_workspace(tmp_path, MODULES[1])
+    async with (
+        FakeAgentAPI(messages=make_messages(7, prefix="claude")) as agent_a,
+        FakeAgentAPI(messages=make_messages(5, prefix="codex")) as agent_b,
+        sidecar_process(a, env=module_env(agent_a)) as side_a,
+        sidecar_process(b, env=module_env(agent_b)) as side_b,
+    ):
+        agent_a.add_message("agent", "claude last")
+        agent_b.add_message("agent", "codex last")
+        await eventually(lambda: contents(a)[-1:] == ["claude last"])
+        await eventually(lambda: contents(b)[-1:] == ["codex last"])
+        for side in (side_b, side_a):
+            os.killpg(side.proc.pid, signal.SIGKILL)
+            await side.proc.wait()
+    for ws in (b, a):
+        assert (ws.state_dir / "control.sock").exists()
+        run = await cli(ws, "restore")
+        assert run.code == 0, run.stdout + run.stderr
+        state = read_agentapi_state(ws.state_file, max_bytes=1 << 24)
+        assert [m.message for m in state.messages] == contents(ws)
+    assert contents(a)[-1] == "claude last"
+    assert all(text.startswith("claude") for text in contents(a))
+    assert all(text.startswith("codex") for text in contents(b))

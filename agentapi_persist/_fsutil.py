@@ -65,10 +65,13 @@ def _why(exc: OSError) -> str:
 
 
 def _open_private_dir(path: Path) -> int:
-    """Create ``path`` (0700), open it without following a symlink, re-assert 0700.
+    """Create ``path`` (0700) if missing and open it without following a symlink.
 
     Returns an ``O_DIRECTORY`` descriptor that the caller closes. A symlink here could point
-    the write anywhere on the machine, so it is refused rather than followed.
+    the write anywhere on the machine, so it is refused rather than followed. The mode of a
+    directory that already existed is never changed: it may be ``$HOME`` or a directory
+    shared with other tools (``status`` reports a state directory others can read); the
+    files written in it are 0600 whatever the directory's mode.
     """
     try:
         if path.is_symlink():
@@ -76,7 +79,7 @@ def _open_private_dir(path: Path) -> int:
                 f"refusing to use directory {path}: it is a symlink (not following it); "
                 "nothing was written"
             )
-        _make_dirs(path)
+        created = _make_dirs(path)
         fd = os.open(path, _DIR_FLAGS)
     except DurabilityError:
         raise
@@ -89,8 +92,10 @@ def _open_private_dir(path: Path) -> int:
         raise DurabilityError(
             f"cannot prepare directory {path}: {_why(exc)}; nothing was written"
         ) from exc
+    if not created:
+        return fd
     try:
-        os.fchmod(fd, _DIR_MODE)
+        os.fchmod(fd, _DIR_MODE)  # exactly 0700, whatever the umask took away
     except OSError as exc:
         os.close(fd)
         raise DurabilityError(
@@ -99,8 +104,9 @@ def _open_private_dir(path: Path) -> int:
     return fd
 
 
-def _make_dirs(path: Path) -> None:
-    """``mkdir -p`` where every directory created, parents included, is 0700.
+def _make_dirs(path: Path) -> bool:
+    """``mkdir -p`` where every directory created, parents included, is 0700; True when
+    ``path`` itself was created here.
 
     ``Path.mkdir(parents=True)`` makes missing parents 0777 minus the umask: world-writable
     under umask 000, and a writable parent lets anyone swap the private directory itself.
@@ -108,13 +114,16 @@ def _make_dirs(path: Path) -> None:
     try:
         os.mkdir(path, _DIR_MODE)
     except FileExistsError:
-        return
+        return False
     except FileNotFoundError:
         if path.parent == path:
             raise
         _make_dirs(path.parent)
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(path, _DIR_MODE)
+        except FileExistsError:
+            return False
+    return True
 
 
 def _open_dir(path: Path, *, doing: str) -> int:
@@ -133,7 +142,8 @@ def _open_dir(path: Path, *, doing: str) -> int:
 
 
 def ensure_private_dir(path: Path) -> None:
-    """``mkdir -p`` with mode 0700 and ``chmod 0700`` even if it existed; refuse a symlink."""
+    """``mkdir -p`` with mode 0700 for what is missing (an existing directory keeps its
+    mode); refuse a symlink."""
     os.close(_open_private_dir(path))
 
 

@@ -12,7 +12,7 @@ import os
 import re
 
 from .errors import ConfigError
-from .identity import Instance, default_state_dir, port_of
+from .identity import Instance, default_state_dir, port_of, xdg_state_home
 
 # Not `from typing import ...`: this module is on the `shutdown` client path, where every
 # import counts; mypy treats a name TYPE_CHECKING as true whatever its origin.
@@ -268,7 +268,7 @@ def quick_settings(
     module_dir = os.path.join(home, env.get("ARG_MODULE_DIR_NAME") or DEFAULT_MODULE_DIR_NAME)
     state_dir = _lookup("state_dir", flags, env)
     if not state_dir:
-        state_home = env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state")
+        state_home = xdg_state_home(env) or os.path.join(home, ".local", "state")
         state_dir = default_state_dir(state_home, module_dir)
     grace: Any = _lookup("grace_s", flags, env) or 10.0
     try:

@@ -33,7 +33,13 @@ from pydantic import BaseModel, ConfigDict
 from ._http import client_timeout, read_capped
 from ._options import DEFAULT_MAX_BODY_BYTES
 from .budget import Budget
-from .errors import AgentAPIBodyError, AgentAPIError, BodyTooLarge, cap_text
+from .errors import (
+    AgentAPIBodyError,
+    AgentAPIError,
+    AgentAPIUnreachable,
+    BodyTooLarge,
+    cap_text,
+)
 from .models import (
     AgentAPIStateMessage,
     AgentStatus,
@@ -452,7 +458,9 @@ def _transport_error(exc: BaseException, url: str, seconds: float) -> AgentAPIEr
         exc.os_error.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL)
         or "refused" in str(exc.os_error).lower()
     ):
-        what = "refused the connection (is it running?)"
+        return AgentAPIUnreachable(
+            f"AgentAPI at {url} refused the connection (is it running?)", url=url
+        )
     elif isinstance(exc, aiohttp.ClientConnectorError):
         what = f"could not be reached: {exc.os_error.strerror or exc}"
     elif isinstance(exc, aiohttp.ServerDisconnectedError):

@@ -104,7 +104,7 @@ async def ask_agentapi_to_save(
     process: AgentProcess | None,
     *,
     reason: str,
-    conversation: Conversation,
+    conversation: Conversation | None,
     agentapi_view: Sequence[Message] | None,
     budget: Budget,
 ) -> SaveConfirmation:
@@ -114,6 +114,7 @@ async def ask_agentapi_to_save(
         return SaveConfirmation(SaveOutcome.SKIPPED, reason, 0)
     if (
         agentapi_view is not None
+        and conversation is not None
         and holds_user_message(conversation.messages)
         and not holds_user_message(agentapi_view)
     ):
@@ -135,7 +136,7 @@ async def ask_agentapi_to_save(
     return await request_save(
         process,
         state_file=process.state_file or settings.agentapi_state_file,
-        expected=conversation.messages,
+        expected=conversation.messages if conversation is not None else None,
         budget=save_budget,
         version=version,
     )
@@ -168,7 +169,7 @@ async def request_save(
     process: AgentProcess,
     *,
     state_file: Path,
-    expected: Sequence[Message],
+    expected: Sequence[Message] | None,
     budget: Budget,
     version: Version | None,
     max_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -177,7 +178,8 @@ async def request_save(
 
     Never signals a version that is unknown or older than 0.12.0: those do not save on it.
     Confirmation: the file changed after the signal and parses as a v1 state, or it holds
-    every ``expected`` message (same count, ids, roles and text) already.
+    every ``expected`` message (same count, ids, roles and text) already. ``expected=None``
+    (what AgentAPI holds is unknown) confirms only a change.
     """
     started = time.monotonic()
 
@@ -233,7 +235,7 @@ async def request_save(
     return done(
         SaveOutcome.NOT_CONFIRMED,
         f"no save seen within {waited:.0f} ms: {state_file} {watch.holds} "
-        f"(expected {len(expected)} messages)",
+        + (f"(expected {len(expected)} messages)" if expected is not None else "(any change)"),
         signalled=True,
         held=watch.held,
     )
@@ -255,7 +257,11 @@ class _SaveWatch:
     (and once at the start, for the "already holds everything" case)."""
 
     def __init__(
-        self, path: Path, before: _StatKey | None, expected: Sequence[Message], max_bytes: int
+        self,
+        path: Path,
+        before: _StatKey | None,
+        expected: Sequence[Message] | None,
+        max_bytes: int,
     ) -> None:
         self._path = path
         self._before = before
@@ -270,7 +276,7 @@ class _SaveWatch:
         key = _stat_key(self._path)
         if key is None:
             self.holds = "is absent"
-            if not self._expected and self._before is None:
+            if self._expected is not None and not self._expected and self._before is None:
                 return SaveOutcome.CONFIRMED_UNCHANGED, "no messages and no state file", 0
             return None
         if key == self._seen and self._checked_initial:
@@ -282,7 +288,7 @@ class _SaveWatch:
         if state is None:
             return None
         self.held = len(state.messages)
-        holds_all = _holds(state, self._expected)
+        holds_all = self._expected is not None and _holds(state, self._expected)
         self.holds = f"holds {self.held} messages"
         if key != self._before:
             return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} {self.holds}", self.held

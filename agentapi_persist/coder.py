@@ -89,6 +89,13 @@ class UploadResult:
         """True only when the server stored the snapshot."""
         return self.outcome is UploadOutcome.DELIVERED
 
+    @property
+    def acceptable(self) -> bool:
+        """Delivered, or the server has no log-snapshot route at all: no stop can ever
+        upload there, so a stop must not fail on it (the registry's script succeeds too,
+        "not supported by this Coder version"); the reason is still reported."""
+        return self.outcome in (UploadOutcome.DELIVERED, UploadOutcome.ROUTE_MISSING)
+
     @classmethod
     def skipped(cls, *, detail: str) -> UploadResult:
         """A result for an upload the caller chose not to make, saying why."""

@@ -30,7 +30,7 @@ from ._options import (
     parse_bool,
 )
 from .errors import ConfigError
-from .identity import Instance, default_state_dir, port_of
+from .identity import Instance, default_state_dir, port_of, xdg_state_home
 
 __all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
 
@@ -38,6 +38,11 @@ __all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
 SNAPSHOT_MAX_BYTES = 65_536
 
 _OPTION_BY_FIELD = {option.field: option for option in OPTIONS}
+_ENV_NAMES = {name for option in OPTIONS for name in option.env}
+#: Settings that only shape the log snapshot. A bad value of one in the environment (a typo in
+#: a template) must not stop the conversation from being saved: it is reported as a
+#: misconfigured snapshot (exit 4) and persistence goes on with its default.
+_SNAPSHOT_ONLY = frozenset({"coder_url", "task_log_snapshot", "snapshot_messages"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,10 @@ class Settings(BaseModel):
     log_level: str = "info"
     """Minimum level of log events."""
 
+    snapshot_problem: str | None = None
+    """Why a snapshot-only variable was refused (its default applies); ``coder_target``
+    reports it when a snapshot is wanted, and persistence is not affected."""
+
     snapshot_max_bytes: int = Field(default=SNAPSHOT_MAX_BYTES, ge=256, le=SNAPSHOT_MAX_BYTES)
     """Upper bound of the snapshot body in bytes; the server's limit is 65,536."""
 
@@ -194,6 +203,11 @@ class Settings(BaseModel):
         """Where to upload, ``None`` when no snapshot is wanted, ``ConfigError`` if half-set."""
         if not self.snapshot_wanted:
             return None
+        if self.snapshot_problem is not None:
+            raise ConfigError(
+                f"{self.snapshot_problem}: cannot upload the log snapshot (the conversation is "
+                "still saved)"
+            )
         missing = [
             name
             for name, value in (
@@ -238,6 +252,7 @@ class Settings(BaseModel):
             flags["log_level"] = env.get("AGENTAPI_PERSIST_LOG_LEVEL") or default_log_level
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
+        snapshot_problems: list[str] = []
         for option in OPTIONS:
             if option.field in flags:
                 values[option.field] = flags.pop(option.field)
@@ -247,7 +262,13 @@ class Settings(BaseModel):
                 raw = env.get(name)
                 if raw is None or (raw == "" and option.kind != "str"):
                     continue
-                values[option.field] = _convert(raw, option, name)
+                try:
+                    values[option.field] = _convert(raw, option, name)
+                except ConfigError as exc:
+                    if option.field not in _SNAPSHOT_ONLY:
+                        raise
+                    snapshot_problems.append(str(exc))
+                    break
                 sources[option.field] = name
                 break
         if flags:
@@ -258,7 +279,7 @@ class Settings(BaseModel):
         values["module_dir"] = module_dir
         values["state_dir_explicit"] = "state_dir" in values
         if "state_dir" not in values:
-            state_home = env.get("XDG_STATE_HOME") or str(home / ".local" / "state")
+            state_home = xdg_state_home(env) or str(home / ".local" / "state")
             values["state_dir"] = Path(default_state_dir(state_home, module_dir))
         if "agentapi_url" not in values:
             port = env.get("ARG_AGENTAPI_PORT") or env.get("AGENTAPI_PORT") or ""
@@ -277,15 +298,26 @@ class Settings(BaseModel):
             values["coder_token"] = SecretStr(token.strip())
         if env.get("AGENTAPI_INITIAL_PROMPT"):
             values["initial_prompt"] = env["AGENTAPI_INITIAL_PROMPT"]
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            err = exc.errors(include_url=False, include_input=False)[0]
-            field = str(err["loc"][0]) if err["loc"] else ""
-            known = _OPTION_BY_FIELD.get(field)
-            where = sources.get(field) or (known.flag if known is not None else field)
-            message = err["msg"].removeprefix("Value error, ")
-            raise ConfigError(f"{where}: {message}") from None
+        while True:
+            try:
+                settings = cls(**values)
+            except ValidationError as exc:
+                err = exc.errors(include_url=False, include_input=False)[0]
+                field = str(err["loc"][0]) if err["loc"] else ""
+                known = _OPTION_BY_FIELD.get(field)
+                where = sources.get(field) or (known.flag if known is not None else field)
+                message = f"{where}: {err['msg'].removeprefix('Value error, ')}"
+                if field not in _SNAPSHOT_ONLY or where not in _ENV_NAMES:
+                    raise ConfigError(message) from None
+                # A bad snapshot-only variable must not stop persistence: it is dropped
+                # (its default applies) and reported as a misconfigured snapshot.
+                snapshot_problems.append(message)
+                del values[field]
+                continue
+            if snapshot_problems:
+                problem = "; ".join(snapshot_problems)
+                return settings.model_copy(update={"snapshot_problem": problem})
+            return settings
 
 
 def _canonical_uuid(value: str) -> bool:

@@ -22,7 +22,7 @@ from .agentapi import AgentAPIClient
 from .agentapi_state import read_agentapi_state, trim_prompt
 from .budget import Budget
 from .config import Settings
-from .errors import PersistError, StateFileError
+from .errors import AgentAPIUnreachable, PersistError, StateFileError
 from .file_mark import unchanged_since_mark
 from .models import (
     AgentAPIState,
@@ -218,6 +218,9 @@ class Gathered:
     agentapi_view: tuple[Message, ...] | None = None
     """What AgentAPI itself holds now (``GET /messages``, else the sidecar's mirror of it):
     only its start-up screen while it has not loaded its file yet."""
+    live_refused: bool = False
+    """``GET /messages`` failed because nothing listens there (connection refused), not
+    because AgentAPI answered too slowly or wrongly."""
 
 
 async def gather(
@@ -264,13 +267,17 @@ async def gather(
             notes.append(f"AgentAPI's state file is unusable ({exc}); `restore` will repair it")
             return None
 
+    refused = False
+
     async def fetch_live() -> tuple[tuple[Message, ...] | None, str | None]:
+        nonlocal refused
         if agent is None:
             return None, "AgentAPI not queried"
         try:
             cap = max(min(2.0, budget.remaining() * 0.3), 0.05)
             return await agent.messages(budget=budget, cap_s=cap), None
         except PersistError as exc:
+            refused = isinstance(exc, AgentAPIUnreachable)
             return None, str(exc)
 
     stored, file_state, (live, live_error) = await asyncio.gather(
@@ -292,7 +299,7 @@ async def gather(
     notes.extend(choice.reasons)
     view = live if live is not None else (live_copy.messages if live_copy is not None else None)
     if choice.winner is None:
-        return Gathered(None, "none", live_error, file_state, tuple(notes), view)
+        return Gathered(None, "none", live_error, file_state, tuple(notes), view, refused)
     base = stored if stored is not None else Conversation()
     if process_prompt is not None and base.prompt_origin in ("unknown", "environment"):
         base = base.model_copy(

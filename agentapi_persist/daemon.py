@@ -42,7 +42,7 @@ import structlog
 from .agentapi import AgentAPIClient
 from .budget import Budget
 from .checkpointer import Checkpointer
-from .coder import CoderClient
+from .coder import CoderClient, UploadOutcome
 from .config import Settings
 from .control import ControlServer
 from .errors import (
@@ -130,6 +130,7 @@ class Daemon:
         self._stop_grace_s: float | None = None
         self.follower: Follower | None = None
         self._uploaded_revision = -1
+        self._route_missing = False
         self._last_upload_at = 0.0
 
     # -- context management -------------------------------------------------------------------
@@ -304,6 +305,9 @@ class Daemon:
         """Upload when the agent is stable after a change, at most once per interval."""
         interval = self.settings.snapshot_interval_s
         while True:
+            if self._route_missing:
+                # Idle until the stop cancels us (a worker that returns counts as crashed).
+                await asyncio.Event().wait()
             stable = self._followed().stable
             await stable.wait()
             if self.mirror.revision == self._uploaded_revision:
@@ -336,6 +340,10 @@ class Daemon:
         self._facts["uploads"] += 1
         if result.delivered:
             self._uploaded_revision = revision
+        if result.outcome is UploadOutcome.ROUTE_MISSING:
+            # No upload to this server can ever succeed: stop asking until the next start.
+            self._route_missing = True
+            log.warning("daemon.snapshot_route_missing", detail=result.detail)
         await record_upload(
             self.settings.state_dir,
             result,

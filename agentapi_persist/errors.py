@@ -34,6 +34,7 @@ from enum import IntEnum
 __all__ = [
     "AgentAPIBodyError",
     "AgentAPIError",
+    "AgentAPIUnreachable",
     "AgentRunningError",
     "BodyTooLarge",
     "CoderAPIError",
@@ -113,6 +114,11 @@ class AgentAPIError(UpstreamError):
 
 class BodyTooLarge(UpstreamError):
     """A peer's body exceeded the cap we read."""
+
+
+class AgentAPIUnreachable(AgentAPIError):
+    """Nothing listens at AgentAPI's address (the connection was refused): unlike a slow or
+    garbled answer, this says AgentAPI holds nothing there right now."""
 
 
 class AgentAPIBodyError(AgentAPIError):

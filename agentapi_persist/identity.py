@@ -25,9 +25,17 @@ import re
 
 TYPE_CHECKING = False  # not `typing`: the client path counts every import
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
-__all__ = ["STATE_ROOT_NAME", "Instance", "default_state_dir", "instance_dir_name"]
+__all__ = [
+    "STATE_ROOT_NAME",
+    "Instance",
+    "default_state_dir",
+    "instance_dir_name",
+    "port_of",
+    "xdg_state_home",
+]
 
 #: The directory under ``$XDG_STATE_HOME`` that holds one subdirectory per instance (and,
 #: from releases before instance directories, a copy of its own: see ``migration``).
@@ -147,6 +155,14 @@ def port_of(url: str) -> int | None:
         return parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return None
+
+
+def xdg_state_home(env: Mapping[str, str]) -> str | None:
+    """``$XDG_STATE_HOME`` when it is an absolute path, else ``None``. The XDG spec says a
+    relative value is invalid and must be ignored: taken as it is, the sidecar and the stop
+    script (started in different working directories) would resolve different directories."""
+    value = env.get("XDG_STATE_HOME") or ""
+    return value if os.path.isabs(value) else None
 
 
 def instance_dir_name(module_dir: str | os.PathLike[str]) -> str:

@@ -53,6 +53,7 @@ _INSTANCE_FORMAT = "agentapi-persist-instance"
 _INSTANCE_MAX_BYTES = 64 * 1024
 _POLL_S = 0.02
 _HOLDER_MAX_BYTES = 4096
+_HOLDER_WAIT_POLLS = 10
 
 
 @dataclass(slots=True)
@@ -135,6 +136,13 @@ def _read_holder(fd: int) -> dict[str, object] | None:
 
 def _refusal(state_dir: Path, fd: int, purpose: str, wait_s: float) -> str:
     holder = _read_holder(fd) or {}
+    for _ in range(_HOLDER_WAIT_POLLS):
+        if "pid" in holder:
+            break
+        # The holder writes who it is just after it takes the lock: a writer that lost a
+        # race by microseconds would otherwise name "pid ? (unknown)".
+        time.sleep(_POLL_S)
+        holder = _read_holder(fd) or {}
     who = f"pid {holder.get('pid', '?')} ({holder.get('purpose', 'unknown')})"
     waited = f" after waiting {wait_s:.1f} s" if wait_s > 0 else ""
     return (

@@ -68,6 +68,14 @@ log = structlog.get_logger(__name__)
 
 StepName = Literal["fetch", "agentapi_save", "state", "snapshot", "stop"]
 
+#: Outcomes that are fine for the exit code but whose reason still belongs on the summary
+#: line: a fetch that did not use AgentAPI's live answer (the sidecar's copy was kept instead),
+#: and a Coder server without the log-snapshot route (a valid skip that a person should know).
+_SAID_EVEN_WHEN_OK = {
+    "fetch": ("sidecar", "agentapi_state", "none"),
+    "snapshot": ("route_missing",),
+}
+
 #: The upload's budget ends this long before the sequence's, so its result is collected.
 _REPORT_SLACK_S = 0.05
 
@@ -124,7 +132,7 @@ class ShutdownReport:
         problems = [
             f"{s.name}: {s.detail}"
             for s in self.steps
-            if s.detail and (not s.ok or (s.name == "fetch" and s.outcome != "live"))
+            if s.detail and (not s.ok or s.outcome in _SAID_EVEN_WHEN_OK.get(s.name, ()))
         ]
         if problems:
             line += " | " + " | ".join(problems)
@@ -245,6 +253,13 @@ async def run_sequence(
             )
             conversation = gathered.conversation
             if conversation is None:
+                if _unknown(agent, gathered, process):
+                    _nothing_known(report, gathered)
+                    # AgentAPI's own save is then the only copy there can be: ask for it.
+                    save = _agentapi_save_step(
+                        settings, process, process_reason, None, None, budget
+                    )
+                    report.steps.append(await _timed(save, "agentapi_save"))
                 return report
             write_task = asyncio.create_task(
                 _timed(_write_step(store, conversation, on_durable), "state"), name="persist.write"
@@ -335,6 +350,33 @@ async def _fetch_step(
         return gathered
     report.messages = len(gathered.conversation.messages)
     return gathered
+
+
+def _unknown(
+    agent: AgentAPIClient | None, gathered: Gathered, process: AgentProcess | None
+) -> bool:
+    """No copy anywhere, but AgentAPI could not be read: it may hold a conversation, so this
+    is not "nothing to save". Provably nothing only when nobody listens at its address and
+    no AgentAPI process is found (it is not running)."""
+    if agent is None or gathered.live_error is None:
+        return False
+    return process is not None or not gathered.live_refused
+
+
+def _nothing_known(report: ShutdownReport, gathered: Gathered) -> None:
+    """Rewrite the fetch's "nothing anywhere" verdict: unknown is not empty."""
+    report.durable = False
+    report.snapshot_ok = False
+    report.kept = (
+        f"nothing saved: AgentAPI could not be read ({gathered.live_error}) and no earlier copy "
+        "exists, so what it holds is unknown"
+    )
+    for step in report.steps:
+        if step.name == "fetch":
+            step.outcome, step.ok = "unknown", False
+            step.detail = f"AgentAPI could not be read: {gathered.live_error}"
+        elif step.name == "snapshot":
+            step.ok, step.detail = False, "nothing known to upload"
 
 
 async def _after_deadline(
@@ -431,7 +473,7 @@ async def _agentapi_save_step(
     settings: Settings,
     process: AgentProcess | None,
     reason: str,
-    conversation: Conversation,
+    conversation: Conversation | None,
     agentapi_view: tuple[Message, ...] | None,
     budget: Budget,
 ) -> StepResult:
@@ -498,7 +540,7 @@ async def _snapshot_step(
     detail = "" if result.delivered else result.detail
     if result.delivered:
         detail = f"{len(snapshot.messages)} messages, {snapshot.size} bytes"
-    return StepResult("snapshot", str(result.outcome), result.delivered, 0, detail)
+    return StepResult("snapshot", str(result.outcome), result.acceptable, 0, detail)
 
 
 async def _stop_step(process: AgentProcess | None, reason: str, budget: Budget) -> StepResult:

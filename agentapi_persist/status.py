@@ -7,8 +7,10 @@ most ``probe_s``). The token is reported only as present or absent.
 from __future__ import annotations
 
 import asyncio
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from . import records
@@ -89,6 +91,13 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "dir": str(settings.state_dir),
         "owner": _owner(settings),
     }
+    mode = _mode(settings.state_dir)
+    if mode is not None and mode & 0o077:
+        # Never changed by us (it may be $HOME, or shared on purpose): said, for a person.
+        report.problems.append(
+            f"{settings.state_dir} is open to other users (mode {mode:04o}); the files in it "
+            "are 0600, but `chmod 700` it unless that is meant."
+        )
     if not settings.state_dir_explicit and holds_a_copy(settings.state_dir.parent):
         report.problems.append(
             f"A copy written by an earlier release is in {settings.state_dir.parent}: it "
@@ -124,7 +133,8 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "at": None
     }
     last = facts["last_upload"]
-    if last.get("at") and not last.get("delivered"):
+    if last.get("at") and not last.get("delivered") and last.get("outcome") != "route_missing":
+        # A server without the route is not a failure to fix here: the row says it as it is.
         report.problems.append(f"The last snapshot upload failed: {last.get('detail')}")
 
     budget = Budget(probe_s)
@@ -172,6 +182,13 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
 
 def _age_s(when: datetime | None) -> float | None:
     return None if when is None else round((datetime.now(UTC) - when).total_seconds(), 1)
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
 
 
 def _owner(settings: Settings) -> str:

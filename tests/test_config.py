@@ -57,6 +57,12 @@ def test_defaults_follow_the_registry_module() -> None:
             "state_dir",
             Path("/var/state/agentapi-persist", instance_dir_name("/home/coder/.agentapi-module")),
         ),
+        (
+            {"XDG_STATE_HOME": "state"},  # relative: invalid by the XDG spec, ignored
+            "state_dir",
+            Path("/home/coder/.local/state/agentapi-persist")
+            / instance_dir_name("/home/coder/.agentapi-module"),
+        ),
         ({"AGENTAPI_PERSIST_GRACE": "30"}, "grace_s", 30.0),
         ({"ARG_ENABLE_STATE_PERSISTENCE": "true"}, "state_persistence", True),
         ({"ARG_ENABLE_STATE_PERSISTENCE": "false"}, "state_persistence", False),
@@ -90,7 +96,6 @@ def test_explicit_state_file_is_recorded() -> None:
         ({"AGENTAPI_PERSIST_GRACE": "-1"}, "AGENTAPI_PERSIST_GRACE"),
         ({"ARG_ENABLE_STATE_PERSISTENCE": "maybe"}, "ARG_ENABLE_STATE_PERSISTENCE"),
         ({"ARG_AGENTAPI_PORT": "99999"}, "port"),
-        ({"CODER_AGENT_URL": "ftp://coder"}, "CODER_AGENT_URL"),
         ({"AGENTAPI_PERSIST_LOG_LEVEL": "loud"}, "AGENTAPI_PERSIST_LOG_LEVEL"),
     ],
 )
@@ -98,6 +103,26 @@ def test_bad_values_name_their_source(env: dict[str, str], needle: str) -> None:
     """A bad value raises ConfigError naming the variable or the problem."""
     with pytest.raises(ConfigError, match=needle):
         load(**env)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"CODER_AGENT_URL": "ftp://coder"}, "CODER_AGENT_URL"),
+        ({"ARG_TASK_LOG_SNAPSHOT": "maybe"}, "ARG_TASK_LOG_SNAPSHOT"),
+        ({"AGENTAPI_PERSIST_SNAPSHOT_MESSAGES": "many"}, "AGENTAPI_PERSIST_SNAPSHOT_MESSAGES"),
+    ],
+)
+def test_a_bad_snapshot_only_variable_is_a_snapshot_problem(
+    env: dict[str, str], needle: str
+) -> None:
+    """Settings load (persistence goes on); the snapshot, when wanted, names the variable."""
+    settings = load(
+        **{"ARG_TASK_ID": TASK, "CODER_AGENT_TOKEN": "t", "CODER_AGENT_URL": "http://c", **env}
+    )
+    with pytest.raises(ConfigError, match=needle):
+        settings.coder_target()
+    assert load(**env).coder_target() is None  # no task: nothing to upload, nothing wrong
 
 
 def test_task_without_url_or_token_is_a_clear_error() -> None:

@@ -98,8 +98,9 @@ class TestWriteAtomic:
         assert mode_of(target.parent) == 0o700
         assert leftovers(target.parent) == []
 
-    def test_replaces_and_reasserts_modes(self, tmp_path, open_umask):
-        """An existing 0755 directory and 0644 file come out 0700 and 0600 after a write."""
+    def test_replaces_and_keeps_an_existing_directory_mode(self, tmp_path, open_umask):
+        """An existing 0644 file comes out 0600; the existing 0755 directory keeps its mode
+        (it may be $HOME or shared with other tools: reported by `status`, never changed)."""
         directory = tmp_path / "d"
         directory.mkdir(mode=0o755)
         target = directory / "f"
@@ -108,7 +109,7 @@ class TestWriteAtomic:
         write_atomic(target, [b"new ", b"", b"content"])
         assert target.read_bytes() == b"new content"
         assert mode_of(target) == 0o600
-        assert mode_of(directory) == 0o700
+        assert mode_of(directory) == 0o755
         assert leftovers(directory) == []
 
     def test_large_payload_written_whole(self, tmp_path):
@@ -234,13 +235,16 @@ class TestPrivateDir:
         ensure_private_dir(directory)
         assert mode_of(directory) == 0o700
 
-    def test_tightens_existing(self, tmp_path):
-        """An existing 0777 directory is chmodded to 0700."""
+    def test_never_changes_an_existing_directory(self, tmp_path, open_umask):
+        """What exists keeps its mode; what is missing is made 0700 (under umask 000 too)."""
         directory = tmp_path / "open"
         directory.mkdir()
-        directory.chmod(0o777)
+        directory.chmod(0o755)
         ensure_private_dir(directory)
-        assert mode_of(directory) == 0o700
+        assert mode_of(directory) == 0o755
+        ensure_private_dir(directory / "new" / "deeper")
+        assert mode_of(directory / "new") == 0o700
+        assert mode_of(directory / "new" / "deeper") == 0o700
 
     def test_refuses_symlink(self, tmp_path):
         """A symlinked directory is refused and its target's mode is left alone."""

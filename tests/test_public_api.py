@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -47,13 +48,22 @@ def test_importing_the_package_and_cli_stays_light() -> None:
 def test_type_checkers_see_exactly_the_public_names() -> None:
     """The imports for type checkers in __init__ name the same objects as the runtime list
     (_HOME), each from the module it says: the public API is listed once, and checked."""
-    import ast
-    from pathlib import Path
-
-    source = Path(agentapi_persist.__file__).read_text()
-    typed: dict[str, str] = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module != "_version":
-            for alias in node.names:
-                typed[alias.name] = str(node.module)
-    assert typed == agentapi_persist._HOME
+    # Parsed in a child interpreter: CPython 3.11's AST constructor keeps its recursion count
+    # in module-wide state (gh-106905), which another thread's parse in this long test process
+    # can corrupt ("AST constructor recursion depth mismatch", a SystemError).
+    code = (
+        "import ast, json, sys\n"
+        "typed = {}\n"
+        "for node in ast.walk(ast.parse(open(sys.argv[1]).read())):\n"
+        "    if isinstance(node, ast.ImportFrom) and node.level == 1 "
+        "and node.module != '_version':\n"
+        "        typed.update((alias.name, str(node.module)) for alias in node.names)\n"
+        "print(json.dumps(typed))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, agentapi_persist.__file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout) == agentapi_persist._HOME

@@ -555,3 +555,24 @@ async def test_two_modules_in_one_home_each_keep_their_own_conversation(
             assert comparable(after) == comparable(before[ws.module])
             await asyncio.sleep(1.0)
             assert again.inputs().count(prompts[ws.module]) == 1, again.inputs()
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_unreadable_agentapi_is_not_nothing_and_is_still_asked_to_save(
+    tmp_path: Path, version: str
+) -> None:
+    """First stop, no copy of ours, and `--agentapi-url http://0.0.0.0:P`, which AgentAPI's
+    Host check refuses (a plain-text 400): the stop does not claim "nothing to save" (exit 3,
+    "unknown"), yet it asks AgentAPI to save (SIGUSR1, pid and version good) and the save is
+    confirmed: AgentAPI's own file then holds the whole conversation."""
+    ws = new_workspace(tmp_path)
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        before = await start_conversation(agent, "a question")
+        env = persist_env(ws, agent)
+        run = await cli(env, "shutdown", "--agentapi-url", f"http://0.0.0.0:{agent.port}")
+        assert run.code == 3, describe(run)
+        assert "fetch=unknown" in run.stdout, describe(run)
+        assert "nothing to save" not in run.stdout, describe(run)
+        assert "agentapi_save=confirmed_changed" in run.stdout, describe(run)
+    saved = read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES)
+    assert [m.message for m in saved.messages] == [m["content"] for m in before]

@@ -79,8 +79,8 @@ async def test_everything_created_under_umask_000_is_private(tmp_path: Path) -> 
     uploading, recording history) and the sidecar (journal, socket) all run with umask 000:
     every directory the product made or wrote in is 0700, every file and the socket 0600."""
     ws = new_workspace(tmp_path / "ws")
-    ws.module_dir.chmod(0o755)  # AgentAPI's directory, made by the module: we tighten it
-    planted: set[Path] = set()
+    ws.module_dir.chmod(0o755)  # AgentAPI's directory, made by the module: never changed
+    planted: set[Path] = {ws.module_dir}
 
     # restore: a damaged generation on our side, a torn file on AgentAPI's.
     store = StateStore(ws.state_dir)
@@ -90,8 +90,8 @@ async def test_everything_created_under_umask_000_is_private(tmp_path: Path) -> 
     ws.state_file.write_bytes(render_agentapi_state(conversation(5, "old"))[:-20])
     ws.state_file.chmod(0o644)
     for path in (ws.home / ".local", ws.home / ".local" / "state", ws.state_dir):
-        path.chmod(0o755)  # as if made by someone else: the product tightens its own dir only
-    planted |= {ws.home / ".local", ws.home / ".local" / "state"}
+        path.chmod(0o755)  # as if chmodded by someone else: an existing mode is never changed
+    planted |= {ws.home / ".local", ws.home / ".local" / "state", ws.state_dir}
     with dead_url() as dead:
         result = await run_cli(
             ws.process_env(), "restore", "--json", "--agentapi-url", dead, prefix=[*OPEN_UMASK]
@@ -127,6 +127,8 @@ async def test_everything_created_under_umask_000_is_private(tmp_path: Path) -> 
     assert any(".corrupt-" in name for name in after)  # quarantined bytes on both sides
     assert "\n".join(after).count(".corrupt-") >= 2
     assert_private(after)
+    for path in planted:  # what existed keeps its mode: never tightened, never loosened
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
 
 
 async def test_missing_parents_are_created_private(tmp_path: Path) -> None:

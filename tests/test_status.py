@@ -7,6 +7,7 @@ from agentapi_persist.models import Conversation
 from agentapi_persist.status import collect_status
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.server import free_port
 
 from .conftest import Workspace, make_messages
 
@@ -34,3 +35,14 @@ async def test_status_names_a_corrupt_state_file(workspace: Workspace) -> None:
     assert any(str(workspace.state_file) in problem for problem in report.problems)
     assert workspace.state_file.read_bytes() == b'{"version":1,"messages":[{"id":0,'
     assert "verdict" not in report.render().splitlines()[-1]
+
+
+async def test_an_open_state_dir_is_reported_never_changed(workspace: Workspace) -> None:
+    """`--state-dir` at an existing 0755 directory (its owner's choice, $HOME say): the
+    mode is left as it is, and `status` says so."""
+    workspace.state_dir.mkdir(parents=True)
+    workspace.state_dir.chmod(0o755)
+    settings = workspace.settings(agentapi_url=f"http://127.0.0.1:{free_port()}")
+    report = await collect_status(settings)
+    assert any("open to other users (mode 0755)" in p for p in report.problems), report.problems
+    assert workspace.state_dir.stat().st_mode & 0o777 == 0o755

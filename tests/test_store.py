@@ -138,9 +138,9 @@ class TestGenerations:
             assert mode_of(directory) == 0o700
             assert mode_of(gen(directory, 1)) == 0o600
             assert mode_of(journal(directory, 1)) == 0o600
-            directory.chmod(0o755)
+            directory.chmod(0o755)  # someone's choice: kept (status reports it)
             store.append([msg(2)])
-            assert mode_of(directory) == 0o700
+            assert mode_of(directory) == 0o755
         finally:
             os.umask(old)
 

@@ -274,7 +274,7 @@ class Settings(BaseModel):
         if flags:
             raise ConfigError(f"unknown settings: {', '.join(sorted(flags))}")
 
-        home = Path(env.get("HOME") or Path.home())
+        home = _home(env, values)
         module_dir = home / (env.get("ARG_MODULE_DIR_NAME") or DEFAULT_MODULE_DIR_NAME)
         values["module_dir"] = module_dir
         values["state_dir_explicit"] = "state_dir" in values
@@ -318,6 +318,25 @@ class Settings(BaseModel):
                 problem = "; ".join(snapshot_problems)
                 return settings.model_copy(update={"snapshot_problem": problem})
             return settings
+
+
+def _home(env: Mapping[str, str], values: Mapping[str, Any]) -> Path:
+    """``$HOME``, else the passwd entry's. A uid with neither (a container started with
+    ``--user 12345`` and no ``HOME``) still works when every path is given; otherwise the
+    paths that need a home are named."""
+    if env.get("HOME"):
+        return Path(env["HOME"])
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        pass
+    needed = {"state_dir", "agentapi_state_file", "agentapi_pid_file"} - set(values)
+    if needed:
+        flags = ", ".join(_OPTION_BY_FIELD[name].flag for name in sorted(needed))
+        raise ConfigError(
+            f"HOME is not set and uid {os.getuid()} has no passwd entry: set HOME, or give {flags}"
+        )
+    return Path("/nonexistent-home")  # never used: every path that needs it was given
 
 
 def _canonical_uuid(value: str) -> bool:

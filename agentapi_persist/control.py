@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import socket
+import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,9 @@ import structlog
 
 from ._fsutil import ensure_private_dir
 from .control_client import SOCKET_NAME, socket_address
-from .errors import PersistError, SidecarAlreadyRunning
+from .errors import ControlUnavailable, PersistError, SidecarAlreadyRunning
 
-__all__ = ["ControlServer", "Handler", "SidecarAlreadyRunning"]
+__all__ = ["ControlServer", "ControlUnavailable", "Handler", "SidecarAlreadyRunning"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,30 +45,53 @@ class ControlServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Bind the socket, replacing a stale one; refuse if a live sidecar owns it."""
-        await asyncio.to_thread(ensure_private_dir, self._state_dir)
-        if self.path.exists() or self.path.is_symlink():
-            if await asyncio.to_thread(_answers, self.path):
-                raise SidecarAlreadyRunning(
-                    f"another sidecar is running on {self._state_dir} (its control socket "
-                    "answers); one sidecar per state directory"
-                )
-            self.path.unlink()
+        """Bind the socket, replacing a stale one; refuse if a live sidecar owns it.
+
+        Raises ``ControlUnavailable`` saying why when nothing can listen there (a read-only
+        or full filesystem, ``/proc``): the sidecar then goes on without a control channel.
+        Something that is not a socket at the socket's name is moved aside, never deleted.
+        """
+        try:
+            await asyncio.to_thread(ensure_private_dir, self._state_dir)
+            await asyncio.to_thread(self._clear_the_name)
+        except (OSError, PersistError) as exc:
+            if isinstance(exc, SidecarAlreadyRunning):
+                raise
+            raise ControlUnavailable(f"cannot listen on {self.path}: {exc}") from None
         old_umask = os.umask(0o177)  # the socket is created 0600, with no window
         try:
             with socket_address(self.path) as address:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     sock.bind(address)
-                except OSError:
+                except OSError as exc:
                     sock.close()
-                    raise
+                    why = exc.strerror or str(exc)
+                    raise ControlUnavailable(f"cannot listen on {self.path}: {why}") from None
             self._server = await asyncio.start_unix_server(
                 self._serve_connection, sock=sock, limit=_MAX_REQUEST_BYTES
             )
         finally:
             os.umask(old_umask)
         log.info("control.listening", path=str(self.path))
+
+    def _clear_the_name(self) -> None:
+        """A stale socket is removed; anything else there is kept under another name."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISSOCK(info.st_mode):
+            if _answers(self.path):
+                raise SidecarAlreadyRunning(
+                    f"another sidecar is running on {self._state_dir} (its control socket "
+                    "answers); one sidecar per state directory"
+                )
+            self.path.unlink()
+            return
+        aside = self.path.with_name(f"{self.path.name}.not-a-socket-{os.getpid()}-{time.time_ns()}")
+        os.rename(self.path, aside)
+        log.warning("control.moved_aside", path=str(self.path), moved_to=str(aside))
 
     async def close(self) -> None:
         """Stop listening, wait for requests in flight, remove the socket file."""

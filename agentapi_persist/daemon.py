@@ -47,6 +47,7 @@ from .config import Settings
 from .control import ControlServer
 from .errors import (
     AgentRunningError,
+    ControlUnavailable,
     ExitCode,
     PersistError,
     SidecarAlreadyRunning,
@@ -255,8 +256,18 @@ class Daemon:
             report = await self.store.aload()
             for problem in report.problems:
                 log.warning("daemon.store_problem", problem=problem)
-        self._control = ControlServer(self.settings.state_dir, self._handle_control)
-        await self._control.start()
+        control = ControlServer(self.settings.state_dir, self._handle_control)
+        try:
+            await control.start()
+            self._control = control
+        except ControlUnavailable as exc:
+            # The conversation is still followed and checkpointed (retried while the store
+            # fails); only the `shutdown` command cannot reach us. SIGTERM still stops us.
+            log.error(
+                "daemon.control_unavailable",
+                error=str(exc),
+                hint="`agentapi-persist shutdown` cannot reach this sidecar; SIGTERM stops it",
+            )
         stored = self.store.conversation
         log.info(
             "daemon.ready",

@@ -39,6 +39,7 @@ __all__ = [
     "BodyTooLarge",
     "CoderAPIError",
     "ConfigError",
+    "ControlUnavailable",
     "DurabilityError",
     "EventGap",
     "ExitCode",
@@ -175,6 +176,11 @@ class ForeignStateDir(ConfigError):
 
 class SidecarAlreadyRunning(StateDirBusy):
     """Another sidecar owns this state directory."""
+
+
+class ControlUnavailable(PersistError):
+    """The sidecar cannot listen on its control socket (a read-only or full filesystem, a
+    state directory under ``/proc``); it goes on without one, stopped by its signals."""
 
 
 class SidecarUnavailable(PersistError):

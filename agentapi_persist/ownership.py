@@ -198,7 +198,7 @@ def claim(state_dir: Path, instance: Instance, *, write: bool) -> str | None:
             f"{state_dir} held a copy with no owner recorded (written before instance records): "
             f"adopted it for {instance.describe()}"
         )
-    if path.exists() and owner is None:
+    if owner is None and _present(path):
         # A record that does not parse: its bytes are kept for a person, then replaced.
         with contextlib.suppress(OSError, PersistError):
             quarantine(path, reason="unreadable instance record")
@@ -210,3 +210,13 @@ def claim(state_dir: Path, instance: Instance, *, write: bool) -> str | None:
         return adopted
     log.info("ownership.claimed", path=str(path), module_dir=record.module_dir, port=record.port)
     return adopted
+
+
+def _present(path: Path) -> bool:
+    """Whether something is at ``path``; a directory that cannot be searched holds nothing
+    this process could read (the write that follows reports the real failure)."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True

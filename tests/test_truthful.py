@@ -7,7 +7,12 @@ Real CLI and sidecar processes against loopback peers that answer as the real on
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import signal
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -142,3 +147,110 @@ async def test_nothing_listening_and_no_process_is_provably_nothing(workspace: W
 
 def _listing(workspace: Workspace) -> list[Path]:
     return list(workspace.state_dir.iterdir()) if workspace.state_dir.exists() else []
+
+
+def _as_a_uid_without_passwd_entry(argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` in a forked child running as uid 12345 (no passwd entry) with HOME
+    unset; the modules are imported first (that uid cannot read this checkout)."""
+    import concurrent.futures.thread  # noqa: F401  # lazily imported by asyncio.to_thread
+    import encodings.idna  # noqa: F401  # lazily imported by a connect to a host name
+
+    import agentapi_persist.cli as cli_module
+    import agentapi_persist.restoring  # noqa: F401  # imported lazily by the command
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            sys.stdout = sys.stderr = open(write, "w", closefd=False)  # noqa: SIM115
+            os.environ.pop("HOME", None)
+            os.setgroups([])
+            os.setgid(12345)
+            os.setuid(12345)
+            code = cli_module.main(argv)
+        except BaseException as exc:  # a traceback is what the test looks for
+            import traceback
+
+            traceback.print_exception(exc)
+            code = 99
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    os.close(write)
+    output = b""
+    while chunk := os.read(read, 65536):
+        output += chunk
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to a uid with no passwd entry")
+def test_no_home_and_no_passwd_entry() -> None:
+    """HOME unset for a uid with no passwd entry: a clear error naming what to set, never a
+    traceback; with every path given, the command works."""
+    try:
+        pwd.getpwuid(12345)
+        pytest.skip("uid 12345 has a passwd entry here")
+    except KeyError:
+        pass
+    code, output = _as_a_uid_without_passwd_entry(["status"])
+    assert code == 2, output
+    assert "HOME is not set and uid 12345 has no passwd entry" in output
+    assert "Traceback" not in output
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own temp root is root's alone
+    try:
+        shared.chmod(0o777)
+        paths = [
+            "--state-dir", str(shared / "state"),
+            "--agentapi-state-file", str(shared / "agentapi-state.json"),
+            "--agentapi-pid-file", str(shared / "agentapi.pid"),
+        ]  # fmt: skip
+        with dead_url() as dead:
+            code, output = _as_a_uid_without_passwd_entry(
+                ["restore", *paths, "--agentapi-url", dead]
+            )
+    finally:
+        shutil.rmtree(shared)
+    assert "Traceback" not in output, output
+    assert code == 0, output
+    assert "restore nothing" in output
+
+
+async def test_a_directory_at_the_socket_name_is_kept_and_the_sidecar_serves(
+    workspace: Workspace,
+) -> None:
+    """A directory where the control socket goes: moved aside (with what it holds), never
+    a traceback; the sidecar listens and answers `shutdown`."""
+    (workspace.state_dir / "control.sock" / "inside").mkdir(parents=True)
+    async with FakeAgentAPI(messages=make_messages(3)) as agent:
+        env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(workspace, env=env) as sidecar:
+            assert sidecar.saw("control.moved_aside")
+            run = await cli(workspace, "shutdown", env=env)
+            assert run.code == 0, run.stdout + run.stderr
+            assert "(via sidecar)" in run.stdout
+            assert await sidecar.wait() == 0
+    (aside,) = workspace.state_dir.glob("control.sock.not-a-socket-*")
+    assert (aside / "inside").is_dir()
+
+
+async def test_a_state_dir_where_nothing_can_be_written_never_kills_the_sidecar(
+    workspace: Workspace,
+) -> None:
+    """`run --state-dir /proc`: no lock, no socket, no copy can be made there. The sidecar
+    says so, keeps following AgentAPI (retrying its checkpoint), and on SIGTERM reports the
+    state not durable (exit 3) instead of dying at start with a traceback."""
+    async with FakeAgentAPI(messages=make_messages(3)) as agent:
+        env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(workspace, "--state-dir", "/proc", env=env) as sidecar:
+            assert sidecar.saw("daemon.control_unavailable")
+            await eventually(lambda: sidecar.saw("daemon.checkpoint_failed"))
+            agent.add_message("user", "still followed")
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert await sidecar.wait() == 3
+    assert not any("Traceback" in line for line in sidecar.other), sidecar.other
+    stopped = [e for e in sidecar.events if e.get("event") == "daemon.stopped"]
+    assert stopped
+    assert stopped[0]["exit_code"] == 3

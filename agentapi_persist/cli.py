@@ -144,6 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started_at = time.monotonic() - _process_age_s()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        # Before the heavy imports: a stop signal in the next few hundred milliseconds must
+        # run the stop sequence, not kill us (or, as PID 1, be dropped).
+        from .early_signals import catch
+
+        catch()
     flags = {o.field: getattr(args, o.field) for o in OPTIONS if hasattr(args, o.field)}
     as_json: bool = args.json
     command = args.command

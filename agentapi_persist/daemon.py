@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from . import early_signals
 from .agentapi import AgentAPIClient
 from .budget import Budget
 from .checkpointer import Checkpointer
@@ -201,6 +202,11 @@ class Daemon:
             else contextlib.nullcontext(False)
         )
         with signals:
+            if owns_process:
+                # Stop signals that came while we were importing and loading (cli): honoured
+                # now, the grace period counted from when each came.
+                for name, at in early_signals.caught():
+                    self.stopper.request_stop(name, grace_s=self.settings.grace_s, started_at=at)
             await self._start()
             crashed = await self._run_until_stopped(shutdown_trigger)
             report = await self._stop()

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -167,3 +168,68 @@ async def test_sigkill_everything_loses_nothing_older_than_a_second(workspace: W
     for change in old_enough:
         assert change["id"] < len(state.messages), change
         assert len(state.messages[change["id"]].message) >= change["length"], change
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGTERM (its SigCgt mask), i.e. the CLI's
+    first step ran; ``False`` while the interpreter itself is still starting."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    (caught,) = (line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+async def _early_stop(workspace: Workspace, prefix: tuple[str, ...]) -> None:
+    """Start `run`, SIGTERM it as soon as it catches the signal (long before it is ready:
+    pydantic and aiohttp are still importing), and check the stop sequence ran in full."""
+    async with FakeAgentAPI(messages=make_messages(4)) as agent:
+        env = workspace.process_env(AGENTAPI_PERSIST_AGENTAPI_URL=agent.url)
+        proc = await asyncio.create_subprocess_exec(
+            *prefix,
+            sys.executable, "-m", "agentapi_persist", "run",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )  # fmt: skip
+        try:
+            target = proc.pid
+            if prefix:  # unshare forks: the sidecar is its child, PID 1 of the namespace
+                children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+                await eventually(lambda: children.read_text().split() != [], within=10)
+                target = int(children.read_text().split()[0])
+            await eventually(lambda: _catches_sigterm(target), within=10)
+            os.kill(target, signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    events = [json.loads(line) for line in err.splitlines() if line.startswith(b"{")]
+    names = [e["event"] for e in events]
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "daemon.stop_requested" in names
+    assert names.index("daemon.stop_requested") < names.index("daemon.ready")
+    assert "daemon.stopped" in names
+    assert stored_count(workspace) == 4
+    record = json.loads((workspace.state_dir / "last-shutdown.json").read_text())
+    assert record["durable"] is True
+    assert record["notes"][0] == "stopped by SIGTERM"
+
+
+async def test_sigterm_while_still_importing_runs_the_stop(workspace: Workspace) -> None:
+    """A SIGTERM in the first moments of `run` (before aiohttp and pydantic are loaded) is
+    caught and honoured: the sidecar starts, runs the stop sequence, saves, exits 0."""
+    await _early_stop(workspace, ())
+
+
+async def test_sigterm_while_still_importing_as_pid_1(workspace: Workspace) -> None:
+    """The same as PID 1 of a PID namespace, where a signal left at its default is dropped."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    probe = await asyncio.create_subprocess_exec(unshare, "-fp", "--mount-proc", "true")
+    if await probe.wait() != 0:
+        pytest.skip("PID namespaces are not permitted here")
+    await _early_stop(workspace, (unshare, "-fp", "--mount-proc"))

@@ -128,7 +128,15 @@ class _Attempt:
 class CoderClient:
     """Uploads log snapshots for one task to one Coder server, within a caller's budget."""
 
-    __slots__ = ("_display_url", "_headers", "_session", "_task_id", "_token", "_url")
+    __slots__ = (
+        "_display_url",
+        "_headers",
+        "_session",
+        "_task_id",
+        "_token",
+        "_url",
+        "interrupted",
+    )
 
     def __init__(self, target: CoderTarget, *, session: aiohttp.ClientSession) -> None:
         # CoderTarget normally comes from validated Settings, but the class is public: check
@@ -146,6 +154,9 @@ class CoderClient:
                 "the Coder token is empty or holds characters an HTTP header cannot carry; "
                 "check CODER_AGENT_TOKEN"
             )
+        self.interrupted: UploadResult | None = None
+        """The last upload's outcome so far when it was cancelled while retrying (the stop's
+        deadline): its real reason, for the report."""
         path = f"/api/v2/workspaceagents/me/tasks/{self._task_id}/log-snapshot"
         self._url = f"{base}{path}?format=agentapi"
         parts = urlsplit(base)
@@ -190,34 +201,56 @@ class CoderClient:
         attempts = 0
         backoff = _BACKOFF_START_S
         failures: list[_Attempt] = []
-        while not budget.expired:
-            attempts += 1
-            attempt = await self._attempt(payload, budget)
-            if attempt.outcome not in _RETRYABLE:
-                detail = self._final_detail(attempt, attempts)
-                return self._done(attempt.outcome, attempt.status, attempts, started, size, detail)
-            failures.append(attempt)
-            # Shorten the pause so a last attempt still gets a useful slice; when even that
-            # is not left, stop now and hand the rest of the budget back to the caller.
-            pause = min(backoff, budget.remaining() - _MIN_ATTEMPT_S)
-            log.info(
-                "coder.upload_retry",
-                attempt=attempts,
-                outcome=str(attempt.outcome),
-                status=attempt.status,
-                error=attempt.error or None,
-                retry_in_ms=round(pause * 1000) if pause > 0 else None,
-            )
-            if pause <= 0:
-                break
-            await asyncio.sleep(pause)
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        self.interrupted = None
+        try:
+            while not budget.expired:
+                attempts += 1
+                attempt = await self._attempt(payload, budget)
+                if attempt.outcome not in _RETRYABLE:
+                    detail = self._final_detail(attempt, attempts)
+                    return self._done(
+                        attempt.outcome, attempt.status, attempts, started, size, detail
+                    )
+                failures.append(attempt)
+                if not await self._pause_before_retry(attempt, attempts, backoff, budget):
+                    break
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        except asyncio.CancelledError:
+            # Cut from outside (the stop's deadline) while retrying: what had failed so far is
+            # the real reason, and the caller reports it rather than a bare "cut".
+            worst = _most_telling(failures)
+            if worst is not None:
+                detail = self._exhausted_detail(worst, attempts, budget)
+                self.interrupted = self._done(
+                    worst.outcome, worst.status, attempts, started, size, detail
+                )
+            raise
 
         worst = _most_telling(failures)
         detail = self._exhausted_detail(worst, attempts, budget)
         outcome = worst.outcome if worst is not None else UploadOutcome.TIMED_OUT
         status = worst.status if worst is not None else None
         return self._done(outcome, status, attempts, started, size, detail, sent=attempts > 0)
+
+    async def _pause_before_retry(
+        self, attempt: _Attempt, attempts: int, backoff: float, budget: Budget
+    ) -> bool:
+        """Wait before the next attempt; ``False`` when no useful attempt fits any more."""
+        # Shorten the pause so a last attempt still gets a useful slice; when even that
+        # is not left, stop now and hand the rest of the budget back to the caller.
+        pause = min(backoff, budget.remaining() - _MIN_ATTEMPT_S)
+        log.info(
+            "coder.upload_retry",
+            attempt=attempts,
+            outcome=str(attempt.outcome),
+            status=attempt.status,
+            error=attempt.error or None,
+            retry_in_ms=round(pause * 1000) if pause > 0 else None,
+        )
+        if pause <= 0:
+            return False
+        await asyncio.sleep(pause)
+        return True
 
     async def _attempt(self, payload: bytes, budget: Budget) -> _Attempt:
         """One POST, bounded twice: aiohttp's timeout, and a hard deadline around the body read."""

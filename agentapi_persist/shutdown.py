@@ -299,7 +299,7 @@ async def run_sequence(
                     report.steps.append(await _timed(stop, "stop"))
     except TimeoutError:
         report.deadline_hit = True
-        await _after_deadline(report, write_task, best_effort, settings, budget)
+        await _after_deadline(report, write_task, best_effort, settings, budget, coder)
     except asyncio.CancelledError:
         # Cancelled from outside (e.g. a second Ctrl-C): the durable write still completes.
         for task in best_effort:
@@ -385,6 +385,7 @@ async def _after_deadline(
     best_effort: list[asyncio.Task[StepResult]],
     settings: Settings,
     budget: Budget,
+    coder: CoderClient | None,
 ) -> None:
     """Say what the deadline cut, cancel the best-effort steps, and finish the durable write."""
     done = {step.name for step in report.steps}
@@ -399,6 +400,9 @@ async def _after_deadline(
     cut = [name for name in all_steps if name not in done and name not in finished_early]
     for task in best_effort:
         task.cancel(msg="grace budget exhausted")
+    if best_effort:
+        # A moment for the cancelled steps to unwind: an upload cut mid-retry records why.
+        await asyncio.wait(best_effort, timeout=_REPORT_SLACK_S)
     log.warning("shutdown.deadline", cut=cut, budget_s=round(budget.total_s, 3))
     report.notes.append(f"the {budget.total_s:.1f}s budget ran out during: {', '.join(cut)}")
     if write_task is not None and "state" not in done:
@@ -420,9 +424,19 @@ async def _after_deadline(
         if name in finished_early and name not in done:
             report.steps.append(finished_early[name])
         elif name in cut:
-            report.steps.append(StepResult(name, "cut", False, 0, "the budget ran out"))
+            report.steps.append(_cut_step(name, coder))
     snapshot = report.step("snapshot")
     report.snapshot_ok = snapshot is not None and snapshot.ok
+
+
+def _cut_step(name: StepName, coder: CoderClient | None) -> StepResult:
+    """A step the deadline cut. An upload cut while it was retrying failed for a reason
+    already known (a reset, a 5xx): that reason is the outcome, not a bare "cut"."""
+    interrupted = coder.interrupted if name == "snapshot" and coder is not None else None
+    if interrupted is None:
+        return StepResult(name, "cut", False, 0, "the budget ran out")
+    detail = f"{interrupted.detail} (the budget ran out during the retries)"
+    return StepResult(name, str(interrupted.outcome), False, 0, detail)
 
 
 async def _best_effort(

@@ -637,3 +637,23 @@ async def test_fake_coder_flags_bad_roles_and_refuses_bad_times(
     assert not refused.delivered
     assert [u.status for u in coder.uploads] == [204, 400]
     assert coder.invalid_snapshots == [InvalidSnapshot(TASK, 0, "role 'system'")]
+
+
+async def test_an_upload_cut_while_retrying_keeps_its_reason(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The stop's deadline cancels an upload between retries of a resetting server: the
+    client keeps the reason so far (transport_error, the attempts made), so that the stop's
+    summary names it instead of a bare "cut"."""
+    async with FakeCoder(token=TOKEN, task_ids={TASK}, reset=True) as fake:
+        client = make_client(fake.url, session)
+        task = asyncio.create_task(upload(client, budget_s=10.0))
+        while len(fake.uploads) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert client.interrupted is not None
+    assert client.interrupted.outcome is UploadOutcome.TRANSPORT_ERROR
+    assert "could not reach the Coder server" in client.interrupted.detail
+    assert client.interrupted.attempts >= 2

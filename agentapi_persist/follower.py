@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -33,6 +33,8 @@ _RECONNECT_MAX_S = 5.0
 #: A stream followed this long was healthy: its failure starts the reconnect backoff over.
 _HEALTHY_S = 1.0
 _RESYNC_CAP_S = 2.0
+#: While AgentAPI replays a stream's history, the longest wait for its next event.
+_REPLAY_GAP_S = 3.0
 #: How AgentAPI's ``agent_error`` starts when it could not load its state file
 #: (coder/agentapi lib/screentracker/pty_conversation.go, the snapshot loop).
 _LOAD_FAILED = "Failed to restore previous session"
@@ -97,40 +99,67 @@ class Follower:
         return 0.0 if self._synced_at is None else time.monotonic() - self._synced_at
 
     async def _stream_once(self) -> None:
-        """Follow one event stream: collect the replay, take it as the truth, apply deltas."""
+        """Follow one event stream: collect the replay, take it as the truth, apply deltas.
+
+        AgentAPI writes its replay the moment a stream opens, so while replaying every event
+        must follow the last within ``_REPLAY_GAP_S``; a stream that sends headers and then
+        nothing is dropped (logged, and ``GET /messages`` taken as the truth by ``run``).
+        Once the replay is done the stream may stay silent for ever: an idle agent.
+        """
         replay: list[Message] = []
+        loop = asyncio.get_running_loop()
+        try:
+            async with (
+                asyncio.timeout_at(loop.time() + _REPLAY_GAP_S) as bound,
+                contextlib.aclosing(self._agent.events(connect_timeout_s=2.0)) as events,
+            ):
+                await self._follow(events, replay, bound)
+        except TimeoutError:
+            log.warning("agentapi.replay_stalled", after_messages=len(replay))
+            raise AgentAPIError(
+                f"AgentAPI's event stream sent no replay event for {_REPLAY_GAP_S:.0f} s "
+                f"({len(replay)} messages so far): dropped, resynchronising from GET /messages"
+            ) from None
+
+    async def _follow(
+        self, events: AsyncIterator[Any], replay: list[Message], bound: asyncio.Timeout
+    ) -> None:
+        """Apply one stream's events; ``bound`` limits each gap while the replay lasts."""
         replaying = True
-        async with contextlib.aclosing(self._agent.events(connect_timeout_s=2.0)) as events:
-            async for event in events:
-                self._facts["last_event_at"] = time.time()
-                if isinstance(event, MessageUpdate):
-                    if replaying:
-                        replay.append(event.as_message())
-                    elif self.mirror.apply(event.as_message()):
-                        self._on_change()
-                        self.stable.clear()
-                elif isinstance(event, StatusChange):
-                    if replaying:
-                        replaying = False
-                        self._facts["connected"] = True
-                        self._synced_at = time.monotonic()
-                        self.mirror.replace(*build_replay(replay))
-                        self._on_change()
-                        log.info("agentapi.synced", messages=len(self.mirror.messages))
-                        self._acp = await self._is_acp()
-                    elif self._acp is None and event.status == "stable":
-                        self._acp = await self._is_acp()  # it did not answer at connect
-                    self._facts["agent_status"] = event.status
-                    if event.status == "stable":
-                        if self._acp and not replaying:
-                            # ACP removes a failed turn's message without an event: the end
-                            # of each turn is when GET /messages shows what really remains.
-                            await self.resync()
-                        self.stable.set()
-                    else:
-                        self.stable.clear()
-                elif isinstance(event, AgentErrorEvent):
-                    self._on_agent_error(event)
+        loop = asyncio.get_running_loop()
+        async for event in events:
+            if replaying:
+                bound.reschedule(loop.time() + _REPLAY_GAP_S)
+            self._facts["last_event_at"] = time.time()
+            if isinstance(event, MessageUpdate):
+                if replaying:
+                    replay.append(event.as_message())
+                elif self.mirror.apply(event.as_message()):
+                    self._on_change()
+                    self.stable.clear()
+            elif isinstance(event, StatusChange):
+                if replaying:
+                    replaying = False
+                    bound.reschedule(None)  # an idle stream is silent: no bound now
+                    self._facts["connected"] = True
+                    self._synced_at = time.monotonic()
+                    self.mirror.replace(*build_replay(replay))
+                    self._on_change()
+                    log.info("agentapi.synced", messages=len(self.mirror.messages))
+                    self._acp = await self._is_acp()
+                elif self._acp is None and event.status == "stable":
+                    self._acp = await self._is_acp()  # it did not answer at connect
+                self._facts["agent_status"] = event.status
+                if event.status == "stable":
+                    if self._acp and not replaying:
+                        # ACP removes a failed turn's message without an event: the end
+                        # of each turn is when GET /messages shows what really remains.
+                        await self.resync()
+                    self.stable.set()
+                else:
+                    self.stable.clear()
+            elif isinstance(event, AgentErrorEvent):
+                self._on_agent_error(event)
 
     def _on_agent_error(self, event: AgentErrorEvent) -> None:
         """Log an ``agent_error`` the first time it is seen (AgentAPI replays its stored

@@ -254,3 +254,23 @@ async def test_a_state_dir_where_nothing_can_be_written_never_kills_the_sidecar(
     stopped = [e for e in sidecar.events if e.get("event") == "daemon.stopped"]
     assert stopped
     assert stopped[0]["exit_code"] == 3
+
+
+async def test_a_stream_that_sends_headers_and_then_nothing_is_bounded(
+    workspace: Workspace,
+) -> None:
+    """AgentAPI's /events answers its headers and never its replay: within the replay bound
+    the sidecar logs it, takes GET /messages as the truth (on disk), and reconnects later;
+    once the stream works again it is followed as usual."""
+    async with FakeAgentAPI(messages=make_messages(5)) as agent:
+        agent.stall_events = True
+        env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(workspace, env=env) as sidecar:
+            await eventually(lambda: sidecar.saw("agentapi.replay_stalled"), within=8)
+            await eventually(lambda: stored_count(workspace) == 5, within=3)
+            agent.stall_events = False
+            await eventually(lambda: sidecar.saw("agentapi.synced"), within=15)
+            agent.add_message("user", "after the stall")
+            await eventually(lambda: stored_count(workspace) == 6)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert await sidecar.wait() == 0

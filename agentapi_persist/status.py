@@ -7,6 +7,8 @@ most ``probe_s``). The token is reported only as present or absent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -91,6 +93,12 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "dir": str(settings.state_dir),
         "owner": _owner(settings),
     }
+    unwritable = await asyncio.to_thread(_cannot_write, settings.state_dir)
+    if unwritable is not None:
+        report.problems.append(
+            f"Nothing can be written in {settings.state_dir}: {unwritable}. The conversation "
+            "cannot be kept there; give --state-dir a directory on the persistent volume."
+        )
     mode = _mode(settings.state_dir)
     if mode is not None and mode & 0o077:
         # Never changed by us (it may be $HOME, or shared on purpose): said, for a person.
@@ -154,6 +162,10 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
             )
         except PersistError as exc:
             agent.update(url=settings.agentapi_url, reachable=False, error=str(exc))
+            report.problems.append(
+                f"AgentAPI is not answering at {settings.agentapi_url} ({exc}): nothing can "
+                "follow it, and a stop now keeps only the last copy."
+            )
     version = await detect_version(process, fallback_bin=settings.agentapi_bin, budget=budget)
     agent["version"] = str(version) if version else None
     agent["saves_on_sigusr1"] = version is not None and version >= MIN_SIGUSR1_VERSION
@@ -182,6 +194,25 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
 
 def _age_s(when: datetime | None) -> float | None:
     return None if when is None else round((datetime.now(UTC) - when).total_seconds(), 1)
+
+
+def _cannot_write(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory`` (or, while it does not exist yet, in
+    the nearest directory above it), ``None`` when it can. A real probe, created and removed
+    at once: permission bits say nothing to root, and nothing at all about /proc or a
+    read-only mount."""
+    target = directory
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    probe = target / f".agentapi-persist-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        return f"{exc.strerror or exc} (creating a file in {target})"
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
 
 
 def _mode(path: Path) -> int | None:

@@ -274,3 +274,19 @@ async def test_a_stream_that_sends_headers_and_then_nothing_is_bounded(
             await eventually(lambda: stored_count(workspace) == 6)
             sidecar.proc.send_signal(signal.SIGTERM)
             assert await sidecar.wait() == 0
+
+
+async def test_status_is_not_ok_when_agentapi_or_the_disk_is_not(workspace: Workspace) -> None:
+    """`status` with AgentAPI not answering, and with a state directory nothing can be
+    written in (/proc): each says what needs attention (exit 8), never "verdict ok"."""
+    with dead_url() as dead:
+        run = await cli(workspace, "status", "--agentapi-url", dead)
+    assert run.code == 8, run.stdout + run.stderr
+    assert "AgentAPI is not answering" in run.stdout
+    assert "verdict        ok" not in run.stdout
+    async with FakeAgentAPI(messages=make_messages(2)) as agent:
+        run = await cli(workspace, "status", "--agentapi-url", agent.url, "--state-dir", "/proc")
+        assert run.code == 8, run.stdout + run.stderr
+        assert "Nothing can be written in /proc" in run.stdout
+        healthy = await cli(workspace, "status", "--agentapi-url", agent.url)
+    assert healthy.code == 0, healthy.stdout + healthy.stderr

@@ -38,6 +38,7 @@ from .errors import (
     AgentAPIError,
     AgentAPIUnreachable,
     BodyTooLarge,
+    EventTooLarge,
     cap_text,
 )
 from .models import (
@@ -52,7 +53,6 @@ from .models import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_EVENT_BYTES",
     "AgentAPIClient",
     "AgentErrorEvent",
     "AgentEvent",
@@ -62,8 +62,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: One server-sent event may carry a whole agent message; beyond this we stop buffering.
-DEFAULT_MAX_EVENT_BYTES = 64 * 2**20
 #: How much of an error body we read to quote it; the message keeps ~256 characters of it.
 _ERROR_BODY_BYTES = 4096
 
@@ -141,12 +139,15 @@ class AgentAPIClient:
         *,
         session: aiohttp.ClientSession,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_event_bytes: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._session = session
         self._max_body_bytes = max_body_bytes
-        self._max_event_bytes = max_event_bytes
+        # One cap for both by default: an event carries one message of what GET /messages
+        # carries whole, so a message /messages can deliver must fit in an event too (a
+        # smaller event cap made the sidecar reconnect for ever on a 70 MB message).
+        self._max_event_bytes = max_event_bytes or max_body_bytes
 
     def __repr__(self) -> str:
         return f"AgentAPIClient({self.base_url!r})"
@@ -391,9 +392,9 @@ class _SSEDecoder:
         del buffer[:start]
         self._scan_from = len(buffer)
         if self._size + len(buffer) > self._max:
-            raise AgentAPIBodyError(
+            raise EventTooLarge(
                 f"AgentAPI's event stream at {self._url} sent an event over the "
-                f"{self._max}-byte cap",
+                f"{self._max}-byte cap (--max-body-bytes)",
                 url=self._url or None,
             )
         return events
@@ -413,9 +414,9 @@ class _SSEDecoder:
             self._data.append(value)
             self._size += len(raw) + 1
             if self._size > self._max:
-                raise AgentAPIBodyError(
+                raise EventTooLarge(
                     f"AgentAPI's event stream at {self._url} sent an event over the "
-                    f"{self._max}-byte cap",
+                    f"{self._max}-byte cap (--max-body-bytes)",
                     url=self._url or None,
                 )
         elif field == "id" and "\0" not in value:

@@ -42,6 +42,7 @@ __all__ = [
     "ControlUnavailable",
     "DurabilityError",
     "EventGap",
+    "EventTooLarge",
     "ExitCode",
     "ForeignStateDir",
     "PersistError",
@@ -124,6 +125,11 @@ class AgentAPIUnreachable(AgentAPIError):
 
 class AgentAPIBodyError(AgentAPIError):
     """AgentAPI answered, but the body is too big, not JSON, or not the documented shape."""
+
+
+class EventTooLarge(AgentAPIBodyError):
+    """One server-sent event is over the body cap: the stream cannot be followed while that
+    message is in the conversation (its replay carries it on every connect)."""
 
 
 class EventGap(AgentAPIError):

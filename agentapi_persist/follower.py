@@ -20,7 +20,7 @@ import structlog
 
 from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
 from .budget import Budget
-from .errors import AgentAPIError, EventGap
+from .errors import AgentAPIError, EventGap, EventTooLarge
 from .mirror import Mirror, build_replay
 from .models import Message
 
@@ -33,6 +33,9 @@ _RECONNECT_MAX_S = 5.0
 #: A stream followed this long was healthy: its failure starts the reconnect backoff over.
 _HEALTHY_S = 1.0
 _RESYNC_CAP_S = 2.0
+#: After an event over the body cap, the pause before the stream is tried again: each try
+#: replays the same oversized message, so a short backoff would be a hot loop.
+_OVERSIZE_RETRY_S = 30.0
 #: While AgentAPI replays a stream's history, the longest wait for its next event.
 _REPLAY_GAP_S = 3.0
 #: How AgentAPI's ``agent_error`` starts when it could not load its state file
@@ -67,6 +70,7 @@ class Follower:
         self._acp: bool | None = None
         """AgentAPI runs its agent over ACP: resync at the end of every turn. ``None``: not
         known yet (``GET /status`` did not answer); asked again at the next turn's end."""
+        self._oversize_reported = False
         self._errors_seen: set[tuple[str, str, str]] = set()
         """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
 
@@ -79,6 +83,13 @@ class Follower:
                 await self._stream_once()
                 log.info("agentapi.stream_ended")
                 backoff = _RECONNECT_MIN_S
+            except EventTooLarge as exc:
+                # Every reconnect would replay the same oversized message: say it once, take
+                # what GET /messages gives, and try the stream again only rarely.
+                if not self._oversize_reported:
+                    log.warning("agentapi.event_too_large", error=str(exc))
+                    self._oversize_reported = True
+                backoff = _OVERSIZE_RETRY_S
             except AgentAPIError as exc:
                 if self._followed_for() >= _HEALTHY_S:
                     # It had been following fine: a new failure starts the backoff over, or an
@@ -91,7 +102,7 @@ class Follower:
             self._facts["connected"] = False
             await self.resync()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _RECONNECT_MAX_S)
+            backoff = min(backoff * 2, max(_RECONNECT_MAX_S, backoff))
             self._facts["reconnects"] += 1
 
     def _followed_for(self) -> float:
@@ -143,6 +154,7 @@ class Follower:
                     bound.reschedule(None)  # an idle stream is silent: no bound now
                     self._facts["connected"] = True
                     self._synced_at = time.monotonic()
+                    self._oversize_reported = False
                     self.mirror.replace(*build_replay(replay))
                     self._on_change()
                     log.info("agentapi.synced", messages=len(self.mirror.messages))

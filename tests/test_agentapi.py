@@ -25,7 +25,7 @@ from agentapi_persist.agentapi import (
     _SSEDecoder,
 )
 from agentapi_persist.budget import Budget
-from agentapi_persist.errors import AgentAPIBodyError, AgentAPIError
+from agentapi_persist.errors import AgentAPIBodyError, AgentAPIError, EventTooLarge
 from agentapi_persist.testing.agentapi import SUBSCRIBER_BUFFER, FakeAgentAPI
 from agentapi_persist.testing.server import free_port
 
@@ -560,3 +560,22 @@ async def test_non_event_stream_content_type_is_refused(agent, session):
                 await anext(events)
     finally:
         await runner.cleanup()
+
+
+async def test_the_event_cap_is_the_body_cap(session):
+    """A message GET /messages can deliver fits in an event too: one cap for both (the
+    default 256 MiB). A 65 MiB agent message streams through; before, events were capped at
+    64 MiB and the sidecar reconnected for ever on it. Over the cap it is EventTooLarge."""
+    big = "x" * (65 * 2**20)
+    async with FakeAgentAPI(messages=[("user", "hi"), ("agent", big)]) as agent:
+        client = client_for(agent, session)
+        async with aclosing(client.events(idle_timeout_s=20)) as events:
+            first, second = await next_event(events), await next_event(events)
+        assert isinstance(second, MessageUpdate)
+        assert len(second.content) == len(big)
+        assert isinstance(first, MessageUpdate)
+        small = client_for(agent, session, max_body_bytes=2**20)
+        async with aclosing(small.events(idle_timeout_s=20)) as events:
+            await next_event(events)
+            with pytest.raises(EventTooLarge, match="1048576-byte cap"):
+                await next_event(events)

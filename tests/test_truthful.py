@@ -6,6 +6,7 @@ Real CLI and sidecar processes against loopback peers that answer as the real on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
@@ -290,3 +291,22 @@ async def test_status_is_not_ok_when_agentapi_or_the_disk_is_not(workspace: Work
         assert "Nothing can be written in /proc" in run.stdout
         healthy = await cli(workspace, "status", "--agentapi-url", agent.url)
     assert healthy.code == 0, healthy.stdout + healthy.stderr
+
+
+async def test_an_event_over_the_cap_is_said_once_and_never_a_hot_loop(
+    workspace: Workspace,
+) -> None:
+    """A message over the body cap (here 64 KiB, to keep the test small): the sidecar warns
+    once and tries the stream again only after a long pause (each try replays the same
+    message): over 4 s, at most two stream requests, not one every backoff step."""
+    async with FakeAgentAPI(messages=[("user", "hi"), ("agent", "y" * 100_000)]) as agent:
+        env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        async with sidecar_process(workspace, "--max-body-bytes", "65536", env=env) as sidecar:
+            await eventually(lambda: sidecar.saw("agentapi.event_too_large"), within=5)
+            await asyncio.sleep(4)
+            streams = [r for r in agent.requests if r.path == "/events"]
+            warnings = [e for e in sidecar.events if e["event"] == "agentapi.event_too_large"]
+            sidecar.proc.send_signal(signal.SIGTERM)
+            await sidecar.wait()
+    assert len(streams) <= 2, len(streams)
+    assert len(warnings) == 1

@@ -272,22 +272,31 @@ def _emit_error_text(message: str, code: ExitCode, *, as_json: bool) -> None:
 
 def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
     import asyncio
+    import threading
 
     from .signals import arm_watchdog
 
     known: list[int] = []
+    said = threading.Lock()
 
     def publish(report: ShutdownReport) -> None:
         # The result goes out as soon as it is known: what follows is cleaning up, and if
         # that runs into the deadline the watchdog exits with this code, not with a 5.
-        _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
-        sys.stdout.flush()
-        known.append(int(report.exit_code))
+        with said:
+            _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
+            sys.stdout.flush()
+            known.append(int(report.exit_code))
+
+    def final_code() -> int | None:
+        # Held until the process exits: a summary is either wholly out with its code, or
+        # never printed (the watchdog's own line and exit 5). A run measured the window
+        # between the two at the very moment the watchdog fired: "ok" printed, exit 5.
+        said.acquire(timeout=settings.watchdog_margin_s / 2)
+        return known[0] if known else None
 
     # Exit on our own just before the runtime's SIGKILL, even if the loop is stuck.
     watchdog = arm_watchdog(
-        started_at + settings.grace_s - settings.watchdog_margin_s,
-        exit_code=lambda: known[0] if known else None,
+        started_at + settings.grace_s - settings.watchdog_margin_s, exit_code=final_code
     )
     try:
         report = asyncio.run(_shutdown_async(settings, started_at=started_at, publish=publish))

@@ -22,6 +22,7 @@ import asyncio
 import errno
 import itertools
 import re
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -62,6 +63,8 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+#: Bodies larger than this are parsed in a worker thread (a thread hop costs more below it).
+_PARSE_IN_LOOP_BYTES = 1 << 20
 #: How much of an error body we read to quote it; the message keeps ~256 characters of it.
 _ERROR_BODY_BYTES = 4096
 
@@ -208,7 +211,21 @@ class AgentAPIClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _transport_error(exc, url, seconds) from exc
         try:
-            parsed = parse_untrusted_json(body, model)
+            if len(body) > _PARSE_IN_LOOP_BYTES:
+                # Seconds of CPU for a big conversation: off the loop, in batches, within
+                # what is left of this request's slice (CPU is bounded like the network).
+                left = max(seconds - (loop.time() - started), 0.0)
+                parsed = await asyncio.to_thread(
+                    parse_untrusted_json, body, model, deadline=time.monotonic() + left
+                )
+            else:
+                parsed = parse_untrusted_json(body, model)
+        except TimeoutError as exc:
+            raise AgentAPIError(
+                f"AgentAPI at {url} answered {len(body)} bytes, but reading them did not fit "
+                f"in the {_fmt_s(seconds)} s slice: {exc}",
+                url=url,
+            ) from None
         except ValueError as exc:
             raise AgentAPIBodyError(
                 f"AgentAPI at {url} sent an unusable body ({len(body)} bytes): {exc}",

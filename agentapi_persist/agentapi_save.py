@@ -21,7 +21,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -53,6 +53,11 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _POLL_S = 0.01
+
+
+#: What the saved file must hold: the messages, a callable that gives them once known (the
+#: stop asks AgentAPI to save before it has read the conversation), or ``None`` (unknown).
+Expected = Sequence[Message] | Callable[[], Sequence[Message] | None] | None
 
 
 class SaveOutcome(StrEnum):
@@ -107,6 +112,7 @@ async def ask_agentapi_to_save(
     conversation: Conversation | None,
     agentapi_view: Sequence[Message] | None,
     budget: Budget,
+    expected: Expected = None,
 ) -> SaveConfirmation:
     """Apply the policy above and, when it allows, ask and confirm. ``reason`` says why
     there is no ``process``; ``agentapi_view`` is what AgentAPI itself holds now."""
@@ -136,7 +142,7 @@ async def ask_agentapi_to_save(
     return await request_save(
         process,
         state_file=process.state_file or settings.agentapi_state_file,
-        expected=conversation.messages if conversation is not None else None,
+        expected=conversation.messages if conversation is not None else expected,
         budget=save_budget,
         version=version,
     )
@@ -169,7 +175,7 @@ async def request_save(
     process: AgentProcess,
     *,
     state_file: Path,
-    expected: Sequence[Message] | None,
+    expected: Expected,
     budget: Budget,
     version: Version | None,
     max_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -234,8 +240,7 @@ async def request_save(
     waited = (time.monotonic() - started) * 1000
     return done(
         SaveOutcome.NOT_CONFIRMED,
-        f"no save seen within {waited:.0f} ms: {state_file} {watch.holds} "
-        + (f"(expected {len(expected)} messages)" if expected is not None else "(any change)"),
+        f"no save seen within {waited:.0f} ms: {state_file} {watch.holds} " + watch.expecting(),
         signalled=True,
         held=watch.held,
     )
@@ -260,7 +265,7 @@ class _SaveWatch:
         self,
         path: Path,
         before: _StatKey | None,
-        expected: Sequence[Message] | None,
+        expected: Expected,
         max_bytes: int,
     ) -> None:
         self._path = path
@@ -272,15 +277,31 @@ class _SaveWatch:
         self.holds = "is absent" if before is None else "was not checked"
         self.held: int | None = None
 
+    def _known(self) -> Sequence[Message] | None:
+        return self._expected() if callable(self._expected) else self._expected
+
+    def expecting(self) -> str:
+        """For the not-confirmed sentence: what the file was expected to hold."""
+        known = self._known()
+        return f"(expected {len(known)} messages)" if known is not None else "(any change)"
+
     async def check(self) -> tuple[SaveOutcome, str, int | None] | None:
+        expected = self._known()
         key = _stat_key(self._path)
         if key is None:
             self.holds = "is absent"
-            if self._expected is not None and not self._expected and self._before is None:
+            if expected is not None and not expected and self._before is None:
                 return SaveOutcome.CONFIRMED_UNCHANGED, "no messages and no state file", 0
             return None
         if key == self._seen and self._checked_initial:
             return None
+        if expected is None:
+            if key == self._before:
+                return None  # not replaced yet; there is nothing to compare the content with
+            # AgentAPI replaces its file by rename (lib/screentracker/pty_conversation.go:
+            # os.Rename(tempFile, stateFile)): a new file at the path is a whole save. Parsing
+            # it (seconds for a big conversation) would add nothing the rename does not say.
+            return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} was replaced", None
         self._checked_initial = True
         state = await self._read()
         after = _stat_key(self._path)
@@ -288,7 +309,7 @@ class _SaveWatch:
         if state is None:
             return None
         self.held = len(state.messages)
-        holds_all = self._expected is not None and _holds(state, self._expected)
+        holds_all = _holds(state, expected)
         self.holds = f"holds {self.held} messages"
         if key != self._before:
             return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} {self.holds}", self.held

@@ -130,6 +130,13 @@ def _newer(best: Candidate, other: Candidate, file_unchanged: bool | None) -> tu
     return best, "the first in order of preference"
 
 
+def _file_needed(live: tuple[Message, ...] | None, stored: Conversation | None) -> bool:
+    """Whether AgentAPI's state file can change what the stop keeps (see ``gather``)."""
+    if live is None or not holds_user_message(live) or stored is None:
+        return True
+    return not (stored.prompt_origin == "agentapi_state" and stored.initial_prompt_sent is True)
+
+
 def prompt_was_sent(conversation: Conversation, prompt: str) -> bool:
     """Whether ``conversation`` shows that ``prompt`` (trimmed) already went to the agent: our
     copy recorded it sent, or it holds it as a user message (AgentAPI records the prompt it
@@ -280,9 +287,11 @@ async def gather(
             refused = isinstance(exc, AgentAPIUnreachable)
             return None, str(exc)
 
-    stored, file_state, (live, live_error) = await asyncio.gather(
-        load_store(), load_file(), fetch_live()
-    )
+    stored, (live, live_error) = await asyncio.gather(load_store(), fetch_live())
+    # The cheapest sufficient copy: AgentAPI's file is parsed (as big as the conversation)
+    # only when it can add something: the live answer is missing or only the start-up
+    # screen, or our copy does not yet hold the prompt fields as AgentAPI saved them (sent).
+    file_state = await load_file() if _file_needed(live, stored) else None
     if live_error is not None and agent is not None:
         notes.append(f"live messages unavailable: {live_error}")
 

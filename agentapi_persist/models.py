@@ -19,8 +19,9 @@ from __future__ import annotations
 import enum
 import json
 import re
+import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -48,6 +49,7 @@ __all__ = [
     "compare",
     "dump_compact",
     "holds_user_message",
+    "parse_batched",
     "parse_untrusted_json",
     "renumber",
     "sanitize_text",
@@ -287,14 +289,30 @@ def holds_user_message(messages: Sequence[Message]) -> bool:
 _M = TypeVar("_M", bound=BaseModel)
 
 
-def parse_untrusted_json(body: bytes, model: type[_M]) -> _M:
+#: Bodies above this size are validated message by message in batches (see
+#: ``parse_untrusted_json``); below it one call is cheaper.
+BATCHED_PARSE_BYTES = 1 << 20
+_BATCH = 2000
+_ELEMENT_ADAPTERS: dict[type[BaseModel], TypeAdapter[list[Any]]] = {}
+
+
+def parse_untrusted_json(body: bytes, model: type[_M], *, deadline: float | None = None) -> _M:
     """Validate ``body`` as ``model``, tolerating what AgentAPI's Go decoder tolerates.
 
     Fast path: pydantic's own JSON parser. It rejects invalid UTF-8 and lone surrogate
     escapes outright; Go replaces both with U+FFFD, so on that error we decode with
     replacement, parse with the standard library and validate the Python objects (the text
     validators then replace any lone surrogate). Raises ``ValueError`` with a short reason.
+
+    A big body with a ``messages`` list (100,000 messages take seconds) is validated in
+    batches: pydantic holds the interpreter lock for a whole call, so one call would stall
+    every other thread and the event loop (where the stop's deadlines live); between batches
+    they run, and past ``deadline`` (``time.monotonic``) it raises ``TimeoutError``.
     """
+    if len(body) > BATCHED_PARSE_BYTES and "messages" in model.model_fields:
+        batched = parse_batched(body, model, deadline)
+        if batched is not None:
+            return batched
     try:
         parsed = model.model_validate_json(body)
     except ValidationError as exc:
@@ -319,6 +337,50 @@ def parse_untrusted_json(body: bytes, model: type[_M]) -> _M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ValueError(_summarise(exc)) from None
+
+
+def parse_batched(body: bytes, model: type[_M], deadline: float | None = None) -> _M | None:
+    """``model`` from ``body`` with its messages validated ``_BATCH`` at a time; ``None``
+    when the body is not plain JSON (the careful path then says why or repairs it)."""
+    try:
+        document = from_json(body, allow_inf_nan=False)
+    except ValueError:
+        return None
+    items = document.get("messages") if isinstance(document, dict) else None
+    if not isinstance(items, list):
+        return None
+    adapter = _element_adapter(model)
+    validated: list[Any] = []
+    for start in range(0, len(items), _BATCH):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"validating {len(items)} messages did not finish in time ({start} done)"
+            )
+        try:
+            validated.extend(adapter.validate_python(items[start : start + _BATCH]))
+        except ValidationError as exc:
+            first = exc.errors(include_url=False, include_input=False)[0]
+            loc = list(first["loc"])
+            if loc and isinstance(loc[0], int):
+                loc[0] += start
+            where = ".".join(str(part) for part in ["messages", *loc])
+            raise ValueError(f"{where}: {first['msg']}") from None
+    document["messages"] = tuple(validated)
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise ValueError(_summarise(exc)) from None
+
+
+def _element_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    """A list adapter for the element type of ``model.messages`` (``tuple[X, ...]``)."""
+    adapter = _ELEMENT_ADAPTERS.get(model)
+    if adapter is None:
+        annotation = model.model_fields["messages"].annotation
+        (element, *_) = get_args(annotation)
+        adapter = TypeAdapter(list[element])  # type: ignore[valid-type]
+        _ELEMENT_ADAPTERS[model] = adapter
+    return adapter
 
 
 def _refuse_constant(name: str) -> Any:

@@ -236,6 +236,7 @@ async def run_sequence(
     deadline = loop.time() + budget.remaining()
     write_task: asyncio.Task[StepResult] | None = None
     best_effort: list[asyncio.Task[StepResult]] = []
+    early: _EarlySave | None = None
     started = time.perf_counter()
     try:
         async with asyncio.timeout_at(deadline):
@@ -248,23 +249,34 @@ async def run_sequence(
                 if process is not None and process.state_file is not None
                 else settings.agentapi_state_file
             )
+            # AgentAPI's own save goes out first, while our copies are read and parsed (a
+            # 100,000-message stop spent its whole budget parsing before it asked), whenever
+            # AgentAPI says it is stable: it has loaded its file then, and a save cannot lose it.
+            early = _EarlySave()
+            early.task = asyncio.create_task(
+                early.run(settings, agent, process, process_reason, budget),
+                name="persist.early_save",
+            )
             gathered = await _fetch_step(
                 settings, store, agent, budget, live_copy, prompt, agentapi_file, report
             )
             conversation = gathered.conversation
+            early.expected = conversation.messages if conversation is not None else None
             if conversation is None:
                 if _unknown(agent, gathered, process):
                     _nothing_known(report, gathered)
                     # AgentAPI's own save is then the only copy there can be: ask for it.
-                    save = _agentapi_save_step(
+                    save = early.step() or _agentapi_save_step(
                         settings, process, process_reason, None, None, budget
                     )
                     report.steps.append(await _timed(save, "agentapi_save"))
+                else:
+                    early.give_up()
                 return report
             write_task = asyncio.create_task(
                 _timed(_write_step(store, conversation, on_durable), "state"), name="persist.write"
             )
-            save = _agentapi_save_step(
+            save = early.step() or _agentapi_save_step(
                 settings, process, process_reason, conversation, gathered.agentapi_view, budget
             )
             # The upload ends a moment before the sequence's deadline, so that its own outcome
@@ -299,9 +311,20 @@ async def run_sequence(
                     report.steps.append(await _timed(stop, "stop"))
     except TimeoutError:
         report.deadline_hit = True
-        await _after_deadline(report, write_task, best_effort, settings, budget, coder)
+        finished: list[StepResult] = []
+        if early is not None and not best_effort:
+            # Cut during the fetch: the early save, if it was asked for, is the save there is.
+            done = early.finished()
+            if done is not None:
+                finished.append(done)
+            early.give_up(force=True)
+        await _after_deadline(
+            report, write_task, best_effort, settings, budget, coder, finished=finished
+        )
     except asyncio.CancelledError:
         # Cancelled from outside (e.g. a second Ctrl-C): the durable write still completes.
+        if early is not None:
+            early.give_up(force=True)
         for task in best_effort:
             task.cancel(msg="shutdown sequence cancelled")
         if write_task is not None:
@@ -352,6 +375,81 @@ async def _fetch_step(
     return gathered
 
 
+#: How long the stop waits for ``GET /status`` before deciding on an early save.
+_EARLY_STATUS_CAP_S = 0.3
+
+
+class _EarlySave:
+    """AgentAPI's save asked for at the very start of the stop, when that is safe without
+    our copy: ``GET /status`` says ``stable``, which AgentAPI reports only once its agent is
+    ready, the moment it also loads its state file (coder/agentapi
+    lib/screentracker/pty_conversation.go: ``statusLocked`` is "changing" until
+    ``initialPromptReady``; the snapshot loop loads the state in the tick readiness is seen).
+    Otherwise the save is decided after the fetch, with the start-up-screen guard."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[StepResult | None] | None = None
+        self.asked = False
+        self.expected: tuple[Message, ...] | None = None
+        """The conversation once the fetch has read it: AgentAPI skips a save when nothing
+        changed since its last one, and then only the file's content can confirm it."""
+
+    async def run(
+        self,
+        settings: Settings,
+        agent: AgentAPIClient | None,
+        process: AgentProcess | None,
+        reason: str,
+        budget: Budget,
+    ) -> StepResult | None:
+        if process is None or agent is None:
+            return None
+        try:
+            status = await agent.status(budget=budget, cap_s=_EARLY_STATUS_CAP_S)
+        except PersistError:
+            return None
+        if status.status != "stable":
+            return None
+        self.asked = True  # set before the first await: give_up() cannot race past it
+        saved = await ask_agentapi_to_save(
+            settings,
+            process,
+            reason=reason,
+            conversation=None,
+            agentapi_view=None,
+            budget=budget,
+            expected=lambda: self.expected,
+        )
+        return StepResult("agentapi_save", str(saved.outcome), saved.ok, 0, saved.detail)
+
+    def step(self) -> Awaitable[StepResult] | None:
+        """The save step when the early save was asked for; otherwise stop looking (the
+        caller decides the save itself) and ``None``."""
+        if not self.asked:
+            self.give_up()
+            return None
+        return self.wait()
+
+    async def wait(self) -> StepResult:
+        """The early save's result, once it was asked for."""
+        assert self.task is not None
+        found = await self.task
+        return found or StepResult("agentapi_save", "cut", False, 0, "the budget ran out")
+
+    def finished(self) -> StepResult | None:
+        """Its result if it already finished, else ``None``."""
+        task = self.task
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
+
+    def give_up(self, *, force: bool = False) -> None:
+        """Not needed any more: stop before it asks, if it has not yet (``force``: even a
+        save already asked for is no longer waited on)."""
+        if self.task is not None and (force or not self.asked):
+            self.task.cancel(msg="the save is decided after the fetch")
+
+
 def _unknown(
     agent: AgentAPIClient | None, gathered: Gathered, process: AgentProcess | None
 ) -> bool:
@@ -386,8 +484,11 @@ async def _after_deadline(
     settings: Settings,
     budget: Budget,
     coder: CoderClient | None,
+    *,
+    finished: list[StepResult] | None = None,
 ) -> None:
-    """Say what the deadline cut, cancel the best-effort steps, and finish the durable write."""
+    """Say what the deadline cut, cancel the best-effort steps, and finish the durable write.
+    ``finished``: steps that completed outside ``best_effort`` (the early save)."""
     done = {step.name for step in report.steps}
     # A best-effort step may have finished while the sequence waited on a slow write: its
     # outcome (the snapshot delivered, say) is reported as it was, not as cut.
@@ -396,6 +497,7 @@ async def _after_deadline(
         for task in best_effort
         if task.done() and not task.cancelled() and task.exception() is None
     }
+    finished_early.update((step.name, step) for step in finished or ())
     all_steps: tuple[StepName, ...] = ("fetch", "state", "agentapi_save", "snapshot")
     cut = [name for name in all_steps if name not in done and name not in finished_early]
     for task in best_effort:
@@ -411,8 +513,8 @@ async def _after_deadline(
         # hung disk it would exit before this summary is printed.
         margin = settings.margin_s
         wait_s = max(min(margin * 0.8, margin - settings.watchdog_margin_s - _REPORT_SLACK_S), 0.0)
-        finished, _ = await asyncio.wait({write_task}, timeout=wait_s)
-        if finished:
+        written, _ = await asyncio.wait({write_task}, timeout=wait_s)
+        if written:
             result = write_task.result()
             report.steps.append(result)
             report.durable = result.ok
@@ -503,7 +605,16 @@ async def _agentapi_save_step(
 
 
 async def _adopt_saved_prompt(settings: Settings, store: StateStore, state_file: Path) -> None:
-    """Take the prompt fields from the file AgentAPI just saved: it is their only source."""
+    """Take the prompt fields from the file AgentAPI just saved: it is their only source.
+    Not read when the copy already holds them as AgentAPI saved them, prompt sent: they
+    cannot change after that, and the file is as big as the conversation."""
+    current = store.conversation
+    if (
+        current is not None
+        and current.prompt_origin == "agentapi_state"
+        and current.initial_prompt_sent is True
+    ):
+        return
     try:
         state = await asyncio.to_thread(
             read_agentapi_state, state_file, max_bytes=settings.max_body_bytes

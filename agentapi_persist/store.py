@@ -73,6 +73,7 @@ from ._fsutil import append_durable, fsync_dir, quarantine, read_capped_file, wr
 from ._options import DEFAULT_MAX_BODY_BYTES
 from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
 from .models import (
+    BATCHED_PARSE_BYTES,
     MESSAGES_ADAPTER,
     Conversation,
     Message,
@@ -81,6 +82,7 @@ from .models import (
     compare,
     dump_compact,
     holds_user_message,
+    parse_batched,
 )
 
 __all__ = [
@@ -245,7 +247,12 @@ def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
     if hashlib.sha256(body).hexdigest() != digest:
         raise corrupt("checksum mismatch: the body is not what was written")
     try:
-        conversation = _CONVERSATION.validate_json(body)
+        # A big copy is validated in batches, so that loading it in a worker thread does not
+        # hold the interpreter lock (and the stop's event loop) for a whole second.
+        batched = parse_batched(body, Conversation) if len(body) > BATCHED_PARSE_BYTES else None
+        conversation = batched if batched is not None else _CONVERSATION.validate_json(body)
+    except ValueError as exc:
+        raise corrupt(f"the body does not validate: {exc}") from None
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"

@@ -223,6 +223,7 @@ class FakeAgentAPI(LoopbackServer):
                 for message in self._messages:
                     self._publish(_message_event(message))
         _apply_initial_prompt(self, started_with)
+        self.set_status("stable")  # ready: AgentAPI reports stable from now on when idle
 
     def set_status(self, status: Status) -> None:
         """Switch between ``running`` and ``stable``; subscribers hear of real changes only."""

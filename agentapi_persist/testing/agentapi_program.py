@@ -174,6 +174,9 @@ def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _Pro
         # Until the agent is ready: only its start-up screen, and a save in this window
         # writes exactly that with the prompt not sent.
         fake.add_message("agent", "Fake agent starting up...")
+        # AgentAPI reports "changing" (HTTP "running") until its agent is ready
+        # (lib/screentracker/pty_conversation.go statusLocked, initialPromptReady).
+        fake.set_status("running")
         fake.initial_prompt = prompt.strip(" \t\n\r\f\v")
         fake.initial_prompt_sent = False
         load_from = state_file if load else None

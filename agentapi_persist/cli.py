@@ -274,10 +274,12 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
     import asyncio
     import threading
 
+    from .shutdown import ShutdownReport
     from .signals import arm_watchdog
 
     known: list[int] = []
     said = threading.Lock()
+    progress = ShutdownReport()
 
     def publish(report: ShutdownReport) -> None:
         # The result goes out as soon as it is known: what follows is cleaning up, and if
@@ -291,15 +293,24 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
         # Held until the process exits: a summary is either wholly out with its code, or
         # never printed (the watchdog's own line and exit 5). A run measured the window
         # between the two at the very moment the watchdog fired: "ok" printed, exit 5.
-        said.acquire(timeout=settings.watchdog_margin_s / 2)
-        return known[0] if known else None
+        if not said.acquire(timeout=settings.watchdog_margin_s / 2) or known:
+            return known[0] if known else None
+        # The sequence did not get to say it: say how far it got, so a stop never ends in
+        # silence (a parse that holds the interpreter lock can keep the loop from its deadline).
+        partial = progress.cut_short()
+        partial.total_ms = round((time.monotonic() - started_at) * 1000)
+        _print(partial.as_dict() if as_json else partial.summary(), as_json=as_json)
+        sys.stdout.flush()
+        return int(partial.exit_code)
 
     # Exit on our own just before the runtime's SIGKILL, even if the loop is stuck.
     watchdog = arm_watchdog(
         started_at + settings.grace_s - settings.watchdog_margin_s, exit_code=final_code
     )
     try:
-        report = asyncio.run(_shutdown_async(settings, started_at=started_at, publish=publish))
+        report = asyncio.run(
+            _shutdown_async(settings, started_at=started_at, publish=publish, progress=progress)
+        )
     finally:
         watchdog.cancel()
     _exit_soon()
@@ -316,7 +327,11 @@ def _exit_soon() -> None:
 
 
 async def _shutdown_async(
-    settings: Settings, *, started_at: float, publish: Callable[[ShutdownReport], None]
+    settings: Settings,
+    *,
+    started_at: float,
+    publish: Callable[[ShutdownReport], None],
+    progress: ShutdownReport,
 ) -> ShutdownReport:
     from .errors import DurabilityError, StateDirBusy
     from .peers import open_peers
@@ -328,7 +343,9 @@ async def _shutdown_async(
     wait_s = min(2.0, max(ends_at - time.monotonic(), 0.0) * 0.3)
     try:
         async with open_peers(settings, lock="shutdown", lock_wait_s=wait_s) as peers:
-            return await run_shutdown(settings, peers=peers, ends_at=ends_at, publish=publish)
+            return await run_shutdown(
+                settings, peers=peers, ends_at=ends_at, publish=publish, report=progress
+            )
     except StateDirBusy as exc:
         raise DurabilityError(f"{exc}; its holder keeps the latest durable copy") from None
 

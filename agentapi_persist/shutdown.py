@@ -118,6 +118,21 @@ class ShutdownReport:
             return ExitCode.SNAPSHOT_FAILED
         return ExitCode.ERROR if self.internal_error else ExitCode.OK
 
+    def cut_short(self) -> ShutdownReport:
+        """What is known when the process must end before the sequence did: the steps that
+        ended, the deadline hit, the copy as it was (a watchdog prints this)."""
+        partial = ShutdownReport(
+            steps=list(self.steps),
+            durable=self.durable,
+            snapshot_ok=self.snapshot_ok,
+            deadline_hit=True,
+            messages=self.messages,
+        )
+        if not partial.durable:
+            partial.kept = "the previous copy is intact; the newest changes were not saved"
+        partial.notes = ["the grace period ran out before the stop finished"]
+        return partial
+
     def step(self, name: StepName) -> StepResult | None:
         """The result of step ``name``, if it ran."""
         return next((s for s in self.steps if s.name == name), None)
@@ -174,6 +189,7 @@ async def run_shutdown(
     force: asyncio.Event | None = None,
     reason: str | None = None,
     publish: Callable[[ShutdownReport], None] | None = None,
+    report: ShutdownReport | None = None,
 ) -> ShutdownReport:
     """The whole stop: returns its report once the last-shutdown record is written.
 
@@ -200,6 +216,7 @@ async def run_shutdown(
         budget=budget,
         live_copy=live_copy,
         force=force,
+        report=report,
     )
     if reason is not None:
         report.notes.insert(0, f"stopped by {reason}")
@@ -225,13 +242,15 @@ async def run_sequence(
     live_copy: Conversation | None = None,
     force: asyncio.Event | None = None,
     on_durable: Callable[[Conversation], None] | None = None,
+    report: ShutdownReport | None = None,
 ) -> ShutdownReport:
     """Run the whole sequence within ``budget`` and report; never raises for peer failures.
 
     ``coder`` is ``None`` when no snapshot is wanted. ``force`` (a second stop signal) skips
     the best-effort steps that have not started; the durable write always completes.
+    ``report`` is filled in as the steps end (a watchdog can say how far the stop got).
     """
-    report = ShutdownReport()
+    report = report if report is not None else ShutdownReport()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget.remaining()
     write_task: asyncio.Task[StepResult] | None = None

@@ -576,3 +576,34 @@ async def test_unreadable_agentapi_is_not_nothing_and_is_still_asked_to_save(
         assert "agentapi_save=confirmed_changed" in run.stdout, describe(run)
     saved = read_agentapi_state(ws.state_file, max_bytes=MAX_BYTES)
     assert [m.message for m in saved.messages] == [m["content"] for m in before]
+
+
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_a_huge_conversation_under_a_short_grace_is_reported_truthfully(
+    tmp_path: Path, version: str
+) -> None:
+    """100,000 messages (33 MB) loaded by the real AgentAPI, no sidecar, `shutdown --grace 3`:
+    the process ends inside the grace with its summary printed (the exit code it states),
+    AgentAPI was asked to save at the start (not cut before asking), and an "ok" means every
+    message is durable. Before: the parse of three copies held the interpreter for seconds,
+    the watchdog ended the process with no summary, AgentAPI never asked."""
+    ws = new_workspace(tmp_path)
+    messages = [
+        {"id": i, "role": ("user", "agent")[i % 2], "message": f"m{i} " + "x" * 300,
+         "time": "2025-01-02T03:04:05.123456789Z"}
+        for i in range(100_000)
+    ]  # fmt: skip
+    document = {"version": 1, "messages": messages, "initial_prompt": PROMPT,
+                "initial_prompt_sent": True}  # fmt: skip
+    ws.state_file.write_text(json.dumps(document))
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        await agent.wait_stable(at_least=100_000, timeout=120)
+        run = await cli(persist_env(ws, agent), "shutdown", "--grace", "3")
+    assert run.seconds < 3.0, describe(run)
+    verdict = "ok" if run.code == 0 else f"FAILED (exit {run.code})"
+    assert run.stdout.startswith(f"shutdown {verdict}:"), describe(run)
+    assert "agentapi_save=cut 0ms" not in run.stdout, describe(run)
+    assert "agentapi_save=skipped" not in run.stdout, describe(run)
+    if run.code == 0:
+        assert "100000 messages durable" in run.stdout, describe(run)
+        assert len(ws.stored().messages) == 100_000

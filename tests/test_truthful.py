@@ -7,6 +7,7 @@ Real CLI and sidecar processes against loopback peers that answer as the real on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -23,6 +24,7 @@ from agentapi_persist.testing.coder import FakeCoder
 
 from .cli_support import cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, make_messages
+from .faults_support import tmpfs
 from .peers_support import dead_url
 from .sidecar_support import eventually, sidecar_process, stored_count
 
@@ -310,3 +312,29 @@ async def test_an_event_over_the_cap_is_said_once_and_never_a_hot_loop(
             await sidecar.wait()
     assert len(streams) <= 2, len(streams)
     assert len(warnings) == 1
+
+
+@pytest.mark.faults
+async def test_no_free_inodes_at_start_never_kills_the_sidecar(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """A real tmpfs with every inode used (nr_inodes=8): no lock file, no socket, no copy
+    can be made. The sidecar starts anyway, says why, follows AgentAPI, and its stop reports
+    the state not durable (exit 3), with no traceback."""
+    with tmpfs(tmp_path / "full", size="1m,nr_inodes=8") as full:
+        (full / "state").mkdir()
+        for n in range(16):
+            with contextlib.suppress(OSError):
+                (full / f"filler-{n}").touch()
+        async with FakeAgentAPI(messages=make_messages(3)) as agent:
+            env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+            async with sidecar_process(
+                workspace, "--state-dir", str(full / "state"), env=env
+            ) as sidecar:
+                assert sidecar.saw("daemon.control_unavailable")
+                await eventually(lambda: sidecar.saw("daemon.checkpoint_failed"))
+                sidecar.proc.send_signal(signal.SIGTERM)
+                assert await sidecar.wait() == 3
+    assert not any("Traceback" in line for line in sidecar.other), sidecar.other
+    failed = [e for e in sidecar.events if e.get("event") == "daemon.checkpoint_failed"]
+    assert "No space left on device" in failed[0]["error"]

@@ -7,8 +7,10 @@
 
 The sequence (``run_sequence``, SPEC §2), all under ``asyncio.timeout`` at the budget's end:
 
-1. **fetch**: read the sidecar's copy, AgentAPI's state file and ``GET /messages`` at once, and
-   keep the freshest (``copies.choose``).
+0. **early save**: when ``GET /status`` says ``stable`` (AgentAPI has loaded its file then),
+   SIGUSR1 goes out at once, while the copies are read (``_EarlySave``); step 2 confirms it.
+1. **fetch**: read the sidecar's copy and ``GET /messages`` at once (AgentAPI's state file when
+   it can add something), and keep the freshest (``copies.choose``).
 2. **agentapi_save**: SIGUSR1 to AgentAPI, only when its version is known >= 0.12.0, its pid
    really is AgentAPI and persistence is on; then confirm the save landed instead of sleeping.
 3. **state**: the durable write of our own copy. Shielded: a deadline or a second signal never

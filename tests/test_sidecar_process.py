@@ -109,17 +109,10 @@ async def test_shutdown_command_goes_through_the_sidecar(
 
 async def test_works_as_pid_1(workspace: Workspace, coder: FakeCoder) -> None:
     """As PID 1 of a PID namespace, SIGTERM still runs the sequence (handlers installed)."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("unshare (util-linux) is not installed")
-    probe = await asyncio.create_subprocess_exec(unshare, "-fp", "--mount-proc", "true")
-    if await probe.wait() != 0:
-        pytest.skip("PID namespaces are not permitted here")
+    unshare = await _pid_namespace_prefix()
     async with FakeAgentAPI(messages=make_messages(3)) as agent:
         env = {**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
-        async with sidecar_process(
-            workspace, command=(unshare, "-fp", "--mount-proc"), env=env
-        ) as sidecar:
+        async with sidecar_process(workspace, command=unshare, env=env) as sidecar:
             children = Path(f"/proc/{sidecar.proc.pid}/task/{sidecar.proc.pid}/children")
             (child,) = (int(pid) for pid in children.read_text().split())
             status = Path(f"/proc/{child}/status").read_text()
@@ -226,10 +219,16 @@ async def test_sigterm_while_still_importing_runs_the_stop(workspace: Workspace)
 
 async def test_sigterm_while_still_importing_as_pid_1(workspace: Workspace) -> None:
     """The same as PID 1 of a PID namespace, where a signal left at its default is dropped."""
+    await _early_stop(workspace, await _pid_namespace_prefix())
+
+
+async def _pid_namespace_prefix() -> tuple[str, ...]:
+    """The command prefix that runs a process as PID 1 of a new PID namespace (or a skip
+    saying why it cannot here)."""
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("unshare (util-linux) is not installed")
     probe = await asyncio.create_subprocess_exec(unshare, "-fp", "--mount-proc", "true")
     if await probe.wait() != 0:
         pytest.skip("PID namespaces are not permitted here")
-    await _early_stop(workspace, (unshare, "-fp", "--mount-proc"))
+    return (unshare, "-fp", "--mount-proc")

@@ -22,7 +22,7 @@ import pytest
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
-from .cli_support import cli
+from .cli_support import cli, run_cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, make_messages
 from .faults_support import tmpfs
 from .peers_support import dead_url
@@ -338,3 +338,24 @@ async def test_no_free_inodes_at_start_never_kills_the_sidecar(
     assert not any("Traceback" in line for line in sidecar.other), sidecar.other
     failed = [e for e in sidecar.events if e.get("event") == "daemon.checkpoint_failed"]
     assert "No space left on device" in failed[0]["error"]
+
+
+async def test_a_relative_xdg_state_home_is_ignored(workspace: Workspace, tmp_path: Path) -> None:
+    """`XDG_STATE_HOME=state` (relative, invalid by the XDG spec): the sidecar started in one
+    directory and the stop script run from another find the same state directory, so the
+    stop reaches the sidecar; nothing is written under either working directory."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    async with FakeAgentAPI(messages=make_messages(4)) as agent:
+        env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url, "XDG_STATE_HOME": "state"}
+        async with sidecar_process(workspace, command=("env", "-C", str(here)), env=env) as side:
+            await eventually(lambda: stored_count(workspace) == 4)
+            run = await run_cli(
+                workspace.process_env(**env), "shutdown", prefix=["env", "-C", str(there)]
+            )
+            assert run.code == 0, run.stdout + run.stderr
+            assert "(via sidecar)" in run.stdout
+            assert await side.wait() == 0
+    assert not (here / "state").exists()
+    assert not (there / "state").exists()

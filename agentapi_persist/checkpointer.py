@@ -118,13 +118,16 @@ class Checkpointer:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(interval):
                         await self._now.wait()
+            trigger = "request" if self._now.is_set() else "interval"
             self.changed.clear()
             self._now.clear()
-            await self.checkpoint()
+            await self.checkpoint(trigger=trigger)
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, *, trigger: str = "direct") -> None:
         """Make the mirror's changes durable now (journal append, or a full compare after a
-        resync), and compact the journal when it has outgrown the generation."""
+        resync), and compact the journal when it has outgrown the generation. ``trigger``
+        says why, in the log: the grouping ``interval`` ran out, a ``request`` (SIGUSR1, the
+        control channel) came first, or a ``direct`` call (the stop's flush, an upload)."""
         async with self.write_lock:
             started = time.perf_counter()
             try:
@@ -156,7 +159,9 @@ class Checkpointer:
                 last_checkpoint_ms=ms,
                 checkpoints=self._facts["checkpoints"] + 1,
             )
-            log.debug("daemon.checkpoint", ms=ms, journal_bytes=self.store.journal_bytes)
+            log.debug(
+                "daemon.checkpoint", ms=ms, journal_bytes=self.store.journal_bytes, trigger=trigger
+            )
 
     def _retry_later(self) -> float:
         """Ask the checkpoint loop to try again after the current backoff; return it."""

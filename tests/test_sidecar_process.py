@@ -46,24 +46,45 @@ async def test_sigterm_runs_the_shutdown_sequence(workspace: Workspace, coder: F
 
 
 async def test_sigusr1_forces_a_checkpoint(workspace: Workspace) -> None:
-    """SIGUSR1 asks for a checkpoint now; the change is on disk and the request logged."""
+    """SIGUSR1 checkpoints now: with the longest grouping window (1 s), the change the
+    sidecar already holds is written by a checkpoint whose trigger is the request, not the
+    window running out (a SIGUSR1 that only logged would pass a test that waits for the
+    change on disk: the window saves it a second later anyway)."""
     async with (
         FakeAgentAPI(messages=make_messages(2)) as agent,
         sidecar_process(
             workspace,
             "--checkpoint-interval",
             "1.0",
+            "--log-level",
+            "debug",
             env={"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url},
         ) as sidecar,
     ):
         await eventually(lambda: stored_count(workspace) == 2)
         agent.add_message("user", "checkpoint me")
-        await asyncio.sleep(0.05)
+        await eventually(lambda: _live_messages(workspace) == 3)
         sidecar.proc.send_signal(signal.SIGUSR1)
         await eventually(lambda: stored_count(workspace) == 3)
         await eventually(lambda: sidecar.saw("daemon.checkpoint_requested"))
         sidecar.proc.send_signal(signal.SIGTERM)
         assert await sidecar.wait() == 0
+    names = [e["event"] for e in sidecar.events]
+    requested = names.index("daemon.checkpoint_requested")
+    after = [e for e in sidecar.events[requested:] if e["event"] == "daemon.checkpoint"]
+    assert after, names
+    assert after[0]["trigger"] == "request", after[0]
+
+
+def _live_messages(workspace: Workspace) -> int:
+    """How many messages the running sidecar holds in memory (its `status` answer)."""
+    from agentapi_persist.control_client import ask_sidecar
+
+    try:
+        view = ask_sidecar(workspace.state_dir, {"op": "status"}, timeout_s=1.0)["status"]
+    except Exception:  # not listening yet
+        return -1
+    return int(view["live_messages"])
 
 
 async def test_second_signal_skips_the_best_effort_steps(workspace: Workspace) -> None:

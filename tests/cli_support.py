@@ -10,6 +10,7 @@ the grace period; ``ExitClock`` notes an exit from a pidfd, whatever the event l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import subprocess
@@ -63,9 +64,17 @@ async def run_cli(
                 last[0] = time.monotonic()
         return "".join(text)
 
-    out, err, _ = await asyncio.wait_for(
-        asyncio.gather(read(proc.stdout), read(proc.stderr), proc.wait()), timeout_s
-    )
+    try:
+        out, err, _ = await asyncio.wait_for(
+            asyncio.gather(read(proc.stdout), read(proc.stderr), proc.wait()), timeout_s
+        )
+    finally:
+        if proc.returncode is None:
+            # Timed out, or the test failed and cancelled us: never leave a child behind for
+            # the loop's teardown to wait on (that hung the whole run instead of failing it).
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     ended = time.monotonic()
     return CliRun(proc.returncode, out, err, ended - started, last[0] - started)

@@ -268,7 +268,11 @@ async def run_parallel(jobs: list[Callable[[], Any]], *, width: int = 2) -> list
         async with gate:
             return await job()
 
-    return await asyncio.gather(*(one(job) for job in jobs))
+    # A task group: the first failing trial cancels the others (their processes are killed)
+    # and the test fails at once, instead of leaving tasks for the loop's teardown to hang on.
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(job)) for job in jobs]
+    return [task.result() for task in tasks]
 
 
 @pytest.mark.faults

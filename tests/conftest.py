@@ -129,12 +129,20 @@ Factory = Callable[..., Settings]
 
 
 _real_agentapi_passed: list[str] = []
+_skipped: list[tuple[str, str]] = []
+
+#: Set by CI (``.ci/run``), whose machine can run every test: a skip there means a fault
+#: class went untested without anyone noticing, so any skip fails the run, naming the reason.
+NO_SKIPS_ENV = "AGENTAPI_PERSIST_NO_SKIPS"
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Count the real-AgentAPI tests that passed (see ``pytest_sessionfinish``)."""
+    """Count the real-AgentAPI tests that passed and every skip (see ``pytest_sessionfinish``)."""
     if report.when == "call" and report.passed and "real_agentapi" in report.keywords:
         _real_agentapi_passed.append(report.nodeid)
+    if report.skipped:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append((report.nodeid, str(reason)))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -142,10 +150,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     no real-binary test passed fails: a suite that silently skipped them proves nothing."""
     from .real_agentapi import REQUIRE_ENV, required
 
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if required() and not _real_agentapi_passed and exitstatus in (0, 5):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(
                 f"error: {REQUIRE_ENV}=1 but no real-AgentAPI test passed", red=True
             )
+    if os.environ.get(NO_SKIPS_ENV) == "1" and _skipped and exitstatus in (0, 5):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter is not None:
+            reporter.write_line(
+                f"error: {NO_SKIPS_ENV}=1 and {len(_skipped)} tests were skipped:", red=True
+            )
+            for nodeid, reason in _skipped:
+                reporter.write_line(f"  {nodeid}: {reason}", red=True)

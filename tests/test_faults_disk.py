@@ -360,3 +360,29 @@ async def test_hung_disk_still_exits_on_time(
     assert run.said_last_s < 3 + 0.5  # strace itself lingers until its 4 s delay is over
     assert (workspace.state_dir / GEN1).read_bytes() == gen1
     stopped.assert_snapshot_delivered()
+
+
+@needs_strace
+async def test_a_stuck_event_loop_still_exits_before_the_grace(
+    workspace: Workspace, coder: FakeCoder, tmp_path: Path
+) -> None:
+    """The stop's own thread stuck in the kernel (strace holds its open of AgentAPI's pid file
+    for 5 s, as a hung network filesystem would): no deadline in the event loop can fire,
+    so the watchdog thread must end the stop. It does so before the grace ends, printing how
+    far the stop got, measured from outside: the watchdog's line comes before 3 s of a 3 s
+    grace (a watchdog armed 0.3 s after the grace passed the earlier, looser bounds)."""
+    workspace.pid_file.write_text("999999\n")
+    log = tmp_path / "strace.log"
+    prefix = [
+        *strace_prefix(log, "trace=openat", "inject=openat:delay_enter=5000000:when=1"),
+        "-P",
+        str(workspace.pid_file),
+    ]
+    async with stopping(workspace, coder, make_messages(4)) as stop:
+        stopped = await stop(b"", prefix=prefix, grace=3)
+    run = stopped.run
+    print(f"\n[stuck loop, grace 3 s] exit {run.code}, last line at {run.said_last_s:.2f}s")
+    assert run.code == 5, run.stdout + run.stderr
+    assert run.stdout.startswith("shutdown FAILED (exit 5)"), run.stdout + run.stderr
+    assert 2.5 < run.said_last_s < 3.0, run.said_last_s
+    assert str(workspace.pid_file) in log.read_text()  # the open that was held

@@ -116,8 +116,8 @@ async def main() -> int:
             after = json.loads(state_file.read_bytes())
             print(f"AgentAPI's state file now holds {len(after['messages'])} messages")
 
-            banner("status")
-            env["ARG_AGENTAPI_PORT"] = str(free_port())  # AgentAPI is stopped now
+            banner("status (AgentAPI is stopped now: status says so, exit 8)")
+            env["ARG_AGENTAPI_PORT"] = str(free_port())
             await command(env, "status")
     ok = shutdown == 0 and restored == 0
     banner("demo " + ("succeeded" if ok else "FAILED"))

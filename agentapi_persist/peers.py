@@ -76,21 +76,23 @@ async def open_peers(
     synchronous write before the sequence, outside its budget), it only checks it.
     """
     async with AsyncExitStack() as stack:
-        # Another instance's directory is refused before waiting for its lock: the answer
-        # is the same however long one waits, and says what to change.
+        # Whose conversation the directory holds, before anything is read or written there
+        # (module B's command never loads, uploads or writes module A's copy), and before
+        # waiting for its lock: the answer is the same however long one waits.
         await asyncio.to_thread(claim, settings.state_dir, settings.instance, write=False)
         if lock is not None:
             held = await asyncio.to_thread(
                 take_lock, settings.state_dir, purpose=lock, wait_s=lock_wait_s
             )
             stack.callback(held.release)
-        # Whose conversation the directory holds, before anything is read or written there:
-        # module B's command never loads, uploads or writes module A's copy.
-        adopted = await asyncio.to_thread(
-            claim, settings.state_dir, settings.instance, write=record_owner
-        )
-        if adopted is not None:
-            log.warning("peers.adopted_state_dir", note=adopted)
+        if record_owner:
+            # Under the lock: record whose conversation the directory holds (the check above
+            # already refused another instance's; this only writes what is missing).
+            adopted = await asyncio.to_thread(
+                claim, settings.state_dir, settings.instance, write=True
+            )
+            if adopted is not None:
+                log.warning("peers.adopted_state_dir", note=adopted)
         if agent_session is None:
             agent_session = make_session(total_timeout_s=agent_timeout_s)
             stack.push_async_callback(agent_session.close)

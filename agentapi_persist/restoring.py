@@ -115,8 +115,10 @@ def restore(
     Raises ``AgentRunningError`` if AgentAPI is running (unless ``force``): writing its file
     under it would be overwritten on its next save, or worse, read half-written. Takes the
     state directory's writer lock first (``locked``: the caller, the sidecar's start, holds
-    it already) and raises ``StateDirBusy`` naming the holder when a sidecar or a stop is
-    writing there: a generation written under a running sidecar is one it never sees.
+    it already, has recorded its instance there and adopted any earlier release's copy) and
+    raises ``StateDirBusy`` naming the holder when a sidecar or a stop is writing there: a
+    generation written under a running sidecar is one it never sees. Unlocked, it records
+    the instance and adopts an earlier copy itself, under the lock.
     """
     report = RestoreReport()
     _refuse_while_agentapi_runs(settings, force=force)
@@ -131,6 +133,12 @@ def restore(
             "file itself when it starts); stop the sidecar first"
         ) from None
     try:
+        for note in (
+            claim(settings.state_dir, settings.instance, write=True),
+            adopt_legacy_copy(settings),
+        ):
+            if note is not None:
+                report.found.append(note[0].upper() + note[1:] + ".")
         return _restore(settings, report, force=force, store=store)
     finally:
         held.release()
@@ -158,12 +166,6 @@ def _restore(
         cleared = clear_stale_pid_file(settings.agentapi_pid_file)
         if cleared is not None:
             report.did.append(cleared)
-    for note in (
-        claim(settings.state_dir, settings.instance, write=True),
-        adopt_legacy_copy(settings),
-    ):
-        if note is not None:
-            report.found.append(note[0].upper() + note[1:] + ".")
     store = store or StateStore(
         settings.state_dir, max_bytes=settings.max_body_bytes, instance=settings.instance.as_dict()
     )

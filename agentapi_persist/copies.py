@@ -134,7 +134,7 @@ def _file_needed(live: tuple[Message, ...] | None, stored: Conversation | None) 
     """Whether AgentAPI's state file can change what the stop keeps (see ``gather``)."""
     if live is None or not holds_user_message(live) or stored is None:
         return True
-    return not (stored.prompt_origin == "agentapi_state" and stored.initial_prompt_sent is True)
+    return not stored.prompt_settled
 
 
 def prompt_was_sent(conversation: Conversation, prompt: str) -> bool:

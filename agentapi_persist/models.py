@@ -215,6 +215,13 @@ class Conversation(BaseModel):
                 raise ValueError(f"message ids must be 0..n-1; found id {message.id} at {index}")
         return self
 
+    @property
+    def prompt_settled(self) -> bool:
+        """The prompt fields are AgentAPI's own (from its state file) and say the prompt was
+        sent: nothing AgentAPI saves later can change them, so its file need not be read
+        for them again."""
+        return self.prompt_origin == "agentapi_state" and self.initial_prompt_sent is True
+
     def with_messages(self, messages: Sequence[Message]) -> Conversation:
         """A copy holding ``messages`` (already validated and contiguous) and the same prompt."""
         return self.model_copy(update={"messages": tuple(messages)})

@@ -630,11 +630,7 @@ async def _adopt_saved_prompt(settings: Settings, store: StateStore, state_file:
     Not read when the copy already holds them as AgentAPI saved them, prompt sent: they
     cannot change after that, and the file is as big as the conversation."""
     current = store.conversation
-    if (
-        current is not None
-        and current.prompt_origin == "agentapi_state"
-        and current.initial_prompt_sent is True
-    ):
+    if current is not None and current.prompt_settled:
         return
     try:
         state = await asyncio.to_thread(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import stat
@@ -31,10 +32,11 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from .errors import DurabilityError, StateFileError
+from .errors import DurabilityError, PersistError, StateFileError
 
 __all__ = [
     "append_durable",
@@ -42,6 +44,7 @@ __all__ = [
     "fsync_dir",
     "quarantine",
     "read_capped_file",
+    "read_json_record",
     "write_atomic",
 ]
 
@@ -408,6 +411,17 @@ def _quarantine_at(path: Path, src_fd: int, target_dir: Path, dst_fd: int, reaso
         ) from exc
     log.warning("fs.quarantined", path=str(path), moved_to=str(dest), reason=reason)
     return dest
+
+
+def read_json_record(path: Path, limit: int = 64 * 1024) -> dict[str, Any] | None:
+    """A small JSON object kept beside the copy (a record, not the conversation): ``None``
+    when it is missing, a symlink, over ``limit`` bytes, not JSON, or not an object.
+    Never raises: every such record is advisory, and its absence has a safe meaning."""
+    try:
+        data = json.loads(read_capped_file(path, limit))
+    except (OSError, PersistError, ValueError, RecursionError):  # RecursionError: too deep
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_capped_file(path: Path, limit: int) -> bytes:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from ._fsutil import read_capped_file, write_atomic
+from ._fsutil import read_json_record, write_atomic
 from .errors import PersistError
 
 __all__ = ["MARK_NAME", "remember", "unchanged_since_mark"]
@@ -53,11 +53,7 @@ def _version(path: Path) -> dict[str, object] | None:
 
 
 def _read(state_dir: Path) -> dict[str, object] | None:
-    try:
-        data = json.loads(read_capped_file(state_dir / MARK_NAME, _MAX_BYTES))
-    except (OSError, PersistError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_record(state_dir / MARK_NAME, _MAX_BYTES)
 
 
 def remember(state_dir: Path, state_file: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from ._fsutil import ensure_private_dir, quarantine, read_capped_file, write_atomic
+from ._fsutil import ensure_private_dir, quarantine, read_json_record, write_atomic
 from .errors import ForeignStateDir, PersistError, StateDirBusy
 from .identity import Instance
 from .store import holds_a_copy
@@ -154,11 +154,8 @@ def _refusal(state_dir: Path, fd: int, purpose: str, wait_s: float) -> str:
 def read_owner(state_dir: Path) -> Instance | None:
     """The instance ``state_dir`` belongs to, ``None`` when it records none (a new directory,
     one written before instance records, or an unreadable record). Never raises."""
-    try:
-        document = json.loads(read_capped_file(state_dir / INSTANCE_NAME, _INSTANCE_MAX_BYTES))
-    except (OSError, PersistError, ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or document.get("format") != _INSTANCE_FORMAT:
+    document = read_json_record(state_dir / INSTANCE_NAME, _INSTANCE_MAX_BYTES)
+    if document is None or document.get("format") != _INSTANCE_FORMAT:
         return None
     return Instance.from_dict(document.get("instance"))
 

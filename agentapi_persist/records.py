@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from ._fsutil import write_atomic
+from ._fsutil import read_json_record, write_atomic
 from .coder import UploadOutcome, UploadResult
 from .errors import PersistError
 
@@ -36,14 +36,7 @@ def write_record(state_dir: Path, name: str, record: dict[str, Any]) -> None:
 
 def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
     """The record ``name``, or ``None`` if missing or unreadable (it is informational only)."""
-    path = state_dir / name
-    try:
-        if path.is_symlink() or path.stat().st_size > _MAX_RECORD_BYTES:
-            return None
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deeply
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_record(state_dir / name, _MAX_RECORD_BYTES)
 
 
 async def record_upload(

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_MODULE_DIR_NAME",
     "OPTIONS",
     "Option",
+    "env_source",
     "parse_bool",
     "quick_settings",
 ]
@@ -242,12 +243,17 @@ def _lookup(field: str, flags: Mapping[str, Any], env: Mapping[str, str]) -> Any
     variable of its list that is set (an empty one counts only for text settings)."""
     if flags.get(field) is not None:
         return flags[field]
-    option = next(o for o in OPTIONS if o.field == field)
+    found = env_source(next(o for o in OPTIONS if o.field == field), env)
+    return found[1] if found is not None else None
+
+
+def env_source(option: Option, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable, raw value) of the first of ``option``'s variables that is set; an empty
+    one counts only for text settings (``ARG_TASK_ID=""`` means "no task", not "unset")."""
     for name in option.env:
         raw = env.get(name)
-        if raw is None or (raw == "" and option.kind != "str"):
-            continue
-        return raw
+        if raw is not None and (raw != "" or option.kind == "str"):
+            return name, raw
     return None
 
 

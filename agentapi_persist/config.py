@@ -27,6 +27,7 @@ from ._options import (
     DEFAULT_MODULE_DIR_NAME,
     OPTIONS,
     Option,
+    env_source,
     parse_bool,
 )
 from .errors import ConfigError
@@ -258,19 +259,18 @@ class Settings(BaseModel):
                 values[option.field] = flags.pop(option.field)
                 sources[option.field] = option.flag
                 continue
-            for name in option.env:
-                raw = env.get(name)
-                if raw is None or (raw == "" and option.kind != "str"):
-                    continue
-                try:
-                    values[option.field] = _convert(raw, option, name)
-                except ConfigError as exc:
-                    if option.field not in _SNAPSHOT_ONLY:
-                        raise
-                    snapshot_problems.append(str(exc))
-                    break
-                sources[option.field] = name
-                break
+            found = env_source(option, env)
+            if found is None:
+                continue
+            name, raw = found
+            try:
+                values[option.field] = _convert(raw, option, name)
+            except ConfigError as exc:
+                if option.field not in _SNAPSHOT_ONLY:
+                    raise
+                snapshot_problems.append(str(exc))
+                continue
+            sources[option.field] = name
         if flags:
             raise ConfigError(f"unknown settings: {', '.join(sorted(flags))}")
 

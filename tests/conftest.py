@@ -145,6 +145,21 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _skipped.append((report.nodeid, str(reason)))
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the counts the fault suites recorded (``tests/evidence.py``): the figures of
+    docs/reliability/ come from these lines, so every run shows them, not only ``-s`` runs."""
+    from . import evidence
+
+    found = evidence.lines()
+    if found:
+        terminalreporter.section("reliability counts")
+        for line in found:
+            terminalreporter.write_line(line)
+    target = os.environ.get(evidence.EVIDENCE_ENV)
+    if target:
+        evidence.dump(Path(target))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Where the real AgentAPI is required (``scripts/test`` with Go installed), a run in which
     no real-binary test passed fails: a suite that silently skipped them proves nothing."""

@@ -121,7 +121,10 @@ def tmpfs(path: Path, *, size: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     done = _mount("-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path))
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.strip()}; a full "
+            "disk is still tried without mounts (strace ENOSPC, RLIMIT_FSIZE in test_faults_disk)"
+        )
     try:
         yield path
     finally:
@@ -135,11 +138,17 @@ def read_only(path: Path) -> Iterator[Path]:
         pytest.skip("mount(8) is not available")
     done = _mount("--bind", str(path), str(path))
     if done.returncode != 0:
-        pytest.skip(f"cannot bind-mount here (needs root): {done.stderr.strip()}")
+        pytest.skip(
+            f"cannot bind-mount here (needs CAP_SYS_ADMIN): {done.stderr.strip()}; a read-only "
+            "volume is still tried without mounts (strace EROFS: journal-open-EROFS)"
+        )
     try:
         done = _mount("-o", "remount,bind,ro", str(path))
         if done.returncode != 0:
-            pytest.skip(f"cannot remount read-only here: {done.stderr.strip()}")
+            pytest.skip(
+                f"cannot remount read-only here: {done.stderr.strip()}; a read-only volume is "
+                "still tried without mounts (strace EROFS: journal-open-EROFS)"
+            )
         yield path
     finally:
         _umount(path)

@@ -99,6 +99,13 @@ def dead_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+#: The least the product keeps between the shutdown sequence's budget and the grace period
+#: (``Settings.margin_s``: 10 % of the grace, at least 0.25 s). A sequence run in-process with
+#: budget B has kept the promise when it ends before B plus this: where a grace period of
+#: B + margin would end.
+MIN_MARGIN_S = 0.25
+
+
 async def run_sequence_for(
     ws: Workspace, *, budget_s: float, force: asyncio.Event | None = None, **flags: Any
 ) -> ShutdownReport:

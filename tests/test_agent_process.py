@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import aiohttp
 import pytest
 import structlog
 
@@ -37,7 +35,6 @@ from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.budget import Budget
 from agentapi_persist.models import Message
 from agentapi_persist.testing.agentapi_program import (
-    main,
     run_fake_agentapi_process,
     write_agentapi_script,
 )
@@ -635,50 +632,3 @@ async def test_poll_fallback_sees_the_exit_of_a_real_process(unrelated):
     assert not await _poll_exit(record, 0.1)
     unrelated.terminate()
     assert await _poll_exit(record, 5)
-
-
-# -- the fake program itself -------------------------------------------------------------------
-
-
-def test_fake_main_prints_its_version(capsys, monkeypatch):
-    """``agentapi --version`` prints ``agentapi version X`` like the real binary."""
-    monkeypatch.setenv("FAKE_AGENTAPI_VERSION", "0.12.9")
-    assert main(["--version"]) == 0
-    assert capsys.readouterr().out == "agentapi version 0.12.9\n"
-
-
-async def test_fake_loads_a_valid_state_file_on_start(spawn, tmp_path):
-    """A valid state file is loaded (times kept verbatim); SIGINT then saves nothing new."""
-    running = await spawn(seed=SEED)
-    await stop(running.found(), budget=Budget(10))
-    assert await running.exited_within(5)
-    before = running.state_file.read_bytes()
-
-    again = await spawn(env={"AGENTAPI_STATE_FILE": str(running.state_file)})
-    messages = await fetch_messages(again)
-    state = read_agentapi_state(running.state_file, max_bytes=2**20)
-    assert [(m.content, m.time) for m in messages] == [(m.message, m.time) for m in state.messages]
-    again.process.send_signal(signal.SIGINT)
-    assert await again.exited_within(5)
-    assert again.process.returncode == 0
-    assert running.state_file.read_bytes() == before  # nothing changed, nothing written
-
-
-async def test_fake_starts_empty_on_a_corrupt_state_file(spawn, tmp_path):
-    """Like AgentAPI: a file that fails to load means an empty start (and a later overwrite)."""
-    corrupt = tmp_path / "corrupt.json"
-    corrupt.write_bytes(b'{"version":1,"messages":[{"id":0,')
-    running = await spawn(env={"AGENTAPI_STATE_FILE": str(corrupt)})
-    assert await fetch_messages(running) == ()
-    assert corrupt.read_bytes() == b'{"version":1,"messages":[{"id":0,'
-
-
-async def test_fake_rejects_foreign_hosts_as_a_process(spawn):
-    """The process serves the same API, Host check included."""
-    running = await spawn()
-    async with aiohttp.ClientSession() as session:
-        url = f"http://127.0.0.1:{running.port}/status"
-        async with session.get(url, headers={"Host": "attacker.example"}) as response:
-            assert response.status == 400
-        async with session.get(url) as response:
-            assert (await response.json())["transport"] == "pty"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 import uuid
@@ -22,7 +21,7 @@ from agentapi_persist.coder import CoderClient, UploadOutcome, UploadResult, rai
 from agentapi_persist.config import CoderTarget
 from agentapi_persist.errors import CoderAPIError, ConfigError
 from agentapi_persist.models import dump_compact
-from agentapi_persist.testing.coder import FakeCoder, InvalidSnapshot
+from agentapi_persist.testing.coder import FakeCoder
 
 TOKEN = "canary-7c1f0d9e-token-that-must-never-leak"
 TASK = "0b6f3c1e-4a2d-4f5b-9c8e-1d2e3f4a5b6c"
@@ -541,102 +540,6 @@ def test_skipped_result_is_not_delivered() -> None:
     assert not result.delivered
     with pytest.raises(CoderAPIError, match="no task id"):
         raise_for_result(result)
-
-
-# --- the fake's own contract -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "headers", "body", "status", "json_body"),
-    [
-        pytest.param(ROUTE + "?format=agentapi", {}, PAYLOAD, 401, True, id="no-token"),
-        pytest.param(
-            "/api/v2/workspaceagents/me/tasks/nope/log-snapshot?format=agentapi",
-            {"Coder-Session-Token": TOKEN},
-            PAYLOAD,
-            400,
-            True,
-            id="task-not-uuid",
-        ),
-        pytest.param(
-            ROUTE + "?format=agentapi&x=1",
-            {"Coder-Session-Token": TOKEN},
-            PAYLOAD,
-            400,
-            True,
-            id="extra-query",
-        ),
-        pytest.param(
-            ROUTE + "?format=json", {"Coder-Session-Token": TOKEN}, PAYLOAD, 400, True, id="query"
-        ),
-        pytest.param(ROUTE, {"Coder-Session-Token": TOKEN}, PAYLOAD, 400, True, id="no-query"),
-        pytest.param(
-            ROUTE + "?format=agentapi",
-            {"Coder-Session-Token": TOKEN},
-            b'{"messages": {}}',
-            400,
-            True,
-            id="wrong-shape",
-        ),
-        pytest.param(
-            ROUTE + "?format=agentapi",
-            {"Coder-Session-Token": TOKEN},
-            b"x" * 70_000,
-            400,
-            True,
-            id="oversize",
-        ),
-        pytest.param(
-            "/api/v2/other?format=agentapi",
-            {"Coder-Session-Token": TOKEN},
-            PAYLOAD,
-            404,
-            True,
-            id="other-path",
-        ),
-    ],
-)
-async def test_fake_coder_follows_the_contract(
-    coder: FakeCoder,
-    session: aiohttp.ClientSession,
-    path: str,
-    headers: dict[str, str],
-    body: bytes,
-    status: int,
-    json_body: bool,
-) -> None:
-    """FakeCoder answers malformed requests the way the SPEC says coderd does."""
-    async with session.post(coder.url + path, data=body, headers=headers) as response:
-        text = await response.text()
-        content_type = response.content_type
-
-    assert response.status == status
-    assert (content_type == "application/json") is json_body
-    if status == 404:
-        assert json.loads(text) == {"message": "Route not found."}  # httpapi.RouteNotFound
-    assert coder.snapshots == {}
-    assert [u.status for u in coder.uploads] == [status]
-
-
-async def test_fake_coder_flags_bad_roles_and_refuses_bad_times(
-    coder: FakeCoder, session: aiohttp.ClientSession
-) -> None:
-    """Like coderd, a bad role is stored (204) and listed as invalid; a time without an
-    offset fails Go's time decoding, so the whole body is a 400."""
-    bad_role = {
-        "messages": [{"id": 0, "content": "a", "role": "system", "time": "2025-01-02T03:04:05Z"}]
-    }
-    bad_time = {
-        "messages": [{"id": 1, "content": "b", "role": "agent", "time": "2025-01-02T03:04:05"}]
-    }
-
-    stored = await upload(make_client(coder.url, session), dump_compact(bad_role))
-    refused = await upload(make_client(coder.url, session), dump_compact(bad_time))
-
-    assert stored.delivered
-    assert not refused.delivered
-    assert [u.status for u in coder.uploads] == [204, 400]
-    assert coder.invalid_snapshots == [InvalidSnapshot(TASK, 0, "role 'system'")]
 
 
 async def test_an_upload_cut_while_retrying_keeps_its_reason(

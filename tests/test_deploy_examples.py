@@ -352,7 +352,7 @@ async def test_entrypoint_restores_then_saves_on_sigterm(tmp_path: Path, coder: 
         took = time.monotonic() - started
         log = stage.log("container.log")
         assert code == 0, log
-        assert took <= grace + 0.5, log
+        assert took < grace, log
         assert stage.processes() == [], "the sidecar and AgentAPI are gone"
     assert agentapi_state_messages(state_file)[-1] == "echo: one more"
     assert list(state_file.parent.glob(state_file.name + ".corrupt-*")), "torn bytes kept aside"
@@ -447,7 +447,7 @@ async def test_coder_template_scripts_across_a_restart(tmp_path: Path, coder: Fa
         assert code == 0, stage.log("stop-1.log") + stage.log(
             "home/.agentapi-module/agentapi-persist.log"
         )
-        assert took <= grace + 0.5
+        assert took < grace
         assert "shutdown ok" in stage.log("stop-1.log")
         assert coder.uploads[-1].json["messages"][-1]["content"] == "echo: hello"
         await eventually(
@@ -532,7 +532,7 @@ async def test_custom_agent(tmp_path: Path, coder: FakeCoder) -> None:
         code = await asyncio.wait_for(proc.wait(), grace + 5)
         log = stage.log("custom.log")
         assert code == 0, log
-        assert time.monotonic() - started <= grace + 0.5
+        assert time.monotonic() - started < grace
         assert stage.processes() == []
     assert "restore written" in log
     assert "shutdown ok" in log

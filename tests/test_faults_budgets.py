@@ -13,8 +13,8 @@ and ends with the run's first log event): sixty interpreters starting together w
 each other on a small machine. The 30 s runs go first. Each run is timed from a thread of its
 own, so a busy event loop serving everyone's peers cannot add to a run's time. A run whose start
 alone took over 40 % of its grace period was starved by the machine: it is held to the
-invariants only (in time, durable, no false claim of delivery, no token), and the test fails if
-more than a quarter of the runs were.
+invariants (in time, durable, no false claim of delivery, no token), and any other outcome
+than the expected one must have its cause in the summary (the budget ran out).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
+from collections import Counter
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 
+from . import evidence
 from .cli_support import Run, run_cli_timed
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages
 from .faults_support import needs_strace, strace_prefix
@@ -188,12 +190,21 @@ def check(ws: Workspace, outcome: Outcome, coder: FakeCoder, good: Conversation)
         assert outcome.starved, "exit 5 although the run started in good time"
     if run.code != 5:
         assert f"{len(stored.messages)} messages durable" in run.stdout, output
-    if not outcome.starved:
-        expected = 0 if combo.delivers else 4
-        assert run.code == expected, f"exit {run.code}, expected {expected}"
-        if combo.agent == "fast":
-            assert len(stored.messages) == len(LIVE), "AgentAPI's newer messages were not kept"
+    expected = 0 if combo.delivers else 4
+    if run.code != expected:
+        # Only the machine may explain a different code, and the summary must say so: the
+        # run was starved, and what went undone ran out of budget (every such sentence names
+        # the budget), or the whole grace ran out (5).
+        assert outcome.starved, f"exit {run.code}, expected {expected}"
+        assert run.code == 5 or "budget" in run.stdout, f"exit {run.code} for no stated cause"
+    if combo.agent == "fast" and len(stored.messages) != len(LIVE):
+        assert outcome.starved, "AgentAPI's newer messages were not kept"
+        assert "live messages unavailable" in run.stdout or run.code == 5, output
     assert_token_nowhere(ws.root, run.stdout, run.stderr)
+
+
+def slowest(outcomes: list[Outcome], grace: float) -> float:
+    return max(o.run.seconds for o in outcomes if o.combo.grace == grace)
 
 
 @pytest.mark.timeout(240)
@@ -220,12 +231,19 @@ async def test_budget_matrix(tmp_path: Path) -> None:
         f"exit {worst.run.seconds:.3f} s = {worst.fraction:.1%} of grace ({worst.combo.name})",
         file=sys.stderr,
     )
+    codes = Counter(f"exit_{o.run.code}" for o in outcomes)
+    evidence.record(
+        "budget matrix",
+        {"runs": len(outcomes), "starved": len(starved), **codes},
+        **{f"slowest_exit_{g:g}s": f"{slowest(outcomes, g):.3f}" for g in GRACES},
+    )
     failures = [o.failure for o in outcomes if o.failure is not None]
     assert not failures, "\n".join(failures)
-    # Starved runs are held to the invariants only; if most were, the matrix proved little.
-    assert len(starved) <= len(outcomes) // 4, (
+    # A 30 s run starved (12 s just to start) would mean the machine, not the product, was
+    # judged: then the matrix proved little and says so.
+    assert not [o for o in starved if o.combo.grace == max(GRACES)], (
         f"{len(starved)} of {len(outcomes)} runs took over {STARVED:.0%} of their grace period "
-        "just to start: the machine is too busy for this test to judge the product"
+        "just to start, 30 s runs among them: the machine is too busy for this test"
     )
 
 

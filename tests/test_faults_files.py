@@ -47,6 +47,7 @@ from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 
+from . import evidence
 from .cli_support import run_cli
 from .conftest import Workspace
 from .faults_support import STRACE, needs_strace, strace_prefix
@@ -290,6 +291,7 @@ def test_generation_bit_flips(tmp_path: Path, layout: Layout, dead: str) -> None
         outcome = check_generation_trial(ws, layout, damaged, code, report)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         shutil.rmtree(ws.root)
+    evidence.record("bit flips: generation 2", {"trials": len(trials), **outcomes})
     # Only header bytes the loader does not rely on (the saved_at text) may be hit harmlessly.
     assert outcomes["fallback"] >= len(trials) - 40
     assert 0 < outcomes.get("newest", 0) <= 40
@@ -300,7 +302,8 @@ def test_journal_bit_flips(tmp_path: Path, layout: Layout, dead: str) -> None:
     """One flipped bit in the journal (sampled offsets): exactly the records before it,
     reported."""
     kept: dict[int, int] = {}
-    for offset, bit in offsets(layout.files[JOURNAL2]):
+    trials = offsets(layout.files[JOURNAL2])
+    for offset, bit in trials:
         ws = new_workspace(tmp_path / f"j{offset}")
         damaged = flip(layout.files[JOURNAL2], offset, bit)
         layout.install(ws, **{JOURNAL2: damaged})
@@ -308,6 +311,10 @@ def test_journal_bit_flips(tmp_path: Path, layout: Layout, dead: str) -> None:
         records = check_journal_trial(ws, layout, damaged, offset, report, code)
         kept[records] = kept.get(records, 0) + 1
         shutil.rmtree(ws.root)
+    evidence.record(
+        "bit flips: journal 2",
+        {"trials": len(trials), **{f"records_kept_{n}": k for n, k in kept.items()}},
+    )
     # Damage in record 3 keeps 2, and so on; all 3 only when a CRC digit merely changed case.
     assert {0, 1, 2} <= set(kept) <= {0, 1, 2, 3}
 
@@ -318,7 +325,8 @@ def test_agentapi_file_bit_flips(tmp_path: Path, layout: Layout, dead: str) -> N
     prompt-sent flag never lost, the damaged bytes kept."""
     good = rendered(layout.newest)
     outcomes: dict[str, int] = {}
-    for offset, bit in offsets(good):
+    trials = offsets(good)
+    for offset, bit in trials:
         ws = new_workspace(tmp_path / f"a{offset}")
         layout.install(ws)
         damaged = flip(good, offset, bit)
@@ -329,6 +337,7 @@ def test_agentapi_file_bit_flips(tmp_path: Path, layout: Layout, dead: str) -> N
         outcome = check_agentapi_file_trial(ws, layout, damaged, code, report)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         shutil.rmtree(ws.root)
+    evidence.record("bit flips: AgentAPI's file", {"trials": len(trials), **outcomes})
     prompt = good.index(b'"initial_prompt":"')
     assert outcomes.get("unchanged", 0) <= len(PROMPT["initial_prompt"]) + len(good) - prompt
 
@@ -377,6 +386,7 @@ async def test_bit_flips_through_the_real_cli(tmp_path: Path, layout: Layout, de
     jobs += [agentapi_file(o, b) for o, b in cli_sample(offsets(good))]
     results = await run_parallel(jobs)
     assert len(results) == 3 * CLI_SAMPLE
+    evidence.record("bit flips: through the restore process", {"processes": len(results)})
 
 
 # -- each named kind of damage to the sidecar's files, through the CLI ------------------------
@@ -452,6 +462,7 @@ async def test_damaged_newest_generation(
 ) -> None:
     """Each kind of damage to the newest generation: generation 1 and its journal are
     restored, the damage is named, and both generation-2 files are kept byte-identical."""
+    evidence.tally("damaged files at restore", "generation_kinds")
     ws = new_workspace(tmp_path)
     damaged = _damage_generation(kind, layout.files[GEN2])
     layout.install(ws, **{GEN2: damaged})
@@ -462,6 +473,7 @@ async def test_damaged_newest_generation(
 
 async def test_torn_journal_line(tmp_path: Path, layout: Layout, dead: str) -> None:
     """A journal whose last record was cut mid-line: the complete records are restored."""
+    evidence.tally("damaged files at restore", "journal_cases")
     ws = new_workspace(tmp_path)
     journal = layout.files[JOURNAL2]
     torn = journal[: journal.rindex(b"\n", 0, len(journal) - 1) + 12]
@@ -476,6 +488,7 @@ async def test_torn_journal_line(tmp_path: Path, layout: Layout, dead: str) -> N
 async def test_journal_of_another_generation(tmp_path: Path, layout: Layout, dead: str) -> None:
     """Journal 1 planted as journal 2 (its base record names generation 1): it is moved aside
     unchanged, never replayed onto generation 2."""
+    evidence.tally("damaged files at restore", "journal_cases")
     ws = new_workspace(tmp_path)
     layout.install(ws, **{JOURNAL2: layout.files[JOURNAL1]})
     code, report = await restore_cli(ws, dead)
@@ -490,6 +503,7 @@ async def test_every_generation_damaged_and_no_agentapi_file_exits_7(
 ) -> None:
     """Both generations unusable and AgentAPI's file missing: there is no good copy, and the
     exit code says so (7) instead of calling it a first start; every byte is kept aside."""
+    evidence.tally("damaged files at restore", "every_copy_cases")
     ws = new_workspace(tmp_path)
     bad1 = flip(layout.files[GEN1], len(layout.files[GEN1]) - 5, 2)
     bad2 = b"\0" * len(layout.files[GEN2])
@@ -508,6 +522,7 @@ async def test_every_copy_damaged_exits_7_and_keeps_every_byte(
     tmp_path: Path, layout: Layout, dead: str
 ) -> None:
     """Generations and AgentAPI's file all unusable: exit 7, all five files kept aside."""
+    evidence.tally("damaged files at restore", "every_copy_cases")
     ws = new_workspace(tmp_path)
     bad_file = rendered(layout.newest)[:-30]
     layout.install(ws, **{GEN1: b"", GEN2: b"garbage"})
@@ -524,6 +539,7 @@ async def test_damaged_generations_but_a_good_agentapi_file(
     tmp_path: Path, layout: Layout, dead: str
 ) -> None:
     """The sidecar's files unusable, AgentAPI's file good: it becomes the copy, exit 0."""
+    evidence.tally("damaged files at restore", "every_copy_cases")
     ws = new_workspace(tmp_path)
     layout.install(ws, **{GEN1: b"x", GEN2: b"y"})
     ws.state_file.write_bytes(rendered(layout.states[1][-1]))
@@ -684,7 +700,8 @@ async def test_every_file_the_cli_creates_is_created_exclusively_without_followi
 
 
 async def _sidecar_briefly(ws: Workspace, env: dict[str, str]) -> tuple[int, str]:
-    """Start ``run``, stop it with SIGTERM once ready (or let it fail), return code and stderr."""
+    """Start ``run``, stop it with SIGTERM once it has tried its first checkpoint (or let it
+    fail before), return the exit code and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agentapi_persist", "run", "--checkpoint-interval", "0.05",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -696,8 +713,7 @@ async def _sidecar_briefly(ws: Workspace, env: dict[str, str]) -> tuple[int, str
         async with asyncio.timeout(20):
             while line := await proc.stderr.readline():
                 lines.append(line.decode(errors="replace"))
-                if '"daemon.ready"' in lines[-1]:
-                    await asyncio.sleep(0.3)
+                if '"daemon.resync_checkpoint"' in lines[-1] or "checkpoint_failed" in lines[-1]:
                     proc.send_signal(signal.SIGTERM)
             code = await proc.wait()
     finally:

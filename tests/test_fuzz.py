@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -50,13 +51,33 @@ from agentapi_persist.models import (
 )
 from agentapi_persist.store import StateStore
 
+from . import evidence
 from .conftest import CANARY_TOKEN, TASK_ID
 
 SCALE = max(int(os.environ.get("FUZZ_SCALE", "1") or 1), 1)
 
 
 def fuzz(examples: int) -> Callable[[Any], Any]:
-    """Deterministic hypothesis settings for CI: same examples every run, no database."""
+    """Deterministic hypothesis settings for CI (same examples every run, no database), and
+    every example run counted for the reliability notes (``tests/evidence.py``)."""
+    chosen = _settings(examples)
+
+    def apply(test: Any) -> Any:
+        test = chosen(test)
+        inner = test.hypothesis.inner_test  # hypothesis's documented hook around each example
+
+        @functools.wraps(inner)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            evidence.tally("fuzzing", "examples")
+            return inner(*args, **kwargs)
+
+        test.hypothesis.inner_test = counted
+        return test
+
+    return apply
+
+
+def _settings(examples: int) -> settings:
     return settings(
         max_examples=examples * SCALE,
         derandomize=True,

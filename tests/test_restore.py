@@ -17,6 +17,7 @@ from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.server import free_port
 
+from . import evidence
 from .conftest import Workspace, make_messages
 
 
@@ -58,6 +59,7 @@ def test_bad_file_is_quarantined_and_rewritten_from_the_copy(
     workspace: Workspace, kind: str
 ) -> None:
     """Each kind of unusable file is moved aside byte-exact and replaced from the copy."""
+    evidence.tally("damaged files at restore", "agentapi_file_kinds_with_a_copy")
     StateStore(workspace.state_dir).save(conversation(6))
     workspace.state_file.write_bytes(BAD_FILES[kind])
     report = run(workspace)
@@ -76,6 +78,7 @@ def test_bad_file_without_a_copy_exits_7_and_keeps_the_bytes(
     workspace: Workspace, kind: str
 ) -> None:
     """With nothing to restore from, the bad bytes are still kept and the exit code says so."""
+    evidence.tally("damaged files at restore", "agentapi_file_kinds_without_a_copy")
     workspace.state_file.write_bytes(BAD_FILES[kind])
     report = run(workspace)
     assert report.outcome == "no_good_copy"

@@ -83,6 +83,7 @@ from .models import (
     dump_compact,
     holds_user_message,
     parse_batched,
+    splice_messages,
 )
 
 __all__ = [
@@ -107,6 +108,15 @@ _STALE_TEMP = re.compile(r"\.conversation-\d{12}\.json\.[0-9a-f]+\.tmp")
 _STALE_TEMP_AGE_S = 300.0
 _HEADER_MAX = 4096
 _CONVERSATION: TypeAdapter[Conversation] = TypeAdapter(Conversation)
+
+
+def _conversation_body(conversation: Conversation) -> bytes:
+    """A generation's body: the conversation as JSON, its messages serialised in batches
+    (``splice_messages``: a save under the stop's watchdog must not hold the lock long)."""
+    shell = _CONVERSATION.dump_json(conversation.model_copy(update={"messages": ()}))
+    return splice_messages(
+        shell, conversation.messages, lambda batch: MESSAGES_ADAPTER.dump_json(tuple(batch))
+    )
 
 
 def bytes_on_disk(directory: Path) -> int:
@@ -639,7 +649,7 @@ class StateStore:
             conversation = self.conversation
             if conversation is None:
                 return None
-            body = _CONVERSATION.dump_json(conversation)
+            body = _conversation_body(conversation)
             saved_at = _now()
             header = dump_compact(
                 {
@@ -813,7 +823,7 @@ class StateStore:
                     f"message ids must be 0..n-1; found id {message.id} at {index}: not saved"
                 )
         seq = self._next_seq()
-        body = _CONVERSATION.dump_json(conversation)
+        body = _conversation_body(conversation)
         digest = hashlib.sha256(body).hexdigest()
         saved_at = _now()
         fields: dict[str, Any] = {

@@ -699,3 +699,32 @@ def test_a_journal_that_grew_beside_the_store_is_never_cut_back(tmp_path: Path) 
     report = first.append([messages[3].model_copy(update={"content": "other"})])
     assert report.kind == "generation"
     assert journal.read_bytes() == theirs
+
+
+@pytest.mark.parametrize("count", [0, 1, 1999, 2000, 2001, 4500])
+def test_bodies_serialised_in_batches_are_the_bytes_of_one_call(count: int) -> None:
+    """Generations and AgentAPI's file are written a batch of messages at a time (no call may
+    hold the interpreter lock long under the stop's watchdog); the bytes are exactly what one
+    call writes, across batch boundaries and with a prompt that mentions the messages key."""
+    from pydantic_core import to_json
+
+    from agentapi_persist.agentapi_state import render_agentapi_state
+    from agentapi_persist.store import _CONVERSATION, _conversation_body
+
+    messages = tuple(
+        Message(id=i, content=f'm{i} ─ "messages":[]', role=("user", "agent")[i % 2], time=TIME)
+        for i in range(count)
+    )
+    conversation = Conversation(
+        messages=messages, initial_prompt='"messages":[]', initial_prompt_sent=True
+    )
+    assert _conversation_body(conversation) == _CONVERSATION.dump_json(conversation)
+    document = {
+        "version": 1,
+        "messages": [
+            {"id": m.id, "message": m.content, "role": m.role, "time": m.time} for m in messages
+        ],
+        "initial_prompt": '"messages":[]',
+        "initial_prompt_sent": True,
+    }
+    assert render_agentapi_state(conversation) == to_json(document) + b"\n"

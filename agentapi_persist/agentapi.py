@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-import re
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -346,7 +345,22 @@ def _interpret(raw: _RawEvent, url: str) -> AgentEvent | None:
     return None
 
 
-_EOL = re.compile(rb"\r\n|\r|\n")
+def _next_line_end(buffer: bytearray, pos: int) -> tuple[int, int] | None:
+    """Where the next line ending (CRLF, CR or LF) at or after ``pos`` starts and ends.
+
+    Two ``find`` calls (memchr) rather than a regular expression: a 1 MB event (a long agent
+    message, sent whole on every change) cost 13 ms to scan with ``\r\n|\r|\n`` and a
+    fraction of a millisecond this way. The CR search stops at the next LF, so every byte is
+    looked at about once however many lines a chunk holds."""
+    lf = buffer.find(b"\n", pos)
+    cr = buffer.find(b"\r", pos, lf if lf >= 0 else len(buffer))
+    if cr >= 0:
+        return cr, cr + 2 if cr + 1 == lf else cr + 1
+    if lf >= 0:
+        return lf, lf + 1
+    return None
+
+
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -395,13 +409,14 @@ class _SSEDecoder:
         events: list[_RawEvent] = []
         start = 0
         while True:
-            match = _EOL.search(buffer, max(start, self._scan_from))
-            if match is None:
+            found = _next_line_end(buffer, max(start, self._scan_from))
+            if found is None:
                 break
-            line = bytes(buffer[start : match.start()])
-            if match.group() == b"\r" and match.end() == len(buffer):
+            line_end, after = found
+            line = bytes(buffer[start:line_end])
+            if after == line_end + 1 == len(buffer) and buffer[line_end] == 0x0D:
                 self._skip_lf = True  # the LF of a CRLF may arrive in the next chunk
-            start = match.end()
+            start = after
             self._scan_from = start
             event = self._line(line)
             if event is not None:

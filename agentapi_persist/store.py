@@ -37,7 +37,18 @@ a journal can never be replayed on top of the wrong generation. Each later recor
 
 ``put`` upserts by id: an id equal to the current length appends, a smaller one replaces (the
 last agent message keeps changing while AgentAPI runs). ``prompt`` is present only when it
-changed. Replay stops at the first record whose crc, JSON or content is bad, and at a last line
+changed. A message that only grew at its end (a running agent printing) is recorded as the
+part it gained, so a checkpoint costs the change, not the message::
+
+    {"op":"delta","at":"...","put":[...],
+     "grow":[{"id":12,"from":1048576,"add":"<the appended text>","time":"..."}]}
+
+``from`` is the length (in code points) the message must have for ``add`` to apply to it;
+replay refuses a record whose message is another length, like any record that cannot apply.
+The op differs from ``update`` so that a release that does not know ``grow`` stops at such a
+record and reports it, instead of replaying the record without its growth.
+
+Replay stops at the first record whose crc, JSON or content is bad, and at a last line
 with no newline (a torn write): everything after is ignored and reported, never trusted. The
 next ``append`` cuts the file back to the last good record (bytes after a bad *complete* record
 are first copied aside, since they are more than a torn tail).
@@ -67,7 +78,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ._fsutil import append_durable, fsync_dir, quarantine, read_capped_file, write_atomic
 from ._options import DEFAULT_MAX_BODY_BYTES
@@ -77,8 +88,11 @@ from .models import (
     MESSAGES_ADAPTER,
     Conversation,
     Message,
+    MessageId,
     PromptOrigin,
     Relation,
+    Text,
+    Time,
     compare,
     dump_compact,
     holds_user_message,
@@ -197,6 +211,20 @@ class SaveReport:
     duration_ms: int
     path: Path
     kind: Literal["generation", "journal"]
+
+
+class _Grow(BaseModel):
+    """One ``grow`` entry of a ``delta`` record: text appended to a stored message."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    id: MessageId
+    length: int = Field(alias="from", ge=0, strict=True)
+    add: Text
+    time: Time
+
+
+_GROWS: TypeAdapter[tuple[_Grow, ...]] = TypeAdapter(tuple[_Grow, ...])
 
 
 class _Prompt(BaseModel):
@@ -586,10 +614,12 @@ class StateStore:
 
     def _apply_update(self, record: dict[str, Any]) -> None:
         """Apply one journal record, all or nothing. ValueError if it cannot apply."""
-        if record.get("op") != "update":
-            raise ValueError(f"unknown op {str(record.get('op'))[:40]!r}")
+        op = record.get("op")
+        if op not in ("update", "delta"):
+            raise ValueError(f"unknown op {str(op)[:40]!r}")
         try:
             puts = MESSAGES_ADAPTER.validate_python(record.get("put", ()))
+            grows = _GROWS.validate_python(record.get("grow", ())) if op == "delta" else ()
             prompt = _Prompt.model_validate(record["prompt"]) if "prompt" in record else None
         except ValidationError as exc:
             first = exc.errors(include_url=False, include_input=False)[0]
@@ -599,9 +629,24 @@ class StateStore:
             if message.id > length:
                 raise ValueError(f"message id {message.id} leaves a gap after {length} messages")
             length = max(length, message.id + 1)
+        grown = [self._grown(grow, puts) for grow in grows]
         self._upsert(puts)
+        self._upsert(grown)
         if prompt is not None:
             self._prompt = prompt
+
+    def _grown(self, grow: _Grow, puts: Sequence[Message]) -> Message:
+        """The stored message ``grow`` extends, extended; ValueError if it cannot apply."""
+        if grow.id >= len(self._messages) or any(put.id == grow.id for put in puts):
+            raise ValueError(f"grows message {grow.id}, which is not a stored message")
+        base = self._messages[grow.id]
+        if len(base.content) != grow.length:
+            raise ValueError(
+                f"grows message {grow.id} from {grow.length} characters; it has {len(base.content)}"
+            )
+        return Message.model_construct(
+            id=base.id, role=base.role, content=base.content + grow.add, time=grow.time
+        )
 
     def _upsert(self, puts: Sequence[Message]) -> None:
         messages = self._messages
@@ -703,13 +748,7 @@ class StateStore:
             path = self.directory / _journal_name(self._seq)
             if not puts and new_prompt is None:
                 return SaveReport(self._seq, 0, _ms_since(start), path, "journal")
-            record: dict[str, Any] = {
-                "op": "update",
-                "at": _now(),
-                "put": [
-                    {"id": m.id, "role": m.role, "content": m.content, "time": m.time} for m in puts
-                ],
-            }
+            record = self._update_record(puts)
             if new_prompt is not None:
                 record["prompt"] = new_prompt.model_dump()
             line = _encode_record(record)
@@ -744,6 +783,28 @@ class StateStore:
                 ms=report.duration_ms,
             )
             return report
+
+    def _update_record(self, puts: Sequence[Message]) -> dict[str, Any]:
+        """The journal record for ``puts``: whole messages, except those that only grew at
+        their end, recorded as what they gained (``delta``; the module docstring)."""
+        whole: list[dict[str, Any]] = []
+        grow: list[dict[str, Any]] = []
+        for m in puts:
+            old = self._messages[m.id] if m.id < len(self._messages) else None
+            if (
+                old is not None
+                and old.role == m.role
+                and len(m.content) > len(old.content)
+                and m.content.startswith(old.content)
+            ):
+                added = m.content[len(old.content) :]
+                grow.append({"id": m.id, "from": len(old.content), "add": added, "time": m.time})
+            else:
+                whole.append({"id": m.id, "role": m.role, "content": m.content, "time": m.time})
+        record: dict[str, Any] = {"op": "delta" if grow else "update", "at": _now(), "put": whole}
+        if grow:
+            record["grow"] = grow
+        return record
 
     def _changed(self, updates: Sequence[Message]) -> list[Message]:
         """The updates that change something, in id order; ValueError on a gap."""

@@ -121,6 +121,8 @@ class Plan:
     """A second sidecar holding this many messages, for how memory grows (0: skipped)."""
     snapshot_runs: int
     snapshot_big_mb: int
+    growth_mbs: tuple[int, ...]
+    growth_s: float
 
     @classmethod
     def make(cls, *, quick: bool) -> Plan:
@@ -139,6 +141,8 @@ class Plan:
                 idle_big_messages=0,
                 snapshot_runs=3,
                 snapshot_big_mb=1,
+                growth_mbs=(1,),
+                growth_s=4.0,
             )
         return cls(
             quick=False,
@@ -154,6 +158,8 @@ class Plan:
             idle_big_messages=10_000,
             snapshot_runs=21,
             snapshot_big_mb=10,
+            growth_mbs=(1, 10),
+            growth_s=15.0,
         )
 
 
@@ -329,10 +335,14 @@ class Peers:
 
 
 @contextlib.contextmanager
-def peers(count: int) -> Iterator[Peers]:
-    """AgentAPI holding ``count`` 1 KB messages and a Coder endpoint, in a child process."""
+def peers(count: int, *, grow_from: int = 0) -> Iterator[Peers]:
+    """AgentAPI holding ``count`` 1 KB messages and a Coder endpoint, in a child process.
+
+    ``grow_from`` > 0: one more agent message of that many bytes, which then gains
+    ``GROW_CHUNK`` bytes every ``GROW_EVERY_S`` (a running agent printing a long diff; AgentAPI
+    sends the whole message on every change)."""
     proc = subprocess.Popen(
-        [sys.executable, __file__, "_peers", str(count)],
+        [sys.executable, __file__, "_peers", str(count), str(grow_from)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=base_env(),
@@ -355,18 +365,36 @@ def peers(count: int) -> Iterator[Peers]:
             proc.wait()
 
 
-def _peers_main(count: int) -> int:
+GROW_CHUNK = 1024
+GROW_EVERY_S = 0.1
+
+
+def _peers_main(count: int, grow_from: int = 0) -> int:
     """The child: serve both peers until stdin closes."""
     from agentapi_persist.testing.agentapi import FakeAgentAPI
     from agentapi_persist.testing.coder import FakeCoder
+
+    async def grow(agent: FakeAgentAPI) -> None:
+        text = "diff --git a/x b/x\n" + "+" * grow_from
+        agent.add_message("agent", text)
+        line = 0
+        while True:
+            await asyncio.sleep(GROW_EVERY_S)
+            chunk = f"+line {line} ".ljust(GROW_CHUNK - 1, "x") + "\n"
+            text += chunk
+            line += 1
+            agent.update_last(text)
 
     async def serve() -> None:
         async with (
             FakeAgentAPI(messages=make_messages(count)) as agent,
             FakeCoder(token=TOKEN, task_ids={TASK_ID}) as coder,
         ):
+            grower = asyncio.create_task(grow(agent)) if grow_from else None
             print(json.dumps({"agentapi": agent.url, "coder": coder.url}), flush=True)
             await asyncio.to_thread(sys.stdin.buffer.read)
+            if grower is not None:
+                grower.cancel()
 
     asyncio.run(serve())
     return 0
@@ -1084,6 +1112,107 @@ def bench_checkpoint(plan: Plan, tmp: Path, results: Results) -> None:
 # 5. The idle sidecar
 
 
+# ---------------------------------------------------------------------------------------------
+# 4b. A message that keeps growing under the sidecar
+
+
+_WRITES = {"store.appended", "store.compacted", "store.saved"}
+
+
+def _bytes_written(log_path: Path, start: int) -> tuple[int, int]:
+    """Bytes the store wrote (its own debug events) after ``start`` in the sidecar's log, and
+    how many writes that was."""
+    total = writes = 0
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        for line in log:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") in _WRITES and isinstance(event.get("bytes"), int):
+                    total += event["bytes"]
+                    writes += 1
+    return total, writes
+
+
+def bench_growth(plan: Plan, tmp: Path, results: Results) -> None:
+    """The sidecar following a last message of 1 MB (and 10 MB) that gains 1 KB every 100 ms:
+    what it writes per second and the share of a core it uses. AgentAPI sends the whole message
+    on every change; a checkpoint should cost the change."""
+    for size_mb in plan.growth_mbs:
+        with peers(10, grow_from=size_mb * MB) as p:
+            home = tmp / f"growth-{size_mb}"
+            env = {**workspace_env(home, p), "AGENTAPI_PERSIST_LOG_LEVEL": "debug"}
+            log_path = tmp / f"growth-{size_mb}.log"
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [*cli_command(), "run"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    env=env,
+                    preexec_fn=die_with_parent,
+                )
+            try:
+                state_dir = Path(env["AGENTAPI_PERSIST_STATE_DIR"])
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(SidecarUnavailable, TimeoutError, OSError, ValueError):
+                        view = ask_sidecar(state_dir, {"op": "status"}, timeout_s=2.0)["status"]
+                        if view.get("stored_messages") == 11:
+                            break
+                    time.sleep(0.1)
+                else:
+                    raise RuntimeError("the sidecar never stored the growing message")
+                time.sleep(2.0)  # past the first compaction of the synced copy
+                start = log_path.stat().st_size
+                cpu0, _ = _cpu_ns(proc.pid)
+                started = time.monotonic()
+                time.sleep(plan.growth_s)
+                cpu1, _ = _cpu_ns(proc.pid)
+                elapsed = time.monotonic() - started
+                memory = proc_status(proc.pid)
+                written, writes = _bytes_written(log_path, start)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        per_s = written / elapsed
+        change_per_s = GROW_CHUNK / GROW_EVERY_S
+        share = (cpu1 - cpu0) / 1e9 / elapsed
+        results.add(
+            Row(
+                "growth",
+                f"{size_mb} MB last message +1 KB/100 ms: bytes written per second",
+                per_s / 1024,
+                "KiB/s",
+                f"{writes} writes in {elapsed:.0f} s; the change: {change_per_s / 1024:.0f} KiB/s",
+                "< 50 KiB/s (follows the change)",
+                per_s < 50 * 1024,
+            )
+        )
+        results.add(
+            Row(
+                "growth",
+                f"  sidecar CPU share while it grows ({size_mb} MB)",
+                100 * share,
+                "%",
+                f"VmRSS {memory['VmRSS'] / 1024:.0f} MB",
+                "< 10 % of a core" if size_mb == 1 else "",
+                share < 0.10 if size_mb == 1 else None,
+            )
+        )
+        results.extra[f"growth_{size_mb}mb"] = {
+            "seconds": elapsed,
+            "bytes_written": written,
+            "writes": writes,
+            "cpu_share": share,
+            "vmrss_kb": memory["VmRSS"],
+        }
+
+
 def _cpu_ns(pid: int) -> tuple[int, int]:
     """(ns on CPU, context switches), summed over the process's threads."""
     cpu = switches = 0
@@ -1309,7 +1438,7 @@ def render(results: Results, facts: dict[str, str], plan: Plan, seconds: float) 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["_peers"]:
-        return _peers_main(int(args[1]))
+        return _peers_main(int(args[1]), int(args[2]) if len(args) > 2 else 0)
     parser = argparse.ArgumentParser(
         prog="scripts/bench.py",
         description="Measure agentapi-persist against its speed targets on loopback peers.",
@@ -1320,7 +1449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["sequence", "command", "restore", "checkpoint", "idle", "snapshot"],
+        choices=["sequence", "command", "restore", "checkpoint", "growth", "idle", "snapshot"],
         help="run only these areas (repeatable)",
     )
     options = parser.parse_args(args)
@@ -1336,6 +1465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("command", lambda: bench_cli(plan, root, results)),
         ("restore", lambda: bench_restore(plan, root, results)),
         ("checkpoint", lambda: bench_checkpoint(plan, root, results)),
+        ("growth", lambda: bench_growth(plan, root, results)),
         ("idle", lambda: bench_idle(plan, root, results)),
         ("snapshot", lambda: bench_snapshot(plan, results)),
     ]

@@ -522,6 +522,36 @@ def test_sse_decoder_is_split_invariant():
     assert split.pending  # the unfinished status_change
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"data: a\r\n", b"\n"],  # a CRLF line, then a bare LF: the blank line that dispatches
+        [b"data: a\r", b"\n\n"],  # a CR whose LF comes in the next chunk, then the blank line
+        [b"data: a\r", b"\r"],  # CR endings only
+        [b"data: a\n\r", b"\n"],  # LF, then a CRLF blank line split across chunks
+    ],
+)
+def test_sse_decoder_line_endings_across_chunk_boundaries(chunks: list[bytes]) -> None:
+    """Mixed line endings where a chunk ends: exactly one event, ``a``, each time (an LF is
+    swallowed only when it completes a CR that ended the previous chunk)."""
+    decoder = _SSEDecoder(max_event_bytes=2**20)
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    assert [e.data for e in events] == ["a"]
+    assert not decoder.pending
+
+
+def test_sse_decoder_finds_the_end_of_a_1_mb_line():
+    """A long agent message comes whole in one data line: the decoder finds its end (and
+    counts it) without scanning it again for every chunk."""
+    line = b"data: " + b"x" * (1 << 20)
+    decoder = _SSEDecoder(max_event_bytes=2 << 20)
+    events = []
+    for start in range(0, len(line), 65536):
+        events += decoder.feed(line[start : start + 65536])
+    events += decoder.feed(b"\n\n")
+    assert [len(e.data) for e in events] == [1 << 20]
+
+
 def test_sse_decoder_counts_a_long_line_against_the_cap():
     """One endless line (no newline ever) is refused once it passes the cap."""
     decoder = _SSEDecoder(max_event_bytes=1000)

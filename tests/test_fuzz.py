@@ -396,12 +396,19 @@ class _Fixture:
             messages = [Message(**m) for m in body["messages"]]
             self.states[seq].append(tuple(messages))
             for line in self.files[f"journal-{seq:012d}.log"].splitlines()[1:]:
-                for put in json.loads(line[9:])["put"]:
+                record = json.loads(line[9:])
+                for put in record["put"]:
                     message = Message(**put)
                     if message.id < len(messages):
                         messages[message.id] = message
                     else:
                         messages.append(message)
+                for grow in record.get("grow", ()):  # a message that only gained text
+                    old = messages[grow["id"]]
+                    assert len(old.content) == grow["from"]
+                    messages[grow["id"]] = old.model_copy(
+                        update={"content": old.content + grow["add"], "time": grow["time"]}
+                    )
                 self.states[seq].append(tuple(messages))
         loaded = StateStore(directory).load().conversation
         assert loaded is not None

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -376,6 +377,52 @@ class TestJournal:
         report = StateStore(directory).load()
         assert report.conversation == expected
         assert report.journal_records == 3
+
+    def test_a_message_that_grows_costs_what_it_gained(self, directory, store):
+        """A 1 MB last message that gains 1 KB is recorded as the 1 KB (``delta``), and a load
+        rebuilds it exactly; a rewrite, a shrink or a new role is recorded whole."""
+        big = "x" * (1 << 20)
+        store.save(of(msg(0), msg(1, big)))
+        sizes = []
+        text = big
+        for step in range(5):
+            text += f" line {step} ─ ✓\n" * 64
+            sizes.append(store.append([msg(1, text)]).bytes_written)
+        assert max(sizes) < 2_000, sizes  # the gain plus the record's own fields
+        grown = of(msg(0), msg(1, text))
+        assert store.conversation == grown
+        assert StateStore(directory).load().conversation == grown
+        lines = journal(directory, 1).read_bytes().splitlines()
+        assert [json.loads(line[9:])["op"] for line in lines[1:]] == ["delta"] * 5
+
+        rewritten = "y" + text[1:]  # same length class, not a growth: whole
+        shrunk = text[:100]
+        for content, role in ((rewritten, None), (shrunk, None), (shrunk + "z", "user")):
+            report = store.append([msg(1, content, role=role)])
+            last = json.loads(journal(directory, 1).read_bytes().splitlines()[-1][9:])
+            assert last["op"] == "update", last["op"]
+            assert report.bytes_written > len(content)
+        final = of(msg(0), msg(1, shrunk + "z", role="user"))
+        assert StateStore(directory).load().conversation == final
+
+    def test_a_growth_that_does_not_fit_its_message_stops_the_replay(self, directory, store):
+        """A ``delta`` record whose ``from`` is not its message's length cannot apply: replay
+        stops there, keeps what came before, and says so (never a spliced message)."""
+        store.save(conv(2))
+        store.append([msg(1, "message 1 and more")])
+        path = journal(directory, 1)
+        lines = path.read_bytes().splitlines(keepends=True)
+        record = json.loads(lines[1][9:])
+        assert record["grow"][0]["from"] == len("message 1")
+        record["grow"][0]["from"] = 3
+        payload = json.dumps(record, separators=(",", ":")).encode()
+        lines[1] = b"%08x " % zlib.crc32(payload) + payload + b"\n"
+        path.write_bytes(b"".join(lines))
+        report = StateStore(directory).load()
+        assert report.conversation == conv(2)
+        assert any("grows message 1 from 3 characters" in p for p in report.problems), (
+            report.problems
+        )
 
     def test_unchanged_updates_write_nothing(self, directory, store):
         """Re-sent messages equal to the stored ones (a reconnect replay) cost no write."""

@@ -48,6 +48,7 @@ __all__ = [
     "detect_version",
     "find_agentapi",
     "is_alive",
+    "learn_version",
     "process_state",
     "read_pid_file",
     "send_signal",
@@ -419,6 +420,11 @@ async def detect_version(
     """Run ``<program> --version`` (the running process's own binary first, then
     ``fallback_bin``) and parse ``agentapi version X.Y.Z``. ``None`` when no candidate
     answered that within its slice of the budget (at most ``cap_s`` each)."""
+    key = _version_key(process)
+    cached = _KNOWN_VERSIONS.get(key) if key is not None else None
+    if cached is not None:
+        log.info("agentapi.version", version=str(cached), source="cached", ms=0)
+        return cached
     candidates: list[tuple[str, str]] = []
     if process is not None and process.program is not None:
         candidates.append((str(process.program), "process"))
@@ -434,6 +440,8 @@ async def detect_version(
         output, problem = await _run_version(command, seconds)
         version = Version.parse(output) if output is not None else None
         if version is not None:
+            if key is not None and source == "process":
+                _KNOWN_VERSIONS[key] = version
             log.info(
                 "agentapi.version",
                 version=str(version),
@@ -447,6 +455,27 @@ async def detect_version(
         problems.append(problem)
     log.warning("agentapi.version_unknown", problems=problems)
     return None
+
+
+#: Versions learnt from a running process's own binary, by (pid, start time): that pair names
+#: one process for good, and its binary's version cannot change while it runs. A sidecar
+#: learns it when it connects (``learn_version``), so that the stop runs no subprocess.
+_KNOWN_VERSIONS: dict[tuple[int, int], Version] = {}
+
+
+def _version_key(process: AgentProcess | None) -> tuple[int, int] | None:
+    if process is None or process.start_ticks is None or process.program is None:
+        return None
+    return (process.pid, process.start_ticks)
+
+
+async def learn_version(pid_file: Path, *, fallback_bin: str) -> Version | None:
+    """Find the running AgentAPI and learn its version ahead of a stop (cached for the life
+    of that process). ``None`` when it is not running or does not say."""
+    process, _ = find_agentapi(pid_file)
+    if process is None:
+        return None
+    return await detect_version(process, fallback_bin=fallback_bin, budget=Budget(2.0))
 
 
 async def _run_version(command: str, seconds: float) -> tuple[str | None, str]:

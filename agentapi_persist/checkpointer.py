@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from .agent_process import find_agentapi
+from .agent_process import find_agentapi, learn_version
 from .config import Settings
 from .errors import PersistError
 from .mirror import Mirror
@@ -55,6 +55,7 @@ class Checkpointer:
         self._waiters: list[asyncio.Future[None]] = []
         self._retry_s = _RETRY_MIN_S
         self._retry: asyncio.TimerHandle | None = None
+        self._learning: asyncio.Task[object] | None = None
 
     def wait_for_next(self) -> asyncio.Future[None]:
         """A future that completes when the next checkpoint has run (the control channel's
@@ -65,9 +66,11 @@ class Checkpointer:
         return waiter
 
     def close(self) -> None:
-        """Cancel a pending retry."""
+        """Cancel a pending retry and a version lookup still running."""
         if self._retry is not None:
             self._retry.cancel()
+        if self._learning is not None:
+            self._learning.cancel()
 
     def request(self) -> None:
         """Checkpoint now instead of at the end of the grouping window (SIGUSR1)."""
@@ -190,6 +193,15 @@ class Checkpointer:
             "daemon.resync_checkpoint", outcome=outcome, detail=detail, synced=self.mirror.synced
         )
         await self._learn_prompt_locked()
+        if self._learning is None or self._learning.done():
+            # AgentAPI (re)connected: learn its version now, outside the write lock, so the
+            # stop finds it known and runs no `agentapi --version` in its grace period.
+            self._learning = asyncio.create_task(
+                learn_version(
+                    self.settings.agentapi_pid_file, fallback_bin=self.settings.agentapi_bin
+                ),
+                name="persist.learn_version",
+            )
 
     async def _maybe_compact(self) -> None:
         journal = self.store.journal_bytes

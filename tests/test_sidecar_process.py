@@ -258,3 +258,30 @@ async def _pid_namespace_prefix() -> tuple[str, ...]:
     if await probe.wait() != 0:
         pytest.skip("PID namespaces are not permitted here")
     return (unshare, "-fp", "--mount-proc")
+
+
+async def test_the_sidecar_knows_agentapis_version_before_the_stop(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """AgentAPI's version is learnt when the sidecar connects; the stop (through `shutdown`)
+    uses what it knows and runs no `agentapi --version` in its grace period, and AgentAPI is
+    still asked to save (SIGUSR1, 0.12 and later)."""
+    script = write_agentapi_script(workspace.root / "bin", version="0.12.2")
+    port = free_port()
+    env = {**coder_env(coder), "ARG_AGENTAPI_PORT": str(port)}
+    agent_env = {**workspace.env, "AGENTAPI_STATE_FILE": str(workspace.state_file)}
+    async with (
+        run_fake_agentapi_process(script, port=port, pid_file=workspace.pid_file, env=agent_env),
+        sidecar_process(workspace, "--log-level", "debug", env=env) as sidecar,
+    ):
+        await eventually(lambda: sidecar.saw("agentapi.version"), within=10)
+        learnt = [e for e in sidecar.events if e["event"] == "agentapi.version"]
+        assert learnt[0]["source"] == "process", learnt
+        before = len(sidecar.events)
+        run = await cli(workspace, "shutdown", env=env)
+        assert run.code == 0, run.stdout + run.stderr
+        assert await sidecar.wait() == 0
+    during = sidecar.events[before:]
+    versions = [e for e in during if e["event"] == "agentapi.version"]
+    assert [e["source"] for e in versions] == ["cached"], versions
+    assert any(e["event"] == "agentapi.save_requested" for e in during), during

@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -644,7 +645,12 @@ def bench_sequence(plan: Plan, tmp: Path, results: Results) -> None:
 
 
 def _wait_synced(
-    state_dir: Path, count: int, proc: subprocess.Popen[bytes], within_s: float = 60
+    state_dir: Path,
+    count: int,
+    proc: subprocess.Popen[bytes],
+    within_s: float = 60,
+    *,
+    uploads: int = 1,
 ) -> dict[str, Any]:
     """Poll the sidecar's control channel until its copy holds ``count`` messages on disk and
     its first snapshot went out."""
@@ -659,7 +665,7 @@ def _wait_synced(
             if (
                 view.get("stored_messages") == count
                 and view.get("pending_changes") == 0
-                and view.get("uploads", 0) >= 1
+                and view.get("uploads", 0) >= uploads
             ):
                 return view
         time.sleep(0.05)
@@ -667,7 +673,18 @@ def _wait_synced(
 
 
 @contextlib.contextmanager
-def sidecar(env: dict[str, str], count: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def sidecar_synced(
+    env: dict[str, str], count: int, log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``sidecar`` without a Coder server: synced once ``count`` messages are on disk."""
+    with sidecar(env, count, log_path, uploads=0) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def sidecar(
+    env: dict[str, str], count: int, log_path: Path, *, uploads: int = 1
+) -> Iterator[subprocess.Popen[bytes]]:
     """``agentapi-persist run`` following the peers, synced before it is yielded."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -679,7 +696,7 @@ def sidecar(env: dict[str, str], count: int, log_path: Path) -> Iterator[subproc
             preexec_fn=die_with_parent,
         )
     try:
-        _wait_synced(Path(env["AGENTAPI_PERSIST_STATE_DIR"]), count, proc)
+        _wait_synced(Path(env["AGENTAPI_PERSIST_STATE_DIR"]), count, proc, uploads=uploads)
         yield proc
     finally:
         if proc.poll() is None:
@@ -804,6 +821,121 @@ def bench_cli(plan: Plan, tmp: Path, results: Results) -> None:
                 timings.append(finished.ms)
         median, spread = summarise(timings)
         results.add(Row("command", f"  {label}", median, "ms", spread))
+
+
+# The real AgentAPI, where scripts/install-agentapi built it (the same cache rule as the tests).
+REAL_AGENTAPI_VERSION = "0.12.2"
+TERMINAL_AGENT = Path(__file__).resolve().parents[1] / "tests" / "terminal_agent.py"
+
+
+def real_agentapi_binary() -> Path | None:
+    explicit = os.environ.get("AGENTAPI_PERSIST_AGENTAPI_CACHE")
+    cache = Path(explicit) if explicit else (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentapi-persist"
+        / "agentapi"
+    )  # fmt: skip
+    path = cache / f"v{REAL_AGENTAPI_VERSION}" / "agentapi"
+    return path if os.access(path, os.X_OK) else None
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def bench_cli_real(plan: Plan, tmp: Path, results: Results) -> None:
+    """`shutdown` through a running sidecar next to the real AgentAPI holding 1,000 messages
+    of 1 KB (loaded from its state file): AgentAPI asked to save (SIGUSR1) and the save
+    confirmed, as in a workspace. Skipped, and said so, where the binary is not installed."""
+    program = real_agentapi_binary()
+    if program is None:
+        results.add(
+            Row("command", "`shutdown` via sidecar, real AgentAPI: not installed", float("nan"),
+                "ms", note="run scripts/install-agentapi (needs Go)")
+        )  # fmt: skip
+        return
+    count = 1_000
+    home = tmp / "cli-real"
+    module = home / ".agentapi-module"
+    module.mkdir(parents=True)
+    state_file, pid_file = module / "agentapi-state.json", module / "agentapi.pid"
+    messages = [
+        {"id": m.id, "message": m.content, "role": m.role, "time": m.time}
+        for m in make_messages(count)
+    ]
+    state_file.write_text(
+        json.dumps(
+            {"version": 1, "messages": messages, "initial_prompt": "", "initial_prompt_sent": True}
+        )
+    )
+    port = free_port()
+    agent_env = {
+        **base_env(),
+        "HOME": str(home),
+        "AGENTAPI_STATE_FILE": str(state_file),
+        "AGENTAPI_PID_FILE": str(pid_file),
+    }
+    argv = [str(program), "server", "--port", str(port), "--type", "custom", "--"]
+    argv += [sys.executable, str(TERMINAL_AGENT), "--log", str(home / "inputs.log")]
+    with open(tmp / "agentapi.log", "ab") as log:
+        agentapi = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=agent_env,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                if (
+                    _get_json(url + "/status").get("status") == "stable"
+                    and len(_get_json(url + "/messages")["messages"]) >= count
+                ):
+                    break
+            time.sleep(0.2)
+        else:
+            results.fail("the real AgentAPI did not load its 1,000 messages in 60 s")
+            return
+        live = len(_get_json(url + "/messages")["messages"])
+        timings: list[float] = []
+        inner: list[float] = []
+        for run in range(1 + plan.sidecar_runs):
+            env = {
+                **workspace_env(home, None, agentapi_url=url),
+                "PATH": f"{program.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "ARG_ENABLE_STATE_PERSISTENCE": "true",
+            }
+            with sidecar_synced(env, live, tmp / "sidecar-real.log") as proc:
+                time.sleep(0.5)  # the version lookup after connecting has finished
+                finished = spawn([*cli_command(), "shutdown"], env, home / "out")
+                if finished.code != 0 or "agentapi_save=confirmed" not in finished.stdout:
+                    results.fail(
+                        f"shutdown via the sidecar (real): {finished.stdout}{finished.stderr}"
+                    )
+                    return
+                proc.wait(timeout=15)
+            if run:
+                timings.append(finished.ms)
+                inner.append(sequence_ms(finished.stdout))
+    finally:
+        agentapi.kill()
+        agentapi.wait()
+    median, spread = summarise(timings)
+    results.add(
+        Row(
+            "command",
+            f"`shutdown` process, sidecar running, real AgentAPI {REAL_AGENTAPI_VERSION}, "
+            f"{count:,} messages, save confirmed",
+            median,
+            "ms",
+            spread,
+            "< 100 ms",
+            median < 100,
+            note=f"of which the sequence in the sidecar: {statistics.median(inner):.0f} ms",
+        )
+    )
+    results.extra["cli_sidecar_real_ms"] = timings
+    results.extra["cli_sidecar_real_sequence_ms"] = inner
 
 
 def command_as_module() -> list[str]:
@@ -1463,6 +1595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     areas: list[tuple[str, Callable[[], None]]] = [
         ("sequence", lambda: bench_sequence(plan, root, results)),
         ("command", lambda: bench_cli(plan, root, results)),
+        ("command", lambda: bench_cli_real(plan, root, results)),
         ("restore", lambda: bench_restore(plan, root, results)),
         ("checkpoint", lambda: bench_checkpoint(plan, root, results)),
         ("growth", lambda: bench_growth(plan, root, results)),

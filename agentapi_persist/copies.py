@@ -14,9 +14,12 @@ file, so they are taken from there when it is readable and carried forward other
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import structlog
 
 from .agentapi import AgentAPIClient
 from .agentapi_state import read_agentapi_state, trim_prompt
@@ -26,6 +29,7 @@ from .errors import AgentAPIUnreachable, PersistError, StateFileError
 from .file_mark import unchanged_since_mark
 from .models import (
     AgentAPIState,
+    AgentStatus,
     Conversation,
     Message,
     Relation,
@@ -33,6 +37,14 @@ from .models import (
     holds_user_message,
 )
 from .store import StateStore
+
+log = structlog.get_logger(__name__)
+
+#: A running sidecar's view: its copy when it is AgentAPI's conversation now, given a fresh
+#: ``GET /status`` (``Follower.current_messages``), else ``None``.
+StreamView = Callable[[AgentStatus], "tuple[Message, ...] | None"]
+#: How long the stop waits for ``GET /status`` before it fetches the messages instead.
+_STATUS_CAP_S = 0.3
 
 __all__ = [
     "Candidate",
@@ -49,7 +61,7 @@ __all__ = [
 class Candidate:
     """One copy of the conversation, and whether it is current right now."""
 
-    name: str  # "live", "sidecar", "agentapi_state"
+    name: str  # "live" (or "stream": the sidecar's copy, current), "sidecar", "agentapi_state"
     messages: tuple[Message, ...]
     current: bool = False
     """True for ``GET /messages`` and for a running sidecar's in-memory copy (it follows
@@ -218,7 +230,7 @@ class Gathered:
     """The freshest conversation and where it came from."""
 
     conversation: Conversation | None
-    source: str  # "live", "sidecar", "agentapi_state" or "none"
+    source: str  # "live", "stream", "sidecar", "agentapi_state" or "none"
     live_error: str | None
     file_state: AgentAPIState | None
     notes: tuple[str, ...]
@@ -239,6 +251,7 @@ async def gather(
     live_copy: Conversation | None = None,
     process_prompt: str | None = None,
     state_file: Path | None = None,
+    stream_view: StreamView | None = None,
 ) -> Gathered:
     """Collect every available copy concurrently and keep the freshest.
 
@@ -246,7 +259,10 @@ async def gather(
     it the store is loaded from disk. AgentAPI's file is read but never written here: it
     belongs to AgentAPI while it runs. ``process_prompt`` is the initial prompt the running
     AgentAPI was started with, for a copy that never saw AgentAPI's file; ``state_file`` the
-    file it really uses (default: the configured one).
+    file it really uses (default: the configured one). ``stream_view`` is the running
+    sidecar's answer to "is your copy AgentAPI's conversation now?" given a fresh
+    ``GET /status`` (``Follower.current_messages``): when it is sure, the full ``GET
+    /messages`` is skipped and the copy is reported as ``stream``.
     """
     agentapi_file = state_file or settings.agentapi_state_file
     notes: list[str] = []
@@ -275,11 +291,20 @@ async def gather(
             return None
 
     refused = False
+    live_name = "live"
 
     async def fetch_live() -> tuple[tuple[Message, ...] | None, str | None]:
-        nonlocal refused
+        nonlocal refused, live_name
         if agent is None:
             return None, "AgentAPI not queried"
+        if stream_view is not None:
+            with contextlib.suppress(PersistError):  # in doubt: the full fetch below
+                status = await agent.status(budget=budget, cap_s=_STATUS_CAP_S)
+                current = stream_view(status)
+                if current is not None:
+                    live_name = "stream"
+                    log.info("shutdown.fetch_skipped", messages=len(current))
+                    return current, None
         try:
             cap = max(min(2.0, budget.remaining() * 0.3), 0.05)
             return await agent.messages(budget=budget, cap_s=cap), None
@@ -297,7 +322,7 @@ async def gather(
 
     candidates: list[Candidate] = []
     if live is not None:
-        candidates.append(Candidate("live", live, current=True))
+        candidates.append(Candidate(live_name, live, current=True))
     if stored is not None:
         candidates.append(Candidate("sidecar", stored.messages, current=live_copy is not None))
     unchanged: bool | None = None

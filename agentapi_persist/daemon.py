@@ -403,6 +403,7 @@ class Daemon:
             force=self.stopper.force,
             reason=reason,
             publish=publish,
+            stream_view=self.follower.current_messages if self.follower is not None else None,
         )
         await self.checkpointer.compact_on_exit(
             durable=report.durable,

@@ -22,7 +22,7 @@ from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChan
 from .budget import Budget
 from .errors import AgentAPIError, EventGap, EventTooLarge
 from .mirror import Mirror, build_replay
-from .models import Message
+from .models import AgentStatus, Message
 
 __all__ = ["Follower"]
 
@@ -32,6 +32,11 @@ _RECONNECT_MIN_S = 0.05
 _RECONNECT_MAX_S = 5.0
 #: A stream followed this long was healthy: its failure starts the reconnect backoff over.
 _HEALTHY_S = 1.0
+#: AgentAPI reports ``stable`` only once the agent's screen has not changed for 2 s
+#: (coder/agentapi lib/httpapi/server.go: ``ScreenStabilityLength: 2 * time.Second``), and a
+#: message changes only with the screen. A stream followed longer than that, uninterrupted,
+#: has seen every change before a ``stable`` that ``GET /status`` reports now.
+_STREAM_CURRENT_AFTER_S = 2.5
 _RESYNC_CAP_S = 2.0
 #: After an event over the body cap, the pause before the stream is tried again: each try
 #: replays the same oversized message, so a short backoff would be a hot loop.
@@ -104,6 +109,23 @@ class Follower:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max(_RECONNECT_MAX_S, backoff))
             self._facts["reconnects"] += 1
+
+    def current_messages(self, status: AgentStatus) -> tuple[Message, ...] | None:
+        """The conversation as AgentAPI holds it now, from the stream alone, or ``None`` when
+        in doubt (then the stop fetches it whole). ``status`` is a fresh ``GET /status``.
+
+        Certain only for a terminal (PTY) agent that AgentAPI says is stable, on a stream
+        followed without a break for longer than AgentAPI's stability window, whose own last
+        status event said stable too, with the replay taken: every message change comes with
+        a screen change, so the last one happened at least 2 s ago, and the stream delivered
+        it. ACP agents change messages without a screen and are always fetched."""
+        if status.status != "stable" or status.transport not in (None, "pty") or self._acp:
+            return None
+        if not self._facts.get("connected") or self._facts.get("agent_status") != "stable":
+            return None
+        if self._followed_for() < _STREAM_CURRENT_AFTER_S:
+            return None
+        return tuple(self.mirror.messages)
 
     def _followed_for(self) -> float:
         """Seconds the current stream has been synced (0 if it never synced)."""

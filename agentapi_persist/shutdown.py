@@ -49,7 +49,7 @@ from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .coder import CoderClient
 from .config import Settings
-from .copies import Gathered, gather, with_prompt_fields
+from .copies import Gathered, StreamView, gather, with_prompt_fields
 from .errors import (
     ConfigError,
     DurabilityError,
@@ -192,6 +192,7 @@ async def run_shutdown(
     reason: str | None = None,
     publish: Callable[[ShutdownReport], None] | None = None,
     report: ShutdownReport | None = None,
+    stream_view: StreamView | None = None,
 ) -> ShutdownReport:
     """The whole stop: returns its report once the last-shutdown record is written.
 
@@ -219,6 +220,7 @@ async def run_shutdown(
         live_copy=live_copy,
         force=force,
         report=report,
+        stream_view=stream_view,
     )
     if reason is not None:
         report.notes.insert(0, f"stopped by {reason}")
@@ -245,6 +247,7 @@ async def run_sequence(
     force: asyncio.Event | None = None,
     on_durable: Callable[[Conversation], None] | None = None,
     report: ShutdownReport | None = None,
+    stream_view: StreamView | None = None,
 ) -> ShutdownReport:
     """Run the whole sequence within ``budget`` and report; never raises for peer failures.
 
@@ -279,8 +282,9 @@ async def run_sequence(
                 name="persist.early_save",
             )
             gathered = await _fetch_step(
-                settings, store, agent, budget, live_copy, prompt, agentapi_file, report
-            )
+                settings, store, agent, budget, live_copy, prompt, agentapi_file, report,
+                stream_view,
+            )  # fmt: skip
             conversation = gathered.conversation
             early.expected = conversation.messages if conversation is not None else None
             if conversation is None:
@@ -366,6 +370,7 @@ async def _fetch_step(
     process_prompt: str | None,
     state_file: Path,
     report: ShutdownReport,
+    stream_view: StreamView | None,
 ) -> Gathered:
     started = time.perf_counter()
     gathered = await gather(
@@ -376,6 +381,7 @@ async def _fetch_step(
         live_copy=live_copy,
         process_prompt=process_prompt,
         state_file=state_file,
+        stream_view=stream_view,
     )
     ms = round((time.perf_counter() - started) * 1000)
     report.notes.extend(gathered.notes)

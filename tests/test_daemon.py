@@ -254,3 +254,52 @@ async def test_id_gaps_are_appended_and_renumbered(workspace: Workspace) -> None
     stored = workspace.stored().messages
     assert [m.id for m in stored] == [0, 1, 2, 3, 4]
     assert [m.content for m in stored[3:]] == ["after a failed prompt", "its answer, grown"]
+
+
+async def test_a_current_copy_is_not_fetched_again_at_the_stop(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """Stable AgentAPI, a stream followed without a break for longer than AgentAPI's 2 s
+    stability window: the stop takes the sidecar's copy as AgentAPI's conversation
+    (``fetch=stream``) and sends no ``GET /messages``; every message is durable and uploaded.
+    A stop while AgentAPI reports running fetches the messages whole."""
+    workspace.env.update(coder_env(coder))
+    async with (
+        FakeAgentAPI(messages=make_messages(40), status="stable") as agent,
+        sidecar(workspace, agentapi_url=agent.url, snapshot_interval_s=0) as running,
+    ):
+        await eventually(lambda: len(workspace.stored().messages) == 40)
+        await asyncio.sleep(2.6)  # longer than the stability window: a lower bound
+        before = len(agent.requests)
+        report = await running.finish()
+    during = [r.path for r in agent.requests[before:]]
+    assert "/messages" not in during, during
+    assert "/status" in during
+    fetch = report.step("fetch")
+    assert fetch is not None
+    assert fetch.outcome == "stream", report.summary()
+    assert report.exit_code is ExitCode.OK, report.summary()
+    assert len(coder.uploads[-1].json["messages"]) == 30
+    assert len(workspace.stored().messages) == 40
+
+
+async def test_a_running_agent_is_fetched_whole_at_the_stop(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """AgentAPI reports running at the stop: the stream may be behind, so the stop fetches
+    the messages whole (``fetch=live``)."""
+    workspace.env.update(coder_env(coder))
+    async with (
+        FakeAgentAPI(messages=make_messages(12), status="stable") as agent,
+        sidecar(workspace, agentapi_url=agent.url, snapshot_interval_s=0) as running,
+    ):
+        await eventually(lambda: len(workspace.stored().messages) == 12)
+        await asyncio.sleep(2.6)
+        agent.set_status("running")
+        await eventually(lambda: running.daemon.view()["agent_status"] == "running")
+        before = len(agent.requests)
+        report = await running.finish()
+    assert "/messages" in [r.path for r in agent.requests[before:]]
+    fetch = report.step("fetch")
+    assert fetch is not None
+    assert fetch.outcome == "live", report.summary()

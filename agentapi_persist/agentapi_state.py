@@ -17,8 +17,9 @@ decided; it never guesses.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from pydantic_core import PydanticSerializationError, to_json
 
@@ -27,9 +28,10 @@ from .errors import StateFileCorrupt, StateFileVersionError
 from .models import (
     AgentAPIState,
     Conversation,
+    Message,
     dump_compact,
     parse_untrusted_json,
-    splice_messages,
+    splice_message_parts,
 )
 
 __all__ = [
@@ -108,14 +110,37 @@ def render_agentapi_state(
     caller decides the prompt fields before calling. Unknown top-level fields of ``extra`` (a
     newer AgentAPI's additions) are carried after the known ones.
     """
-    return _render_json(conversation, extra) + b"\n"
+    return b"".join(_render_parts(conversation, extra))
 
 
-def _render_json(conversation: Conversation, extra: AgentAPIState | None) -> bytes:
-    messages = [
-        {"id": index, "message": m.content, "role": m.role, "time": m.time}
-        for index, m in enumerate(conversation.messages)
-    ]
+class _Rendered(Sequence[dict[str, Any]]):
+    """The file's message objects, built a batch at a time as the serialiser asks for them
+    (a whole list of dicts for 50,000 messages held tens of megabytes at once)."""
+
+    def __init__(self, messages: Sequence[Message]) -> None:
+        self._messages = messages
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[dict[str, Any]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        if isinstance(index, slice):
+            start, stop, _ = index.indices(len(self._messages))
+            return [self._one(i) for i in range(start, stop)]
+        return self._one(index)
+
+    def _one(self, index: int) -> dict[str, Any]:
+        m = self._messages[index]
+        return {"id": index, "message": m.content, "role": m.role, "time": m.time}
+
+
+def _render_parts(conversation: Conversation, extra: AgentAPIState | None) -> list[bytes]:
+    """The file's bytes as pieces (``splice_message_parts``), trailing newline included."""
+    messages = _Rendered(conversation.messages)
     document: dict[str, Any] = {
         "version": STATE_VERSION,
         "messages": [],
@@ -132,13 +157,13 @@ def _render_json(conversation: Conversation, extra: AgentAPIState | None) -> byt
             # as ``dump_compact`` three times as fast (50 MB: 180 ms instead of 530 ms), and
             # ``restore`` at boot waits for it. Carried-over extras may hold floats, which
             # it formats differently (1e-07 vs 1e-7), so those keep the standard library.
-            return splice_messages(to_json(document), messages, to_json)
-        return splice_messages(dump_compact(document), messages, dump_compact)
+            return [*splice_message_parts(to_json(document), messages, to_json), b"\n"]
+        return [*splice_message_parts(dump_compact(document), messages, dump_compact), b"\n"]
     except (UnicodeEncodeError, PydanticSerializationError):
         # Only a carried-over extra can hold a lone surrogate (our own text is sanitised);
         # ASCII escapes keep the file valid JSON, and Go reads them as U+FFFD.
-        document["messages"] = messages
-        return json.dumps(document, separators=(",", ":")).encode("ascii")
+        document["messages"] = list(messages)
+        return [json.dumps(document, separators=(",", ":")).encode("ascii"), b"\n"]
 
 
 def write_agentapi_state(
@@ -148,9 +173,9 @@ def write_agentapi_state(
 
     Only for when AgentAPI is not running: it owns the file while it runs.
     """
-    body = _render_json(conversation, extra)
-    write_atomic(path, (body, b"\n"))  # two chunks: no copy of a 50 MB body to add a newline
-    return len(body) + 1
+    parts = _render_parts(conversation, extra)
+    write_atomic(path, parts)  # the pieces as they are: a 50 MB body is never joined
+    return sum(len(part) for part in parts)
 
 
 def conversation_from_state(state: AgentAPIState) -> Conversation:

@@ -53,6 +53,7 @@ __all__ = [
     "parse_untrusted_json",
     "renumber",
     "sanitize_text",
+    "splice_message_parts",
     "splice_messages",
 ]
 
@@ -425,6 +426,19 @@ def splice_messages(
     write, but no single call holds the interpreter lock for long. One call over 100,000
     messages (39 MB) held it 110-300 ms, long enough to keep the stop's watchdog thread from
     running until after the grace period had ended."""
+    return b"".join(splice_message_parts(shell, items, dump))
+
+
+def splice_message_parts(
+    shell: bytes, items: Sequence[_T], dump: Callable[[Sequence[_T]], bytes]
+) -> list[bytes]:
+    """``splice_messages`` as the list of its pieces, for a writer that takes chunks: a
+    50 MB file is then never held twice (its pieces and their join)."""
     at = shell.index(_EMPTY_MESSAGES) + len(_EMPTY_MESSAGES) - 1
-    parts = [dump(items[i : i + _BATCH])[1:-1] for i in range(0, len(items), _BATCH)]
-    return b"".join((shell[:at], b",".join(parts), shell[at:]))
+    parts = [shell[:at]]
+    for i in range(0, len(items), _BATCH):
+        if i:
+            parts.append(b",")
+        parts.append(dump(items[i : i + _BATCH])[1:-1])
+    parts.append(shell[at:])
+    return parts

@@ -91,6 +91,9 @@ class SaveConfirmation:
     ms: int
     signalled: bool = False
     messages_in_file: int | None = None
+    state: AgentAPIState | None = None
+    """The file as parsed to confirm the save, when it was: whoever needs its prompt fields
+    next takes them from here instead of parsing a file as big as the conversation again."""
 
     @property
     def confirmed(self) -> bool:
@@ -188,12 +191,14 @@ async def request_save(
     (what AgentAPI holds is unknown) confirms only a change.
     """
     started = time.monotonic()
+    watch: _SaveWatch | None = None
 
     def done(
         outcome: SaveOutcome, detail: str, *, signalled: bool = False, held: int | None = None
     ) -> SaveConfirmation:
         ms = round((time.monotonic() - started) * 1000)
-        result = SaveConfirmation(outcome, detail, ms, signalled, held)
+        parsed = watch.state if watch is not None else None
+        result = SaveConfirmation(outcome, detail, ms, signalled, held, parsed)
         if result.confirmed:
             log.info("agentapi.save_confirmed", outcome=str(outcome), ms=ms, held=held)
         elif outcome.startswith("skipped"):
@@ -276,6 +281,7 @@ class _SaveWatch:
         self._checked_initial = False
         self.holds = "is absent" if before is None else "was not checked"
         self.held: int | None = None
+        self.state: AgentAPIState | None = None
 
     def _known(self) -> Sequence[Message] | None:
         return self._expected() if callable(self._expected) else self._expected
@@ -308,6 +314,7 @@ class _SaveWatch:
         self._seen = key if after == key else None  # changed under us: read again next poll
         if state is None:
             return None
+        self.state = state if after == key else None
         self.held = len(state.messages)
         holds_all = _holds(state, expected)
         self.holds = f"holds {self.held} messages"

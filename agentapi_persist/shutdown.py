@@ -58,7 +58,7 @@ from .errors import (
     StateFileError,
 )
 from .file_mark import remember
-from .models import Conversation, Message
+from .models import AgentAPIState, Conversation, Message
 from .peers import Peers
 from .records import record_upload
 from .snapshot import build_snapshot
@@ -98,6 +98,8 @@ class ShutdownReport:
     """What the sequence did, what was kept, and the exit code that follows."""
 
     steps: list[StepResult] = field(default_factory=list)
+    saved_state: AgentAPIState | None = field(default=None, repr=False)
+    """AgentAPI's file as parsed to confirm its save (not reported): read once, used twice."""
     durable: bool = False
     snapshot_ok: bool = False
     deadline_hit: bool = False
@@ -292,7 +294,7 @@ async def run_sequence(
                     _nothing_known(report, gathered)
                     # AgentAPI's own save is then the only copy there can be: ask for it.
                     save = early.step() or _agentapi_save_step(
-                        settings, process, process_reason, None, None, budget
+                        settings, process, process_reason, None, None, budget, report
                     )
                     report.steps.append(await _timed(save, "agentapi_save"))
                 else:
@@ -302,8 +304,9 @@ async def run_sequence(
                 _timed(_write_step(store, conversation, on_durable), "state"), name="persist.write"
             )
             save = early.step() or _agentapi_save_step(
-                settings, process, process_reason, conversation, gathered.agentapi_view, budget
-            )
+                settings, process, process_reason, conversation, gathered.agentapi_view, budget,
+                report,
+            )  # fmt: skip
             # The upload ends a moment before the sequence's deadline, so that its own outcome
             # (timed out, server error, ...) is reported rather than a bare "cut".
             upload_budget = budget.child(max(budget.remaining() - _REPORT_SLACK_S, 0.0))
@@ -325,7 +328,8 @@ async def run_sequence(
                 # clean-up records it (file_mark) once the result is out.
                 report.agreed_file = agentapi_file
                 if saved.outcome == "confirmed_changed":
-                    await _adopt_saved_prompt(settings, store, agentapi_file)
+                    parsed = report.saved_state or early.saved_state
+                    await _adopt_saved_prompt(settings, store, agentapi_file, parsed)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
             if settings.stop_agentapi:
@@ -417,6 +421,7 @@ class _EarlySave:
     def __init__(self) -> None:
         self.task: asyncio.Task[StepResult | None] | None = None
         self.asked = False
+        self.saved_state: AgentAPIState | None = None
         self.expected: tuple[Message, ...] | None = None
         """The conversation once the fetch has read it: AgentAPI skips a save when nothing
         changed since its last one, and then only the file's content can confirm it."""
@@ -447,6 +452,7 @@ class _EarlySave:
             budget=budget,
             expected=lambda: self.expected,
         )
+        self.saved_state = saved.state
         return StepResult("agentapi_save", str(saved.outcome), saved.ok, 0, saved.detail)
 
     def step(self) -> Awaitable[StepResult] | None:
@@ -619,6 +625,7 @@ async def _agentapi_save_step(
     conversation: Conversation | None,
     agentapi_view: tuple[Message, ...] | None,
     budget: Budget,
+    report: ShutdownReport,
 ) -> StepResult:
     saved = await ask_agentapi_to_save(
         settings,
@@ -628,20 +635,26 @@ async def _agentapi_save_step(
         agentapi_view=agentapi_view,
         budget=budget,
     )
+    report.saved_state = saved.state
     return StepResult("agentapi_save", str(saved.outcome), saved.ok, 0, saved.detail)
 
 
-async def _adopt_saved_prompt(settings: Settings, store: StateStore, state_file: Path) -> None:
+async def _adopt_saved_prompt(
+    settings: Settings, store: StateStore, state_file: Path, parsed: AgentAPIState | None
+) -> None:
     """Take the prompt fields from the file AgentAPI just saved: it is their only source.
     Not read when the copy already holds them as AgentAPI saved them, prompt sent: they
-    cannot change after that, and the file is as big as the conversation."""
+    cannot change after that, and the file is as big as the conversation. ``parsed`` is the
+    file as the save's confirmation already read it, if it did."""
     current = store.conversation
     if current is not None and current.prompt_settled:
         return
     try:
-        state = await asyncio.to_thread(
-            read_agentapi_state, state_file, max_bytes=settings.max_body_bytes
-        )
+        state = parsed
+        if state is None:
+            state = await asyncio.to_thread(
+                read_agentapi_state, state_file, max_bytes=settings.max_body_bytes
+            )
         current = store.conversation
         if current is None:
             return

@@ -29,7 +29,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "ensure_private_dir",
     "fsync_dir",
     "quarantine",
+    "read_capped_buffer",
     "read_capped_file",
     "read_json_record",
     "write_atomic",
@@ -197,16 +198,17 @@ def _refuse_symlink_target(dir_fd: int, path: Path) -> None:
 
 
 def write_atomic(
-    path: Path, data: bytes | bytearray | memoryview | Sequence[bytes], *, mode: int = _FILE_MODE
+    path: Path, data: bytes | bytearray | memoryview | Iterable[bytes], *, mode: int = _FILE_MODE
 ) -> None:
     """Replace ``path`` with ``data`` so that a crash at any instant leaves old or new, never
     a mix; return only once the new content and the rename are on disk.
 
-    ``data`` may be a sequence of chunks (a header and a body) so large bodies are not copied
-    into one buffer first. Raises ``DurabilityError`` saying which step failed; on every failure
+    ``data`` may be chunks (a header and a body), or an iterator of them read once as they
+    are written, so large bodies are not copied into one buffer first. Raises
+    ``DurabilityError`` saying which step failed; on every failure
     before the rename the previous file is untouched and no temp file is left behind.
     """
-    chunks: Sequence[bytes | bytearray | memoryview] = (
+    chunks: Iterable[bytes | bytearray | memoryview] = (
         (data,) if isinstance(data, bytes | bytearray | memoryview) else data
     )
     dir_fd = _open_private_dir(path.parent)
@@ -431,6 +433,60 @@ def read_capped_file(path: Path, limit: int) -> bytes:
     Opening non-blocking means a FIFO planted at ``path`` cannot hang us; it is refused after
     ``fstat`` like any other non-regular file. Everything else raises ``StateFileError``.
     """
+    fd, info = _open_capped(path, limit)
+    try:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            # Ask for more than expected so EOF (or growth past the cap) shows in one more call.
+            want = min(limit + 1 - total, max(info.st_size - total, 0) + 65536)
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            _refuse_past_cap(path, limit, total)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
+    finally:
+        os.close(fd)
+
+
+def read_capped_buffer(path: Path, limit: int) -> bytearray:
+    """``read_capped_file`` into one mutable buffer of the file's size, read in place: a
+    caller that strips a header (``del buf[:n]``, no copy) and frees the buffer once parsed
+    (``buf.clear()``) never holds a large file twice."""
+    fd, info = _open_capped(path, limit)
+    try:
+        buffer = bytearray(info.st_size)
+        view = memoryview(buffer)
+        total = 0
+        try:
+            while total < len(buffer):
+                n = os.readv(fd, [view[total:]])
+                if n == 0:
+                    break
+                total += n
+        finally:
+            view.release()
+        if total < len(buffer):
+            del buffer[total:]  # it shrank while being read
+            return buffer
+        while chunk := os.read(fd, min(limit + 1 - total, 65536)):  # it may have grown
+            buffer += chunk
+            total += len(chunk)
+            _refuse_past_cap(path, limit, total)
+        return buffer
+    except OSError as exc:
+        raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
+    finally:
+        os.close(fd)
+
+
+def _open_capped(path: Path, limit: int) -> tuple[int, os.stat_result]:
+    """Open ``path`` for reading, refusing a symlink, a non-regular file or one over
+    ``limit`` bytes (``StateFileError``; ``FileNotFoundError`` passes through)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -450,22 +506,17 @@ def read_capped_file(path: Path, limit: int) -> bytes:
                 f"{path} is {info.st_size} bytes, over the {limit}-byte cap; not read",
                 path=str(path),
             )
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            # Ask for more than expected so EOF (or growth past the cap) shows in one more call.
-            want = min(limit + 1 - total, max(info.st_size - total, 0) + 65536)
-            chunk = os.read(fd, want)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                raise StateFileError(
-                    f"{path} grew past the {limit}-byte cap while being read", path=str(path)
-                )
-        return b"".join(chunks)
     except OSError as exc:
-        raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
-    finally:
         os.close(fd)
+        raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
+    except StateFileError:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def _refuse_past_cap(path: Path, limit: int, total: int) -> None:
+    if total > limit:
+        raise StateFileError(
+            f"{path} grew past the {limit}-byte cap while being read", path=str(path)
+        )

@@ -16,8 +16,9 @@ decided; it never guesses.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -30,8 +31,8 @@ from .models import (
     Conversation,
     Message,
     dump_compact,
+    iter_splice,
     parse_untrusted_json,
-    splice_message_parts,
 )
 
 __all__ = [
@@ -110,7 +111,7 @@ def render_agentapi_state(
     caller decides the prompt fields before calling. Unknown top-level fields of ``extra`` (a
     newer AgentAPI's additions) are carried after the known ones.
     """
-    return b"".join(_render_parts(conversation, extra))
+    return b"".join(_render_pieces(conversation, extra))
 
 
 class _Rendered(Sequence[dict[str, Any]]):
@@ -138,8 +139,10 @@ class _Rendered(Sequence[dict[str, Any]]):
         return {"id": index, "message": m.content, "role": m.role, "time": m.time}
 
 
-def _render_parts(conversation: Conversation, extra: AgentAPIState | None) -> list[bytes]:
-    """The file's bytes as pieces (``splice_message_parts``), trailing newline included."""
+def _render_pieces(conversation: Conversation, extra: AgentAPIState | None) -> Iterator[bytes]:
+    """The file's bytes piece by piece, trailing newline included: the document around the
+    messages is serialised now (where the only encoding error can arise), the messages a
+    batch at a time as the writer takes them (``iter_splice``)."""
     messages = _Rendered(conversation.messages)
     document: dict[str, Any] = {
         "version": STATE_VERSION,
@@ -151,19 +154,22 @@ def _render_parts(conversation: Conversation, extra: AgentAPIState | None) -> li
         for key, value in extra.model_extra.items():
             if key not in _KNOWN_KEYS:
                 document[key] = value
+    dump: Callable[[Any], bytes]
     try:
         if len(document) == len(_KNOWN_KEYS):
             # Only strings, ints and bools: pydantic-core's serializer writes the same bytes
             # as ``dump_compact`` three times as fast (50 MB: 180 ms instead of 530 ms), and
             # ``restore`` at boot waits for it. Carried-over extras may hold floats, which
             # it formats differently (1e-07 vs 1e-7), so those keep the standard library.
-            return [*splice_message_parts(to_json(document), messages, to_json), b"\n"]
-        return [*splice_message_parts(dump_compact(document), messages, dump_compact), b"\n"]
+            shell, dump = to_json(document), to_json
+        else:
+            shell, dump = dump_compact(document), dump_compact
     except (UnicodeEncodeError, PydanticSerializationError):
         # Only a carried-over extra can hold a lone surrogate (our own text is sanitised);
         # ASCII escapes keep the file valid JSON, and Go reads them as U+FFFD.
         document["messages"] = list(messages)
-        return [json.dumps(document, separators=(",", ":")).encode("ascii"), b"\n"]
+        return iter((json.dumps(document, separators=(",", ":")).encode("ascii"), b"\n"))
+    return itertools.chain(iter_splice(shell, messages, dump), (b"\n",))
 
 
 def write_agentapi_state(
@@ -173,9 +179,17 @@ def write_agentapi_state(
 
     Only for when AgentAPI is not running: it owns the file while it runs.
     """
-    parts = _render_parts(conversation, extra)
-    write_atomic(path, parts)  # the pieces as they are: a 50 MB body is never joined
-    return sum(len(part) for part in parts)
+    written = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal written
+        for piece in _render_pieces(conversation, extra):
+            written += len(piece)
+            yield piece
+
+    # Piece by piece: a 50 MB body is never joined, nor held whole as bytes.
+    write_atomic(path, counted())
+    return written
 
 
 def conversation_from_state(state: AgentAPIState) -> Conversation:

@@ -20,7 +20,7 @@ import enum
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
@@ -49,6 +49,7 @@ __all__ = [
     "compare",
     "dump_compact",
     "holds_user_message",
+    "iter_splice",
     "parse_batched",
     "parse_untrusted_json",
     "renumber",
@@ -352,13 +353,23 @@ def parse_untrusted_json(body: bytes, model: type[_M], *, deadline: float | None
         raise ValueError(_summarise(exc)) from None
 
 
-def parse_batched(body: bytes, model: type[_M], deadline: float | None = None) -> _M | None:
+def parse_batched(
+    body: bytes | bytearray,
+    model: type[_M],
+    deadline: float | None = None,
+    *,
+    consume: bool = False,
+) -> _M | None:
     """``model`` from ``body`` with its messages validated ``_BATCH`` at a time; ``None``
-    when the body is not plain JSON (the careful path then says why or repairs it)."""
+    when the body is not plain JSON (the careful path then says why or repairs it).
+    ``consume``: ``body`` is a buffer nobody needs after the parse, cleared as soon as the
+    JSON is read, so its memory is free before the messages are validated."""
     try:
         document = from_json(body, allow_inf_nan=False)
     except ValueError:
         return None
+    if consume and isinstance(body, bytearray):
+        body.clear()
     items = document.get("messages") if isinstance(document, dict) else None
     if not isinstance(items, list):
         return None
@@ -434,11 +445,18 @@ def splice_message_parts(
 ) -> list[bytes]:
     """``splice_messages`` as the list of its pieces, for a writer that takes chunks: a
     50 MB file is then never held twice (its pieces and their join)."""
+    return list(iter_splice(shell, items, dump))
+
+
+def iter_splice(
+    shell: bytes, items: Sequence[_T], dump: Callable[[Sequence[_T]], bytes]
+) -> Iterator[bytes]:
+    """``splice_message_parts`` one piece at a time: a writer that takes them as they come
+    holds one batch of the serialised messages, not all of them."""
     at = shell.index(_EMPTY_MESSAGES) + len(_EMPTY_MESSAGES) - 1
-    parts = [shell[:at]]
+    yield shell[:at]
     for i in range(0, len(items), _BATCH):
         if i:
-            parts.append(b",")
-        parts.append(dump(items[i : i + _BATCH])[1:-1])
-    parts.append(shell[at:])
-    return parts
+            yield b","
+        yield dump(items[i : i + _BATCH])[1:-1]
+    yield shell[at:]

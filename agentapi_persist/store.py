@@ -79,8 +79,16 @@ from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import from_json
 
-from ._fsutil import append_durable, fsync_dir, quarantine, read_capped_file, write_atomic
+from ._fsutil import (
+    append_durable,
+    fsync_dir,
+    quarantine,
+    read_capped_buffer,
+    read_capped_file,
+    write_atomic,
+)
 from ._options import DEFAULT_MAX_BODY_BYTES
 from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
 from .models import (
@@ -252,8 +260,54 @@ class _Generation:
         self.conversation = conversation
 
 
-def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
-    """Verify header, length and checksum, then validate the body. Raises StateFileError."""
+_BODY_HEAD = b'{"messages":['
+_BODY_ARRAY_END = b'}],"initial_prompt":'
+_MESSAGE_START = b'},{"id":'
+_OWN_BATCH = 2000
+
+
+def _parse_own_body(body: bytearray) -> Conversation | None:
+    """A verified generation body, parsed ``_OWN_BATCH`` messages at a time straight from
+    ``body``, which is consumed as it goes: the bytes parsed are freed while the messages
+    are built, so a 50 MB copy never sits in memory as both bytes and objects (``restore``
+    peaked at over 4 times the file's size). ``None``, with ``body`` untouched, when it is
+    not laid out as ``_conversation_body`` writes it (the general parser then reads it).
+
+    Splitting at ``},{"id":`` is exact for valid JSON: a quote inside a string is always
+    escaped, so that sequence only ever separates two objects of the array; a crafted body
+    that does not parse in pieces is refused as corrupt, never misread."""
+    end = body.find(_BODY_ARRAY_END)
+    if not body.startswith(_BODY_HEAD) or end < 0:
+        return None
+    fields = from_json(b"{" + bytes(body[end + 3 :]), allow_inf_nan=False)
+    if not isinstance(fields, dict):
+        return None
+    messages: list[Message] = []
+    del body[: len(_BODY_HEAD)]
+    remaining = end + 1 - len(_BODY_HEAD)  # bytes of message objects left at body's front
+    while remaining > 0:
+        cut = 0
+        for _ in range(_OWN_BATCH):
+            found = body.find(_MESSAGE_START, cut, remaining)
+            if found < 0:
+                cut = remaining
+                break
+            cut = found + 1
+        chunk = b"[" + bytes(body[:cut]) + b"]"
+        taken = min(cut + 1, remaining)  # with the comma after this batch's last message
+        del body[:taken]
+        remaining -= taken
+        messages.extend(MESSAGES_ADAPTER.validate_json(chunk))
+    body.clear()
+    fields["messages"] = tuple(messages)
+    return _CONVERSATION.validate_python(fields)
+
+
+def _decode_generation(data: bytearray, *, seq: int, path: Path) -> _Generation:
+    """Verify header, length and checksum, then validate the body. Raises StateFileError.
+
+    ``data`` (the whole file, from ``read_capped_buffer``) is used up: its header line is
+    cut off in place and the body freed once parsed, so a 50 MB copy is never held twice."""
     name = path.name
 
     def corrupt(reason: str) -> StateFileCorrupt:
@@ -263,7 +317,7 @@ def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
     if end < 0:
         raise corrupt(f"no header line in the first {_HEADER_MAX} bytes ({len(data)} bytes)")
     try:
-        header = json.loads(data[:end])
+        header = json.loads(bytes(data[:end]))
     except (ValueError, RecursionError):
         raise corrupt("the header line is not JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -279,7 +333,9 @@ def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
         raise corrupt(f"the header says seq {header.get('seq')!r}, the name says {seq}")
     if type(length) is not int or not isinstance(digest, str) or not isinstance(saved_at, str):
         raise corrupt("the header lacks length, sha256 or saved_at")
-    body = data[end + 1 :]
+    size = len(data)
+    del data[: end + 1]  # the header line, cut off in place (no copy of the body)
+    body = data
     if len(body) != length:
         raise corrupt(f"torn: the header promises {length} body bytes, the file has {len(body)}")
     if hashlib.sha256(body).hexdigest() != digest:
@@ -287,7 +343,10 @@ def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
     try:
         # A big copy is validated in batches, so that loading it in a worker thread does not
         # hold the interpreter lock (and the stop's event loop) for a whole second.
-        batched = parse_batched(body, Conversation) if len(body) > BATCHED_PARSE_BYTES else None
+        big = len(body) > BATCHED_PARSE_BYTES
+        batched = _parse_own_body(body) if big else None
+        if batched is None and big:
+            batched = parse_batched(body, Conversation, consume=True)
         conversation = batched if batched is not None else _CONVERSATION.validate_json(body)
     except ValueError as exc:
         raise corrupt(f"the body does not validate: {exc}") from None
@@ -296,7 +355,7 @@ def _decode_generation(data: bytes, *, seq: int, path: Path) -> _Generation:
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise corrupt(f"the body does not validate: {where}: {first['msg']}") from None
     return _Generation(
-        seq=seq, sha256=digest, saved_at=saved_at, size=len(data), conversation=conversation
+        seq=seq, sha256=digest, saved_at=saved_at, size=size, conversation=conversation
     )
 
 
@@ -434,7 +493,7 @@ class StateStore:
             path = self.directory / _generation_name(seq)
             try:
                 chosen = _decode_generation(
-                    read_capped_file(path, self.max_bytes), seq=seq, path=path
+                    read_capped_buffer(path, self.max_bytes), seq=seq, path=path
                 )
                 break
             except FileNotFoundError:

@@ -775,3 +775,27 @@ def test_bodies_serialised_in_batches_are_the_bytes_of_one_call(count: int) -> N
         "initial_prompt_sent": True,
     }
     assert render_agentapi_state(conversation) == to_json(document) + b"\n"
+
+
+@pytest.mark.parametrize("count", [1, 1999, 2000, 2001, 4500])
+def test_a_big_generation_loads_exactly_whatever_its_text_holds(tmp_path: Path, count: int) -> None:
+    """Bodies over 1 MiB are parsed a batch of messages at a time, split where one message
+    object ends and the next begins; text that spells such a place (escaped, as JSON must)
+    and batch boundaries change nothing in what loads."""
+    size = max(2_000_000 // count, 10)
+    tricky = '},{"id":7,"role":"user"}],"initial_prompt":"x" ─ '
+    messages = tuple(
+        Message(
+            id=i,
+            role=("user", "agent")[i % 2],
+            content=f"{i} {tricky}" + "y" * size,
+            time=TIME,
+        )
+        for i in range(count)
+    )
+    saved = Conversation(messages=messages, initial_prompt=tricky, initial_prompt_sent=True)
+    StateStore(tmp_path).save(saved)
+    assert gen(tmp_path, 1).stat().st_size > (1 << 20)
+    report = StateStore(tmp_path).load()
+    assert report.problems == ()
+    assert report.conversation == saved

@@ -22,7 +22,7 @@ from agentapi_persist.models import AgentAPIState, Conversation, Message, dump_c
 from .conftest import TIME
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
-AREAS = {"sequence", "command", "restore", "checkpoint", "idle", "snapshot"}
+AREAS = {"sequence", "command", "restore", "checkpoint", "growth", "idle", "snapshot"}
 
 
 @pytest.mark.timeout(240)

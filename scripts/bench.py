@@ -932,6 +932,16 @@ def add_sidecar_row(
     results.extra[f"{key}_sequence_ms"] = inner
 
 
+# Runs its arguments as a child and reports the child's own peak RSS (wait4) on stderr.
+_PEAK_RSS = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:])\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "print(f'PEAK_RSS_KB={usage.ru_maxrss}', file=sys.stderr)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def command_as_module() -> list[str]:
     return ["-m", "agentapi_persist", "shutdown"]
 
@@ -1083,7 +1093,13 @@ def bench_restore(plan: Plan, tmp: Path, results: Results) -> None:
             return
         if run:
             cli_ms.append(finished.ms)
-            cli_rss.append(finished.maxrss_kb / 1024)
+    # Peak RSS from a small parent: a child forked from this process (which holds the
+    # conversation it built) reports this process's size until its exec, not its own.
+    for _ in range(min(3, plan.restore_runs)):
+        finished = one([sys.executable, "-c", _PEAK_RSS, *cli], cold=False)
+        if finished is None:
+            return
+        cli_rss.append(int(finished.stderr.rsplit("PEAK_RSS_KB=", 1)[1]) / 1024)
     median, spread = summarise(cli_ms)
     results.add(
         Row(
@@ -1103,6 +1119,8 @@ def bench_restore(plan: Plan, tmp: Path, results: Results) -> None:
             statistics.median(cli_rss),
             "MB",
             summarise(cli_rss, "MB")[1],
+            "< 150 MB",
+            statistics.median(cli_rss) < 150,
         )
     )
 

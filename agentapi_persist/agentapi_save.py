@@ -40,6 +40,7 @@ from .agentapi_state import read_agentapi_state
 from .budget import Budget
 from .config import Settings
 from .errors import StateFileError, cap_text
+from .file_mark import holds_as_agreed
 from .models import AgentAPIState, Conversation, Message, holds_user_message
 
 __all__ = [
@@ -148,6 +149,7 @@ async def ask_agentapi_to_save(
         expected=conversation.messages if conversation is not None else expected,
         budget=save_budget,
         version=version,
+        state_dir=settings.state_dir,
     )
 
 
@@ -182,13 +184,16 @@ async def request_save(
     budget: Budget,
     version: Version | None,
     max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    state_dir: Path | None = None,
 ) -> SaveConfirmation:
     """Ask AgentAPI to save (SIGUSR1) and confirm the save landed in ``state_file``.
 
     Never signals a version that is unknown or older than 0.12.0: those do not save on it.
     Confirmation: the file changed after the signal and parses as a v1 state, or it holds
     every ``expected`` message (same count, ids, roles and text) already. ``expected=None``
-    (what AgentAPI holds is unknown) confirms only a change.
+    (what AgentAPI holds is unknown) confirms only a change. ``state_dir``: where the
+    sidecar's copy records the file version it last agreed with (``file_mark``); a file
+    still at that version, agreed on these very messages, is confirmed without parsing it.
     """
     started = time.monotonic()
     watch: _SaveWatch | None = None
@@ -230,7 +235,7 @@ async def request_save(
     if verdict == "denied":
         return done(SaveOutcome.SKIPPED_NOT_PERMITTED, why)
     log.info("agentapi.save_requested", pid=process.pid, version=str(version))
-    watch = _SaveWatch(state_file, before, expected, max_bytes)
+    watch = _SaveWatch(state_file, before, expected, max_bytes, state_dir)
     try:
         # The timeout also cuts a slow read of a big file (the read's thread finishes alone).
         async with asyncio.timeout(budget.remaining()):
@@ -272,8 +277,10 @@ class _SaveWatch:
         before: _StatKey | None,
         expected: Expected,
         max_bytes: int,
+        state_dir: Path | None = None,
     ) -> None:
         self._path = path
+        self._state_dir = state_dir
         self._before = before
         self._seen = before
         self._expected = expected
@@ -308,6 +315,17 @@ class _SaveWatch:
             # os.Rename(tempFile, stateFile)): a new file at the path is a whole save. Parsing
             # it (seconds for a big conversation) would add nothing the rename does not say.
             return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} was replaced", None
+        if not self._checked_initial and key == self._before and self._agreed(expected):
+            # Not written since it last agreed with our copy, on these messages: it holds
+            # them all (AgentAPI skips a save when it has nothing new), no parse needed.
+            self.held = len(expected)
+            self.holds = f"holds {self.held} messages"
+            return (
+                SaveOutcome.CONFIRMED_UNCHANGED,
+                f"{self._path} already holds all {self.held} messages (unchanged since it "
+                "last agreed with the sidecar copy)",
+                self.held,
+            )
         self._checked_initial = True
         state = await self._read()
         after = _stat_key(self._path)
@@ -327,6 +345,11 @@ class _SaveWatch:
                 self.held,
             )
         return None
+
+    def _agreed(self, expected: Sequence[Message]) -> bool:
+        if self._state_dir is None:
+            return False
+        return holds_as_agreed(self._state_dir, self._path, expected)
 
     async def _read(self) -> AgentAPIState | None:
         try:

@@ -206,7 +206,7 @@ def _restore(
     report.messages = len(from_file.messages)
     if stored is None:
         store.save(from_file)
-        remember(settings.state_dir, path)
+        remember(settings.state_dir, path, from_file.messages)
         report.outcome = "adopted"
         report.did.append(
             f"Saved the file's {len(from_file.messages)} messages as the sidecar copy."
@@ -231,7 +231,7 @@ def _restore(
         report.outcome = "unchanged"
         report.found.append("The file is current.")
         _adopt_prompt_fields(store, stored, from_file, report)
-        remember(settings.state_dir, path)
+        remember(settings.state_dir, path, from_file.messages)
     elif relation is Relation.A_AHEAD:
         report.found.append(
             f"The file is behind the sidecar copy ({len(from_file.messages)} vs "
@@ -241,7 +241,7 @@ def _restore(
     elif relation is Relation.B_AHEAD:
         report.found.append("The file is ahead of the sidecar copy.")
         store.save(from_file)
-        remember(settings.state_dir, path)
+        remember(settings.state_dir, path, from_file.messages)
         report.outcome = "adopted"
         report.did.append("Updated the sidecar copy from the file.")
     else:
@@ -281,7 +281,7 @@ def _settle_divergence(
     )
     archived = store.archive(reason="replaced at restore by AgentAPI's diverging file")
     store.save(from_file, allow_shrink=True)
-    remember(settings.state_dir, path)
+    remember(settings.state_dir, path, from_file.messages)
     report.outcome = "adopted"
     report.did.append(
         f"Archived the sidecar copy's {len(stored.messages)} messages whole at {archived}, "
@@ -318,7 +318,7 @@ def _write_file(
     if note:
         report.found.append(note + ".")
     write_agentapi_state(path, conversation, extra=file_state)
-    remember(settings.state_dir, path)
+    remember(settings.state_dir, path, conversation.messages)
     report.outcome = "written"
     report.messages = len(conversation.messages)
     report.did.append(

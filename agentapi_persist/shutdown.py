@@ -112,6 +112,8 @@ class ShutdownReport:
     agreed_file: Path | None = None
     """AgentAPI's state file, when its confirmed save and our durable copy hold the same
     conversation (``file_mark`` records it after the result is published)."""
+    agreed_messages: tuple[Message, ...] | None = field(default=None, repr=False)
+    """That conversation's messages, digested into the record."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -234,7 +236,9 @@ async def run_shutdown(
         )
     if report.agreed_file is not None:
         # So that a later divergence between the two is settled by what changed, not clocks.
-        await asyncio.to_thread(remember, settings.state_dir, report.agreed_file)
+        await asyncio.to_thread(
+            remember, settings.state_dir, report.agreed_file, report.agreed_messages
+        )
     return report
 
 
@@ -327,6 +331,7 @@ async def run_sequence(
                 # AgentAPI's file and our durable copy now hold the same conversation; the
                 # clean-up records it (file_mark) once the result is out.
                 report.agreed_file = agentapi_file
+                report.agreed_messages = conversation.messages
                 if saved.outcome == "confirmed_changed":
                     parsed = report.saved_state or early.saved_state
                     await _adopt_saved_prompt(settings, store, agentapi_file, parsed)

@@ -632,3 +632,47 @@ async def test_poll_fallback_sees_the_exit_of_a_real_process(unrelated):
     assert not await _poll_exit(record, 0.1)
     unrelated.terminate()
     assert await _poll_exit(record, 5)
+
+
+async def test_a_file_unchanged_since_it_agreed_with_the_copy_is_confirmed_unparsed(
+    spawn, tmp_path
+):
+    """AgentAPI saved (the copy and the file agree, recorded with the messages' digest), then
+    had nothing new: asked again, the file still at the recorded version is confirmed to
+    hold every message from the record alone. A digest of other messages, or no record,
+    reads the file as before."""
+    from agentapi_persist.file_mark import remember
+
+    running = await spawn(seed=SEED)
+    process = running.found()
+    expected = await fetch_messages(running)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+
+    async def ask(messages, budget_s=5.0):
+        return await request_save(
+            process,
+            state_file=running.state_file,
+            expected=messages,
+            budget=Budget(budget_s),
+            version=Version(0, 12, 1),
+            state_dir=state_dir,
+        )
+
+    first = await ask(expected)
+    assert first.outcome == SaveOutcome.CONFIRMED_CHANGED
+    remember(state_dir, running.state_file, expected)
+
+    agreed = await ask(expected)
+    assert agreed.outcome == SaveOutcome.CONFIRMED_UNCHANGED
+    assert "last agreed with the sidecar copy" in agreed.detail
+    assert agreed.state is None  # nothing was parsed
+
+    other = [m.model_copy(update={"content": m.content + "!"}) for m in expected]
+    differs = await ask(other, 0.5)  # the digest does not match: the file is read, and lacks them
+    assert differs.outcome == SaveOutcome.NOT_CONFIRMED
+
+    (state_dir / "agentapi-file.json").unlink()
+    unrecorded = await ask(expected)
+    assert unrecorded.outcome == SaveOutcome.CONFIRMED_UNCHANGED
+    assert unrecorded.state is not None  # read and parsed

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +30,12 @@ from agentapi_persist.agent_process import (
     stop,
 )
 from agentapi_persist.agentapi import AgentAPIClient
-from agentapi_persist.agentapi_save import SaveOutcome, persistence_enabled, request_save
+from agentapi_persist.agentapi_save import (
+    SaveConfirmation,
+    SaveOutcome,
+    persistence_enabled,
+    request_save,
+)
 from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.budget import Budget
 from agentapi_persist.models import Message
@@ -649,7 +654,7 @@ async def test_a_file_unchanged_since_it_agreed_with_the_copy_is_confirmed_unpar
     state_dir = tmp_path / "state"
     state_dir.mkdir()
 
-    async def ask(messages, budget_s=5.0):
+    async def ask(messages: Sequence[Message], budget_s: float = 5.0) -> SaveConfirmation:
         return await request_save(
             process,
             state_file=running.state_file,

@@ -1290,16 +1290,12 @@ def bench_growth(plan: Plan, tmp: Path, results: Results) -> None:
             with sidecar(env, 11, log_path, uploads=0, settled=False) as proc:
                 time.sleep(2.0)  # past the first compaction of the synced copy
                 start = log_path.stat().st_size
-                cpu0, _ = _cpu_ns(proc.pid)
-                started = time.monotonic()
-                time.sleep(plan.growth_s)
-                cpu1, _ = _cpu_ns(proc.pid)
-                elapsed = time.monotonic() - started
-                memory = proc_status(proc.pid)
+                window = watch_for(proc.pid, plan.growth_s)
                 written, writes = _bytes_written(log_path, start)
+        elapsed, memory = window.seconds, window.memory
         per_s = written / elapsed
         change_per_s = GROW_CHUNK / GROW_EVERY_S
-        share = (cpu1 - cpu0) / 1e9 / elapsed
+        share = window.cpu_ns / 1e9 / elapsed
         results.add(
             Row(
                 "growth",
@@ -1331,6 +1327,25 @@ def bench_growth(plan: Plan, tmp: Path, results: Results) -> None:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Window:
+    seconds: float
+    cpu_ns: int
+    switches: int
+    memory: dict[str, int]
+
+
+def watch_for(pid: int, seconds: float) -> Window:
+    """A process's CPU time and context switches over ``seconds`` of wall time, and its
+    memory at the end."""
+    cpu0, switches0 = _cpu_ns(pid)
+    started = time.monotonic()
+    time.sleep(seconds)
+    cpu1, switches1 = _cpu_ns(pid)
+    elapsed = time.monotonic() - started
+    return Window(elapsed, cpu1 - cpu0, switches1 - switches0, proc_status(pid))
+
+
 def _cpu_ns(pid: int) -> tuple[int, int]:
     """(ns on CPU, context switches), summed over the process's threads."""
     cpu = switches = 0
@@ -1351,19 +1366,15 @@ def bench_idle(plan: Plan, tmp: Path, results: Results) -> None:
         env = workspace_env(home, p)
         with sidecar(env, count, tmp / "sidecar.log") as proc:
             time.sleep(1.0)  # let the first upload's record and any thread settle
-            cpu0, switches0 = _cpu_ns(proc.pid)
-            started = time.monotonic()
-            time.sleep(plan.idle_s)
-            cpu1, switches1 = _cpu_ns(proc.pid)
-            elapsed = time.monotonic() - started
-            memory = proc_status(proc.pid)
+            window = watch_for(proc.pid, plan.idle_s)
+            elapsed, memory = window.seconds, window.memory
             threads = len(os.listdir(f"/proc/{proc.pid}/task"))
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=15)
         if code != 0:
             results.fail(f"the idle sidecar exited {code} on SIGTERM")
             return
-    cpu_ms = (cpu1 - cpu0) / 1e6
+    cpu_ms = window.cpu_ns / 1e6
     rss = memory["VmRSS"] / 1024
     results.add(
         Row(
@@ -1380,7 +1391,7 @@ def bench_idle(plan: Plan, tmp: Path, results: Results) -> None:
         Row(
             "idle",
             f"  context switches over {elapsed:.0f} s ({threads} threads)",
-            float(switches1 - switches0),
+            float(window.switches),
             "",
             target="no polling",
             note="a switch per wakeup: a polling loop would show one per tick",
@@ -1400,7 +1411,7 @@ def bench_idle(plan: Plan, tmp: Path, results: Results) -> None:
     results.extra["idle"] = {
         "seconds": elapsed,
         "cpu_ms": cpu_ms,
-        "context_switches": switches1 - switches0,
+        "context_switches": window.switches,
         "vmrss_kb": memory["VmRSS"],
         "vmhwm_kb": memory["VmHWM"],
         "threads": threads,

@@ -315,7 +315,7 @@ class _SaveWatch:
             # os.Rename(tempFile, stateFile)): a new file at the path is a whole save. Parsing
             # it (seconds for a big conversation) would add nothing the rename does not say.
             return SaveOutcome.CONFIRMED_CHANGED, f"saved: {self._path} was replaced", None
-        if not self._checked_initial and key == self._before and self._agreed(expected):
+        if not self._checked_initial and key == self._before and await self._agreed(expected):
             # Not written since it last agreed with our copy, on these messages: it holds
             # them all (AgentAPI skips a save when it has nothing new), no parse needed.
             self.held = len(expected)
@@ -346,10 +346,12 @@ class _SaveWatch:
             )
         return None
 
-    def _agreed(self, expected: Sequence[Message]) -> bool:
+    async def _agreed(self, expected: Sequence[Message]) -> bool:
+        """``holds_as_agreed`` off the event loop: it reads the record and digests the whole
+        conversation (100 ms for 100,000 messages), which the stop's loop must not wait on."""
         if self._state_dir is None:
             return False
-        return holds_as_agreed(self._state_dir, self._path, expected)
+        return await asyncio.to_thread(holds_as_agreed, self._state_dir, self._path, expected)
 
     async def _read(self) -> AgentAPIState | None:
         try:

@@ -54,7 +54,6 @@ __all__ = [
     "parse_untrusted_json",
     "renumber",
     "sanitize_text",
-    "splice_message_parts",
     "splice_messages",
 ]
 
@@ -437,21 +436,13 @@ def splice_messages(
     write, but no single call holds the interpreter lock for long. One call over 100,000
     messages (39 MB) held it 110-300 ms, long enough to keep the stop's watchdog thread from
     running until after the grace period had ended."""
-    return b"".join(splice_message_parts(shell, items, dump))
-
-
-def splice_message_parts(
-    shell: bytes, items: Sequence[_T], dump: Callable[[Sequence[_T]], bytes]
-) -> list[bytes]:
-    """``splice_messages`` as the list of its pieces, for a writer that takes chunks: a
-    50 MB file is then never held twice (its pieces and their join)."""
-    return list(iter_splice(shell, items, dump))
+    return b"".join(iter_splice(shell, items, dump))
 
 
 def iter_splice(
     shell: bytes, items: Sequence[_T], dump: Callable[[Sequence[_T]], bytes]
 ) -> Iterator[bytes]:
-    """``splice_message_parts`` one piece at a time: a writer that takes them as they come
+    """``splice_messages`` one piece at a time: a writer that takes them as they come
     holds one batch of the serialised messages, not all of them."""
     at = shell.index(_EMPTY_MESSAGES) + len(_EMPTY_MESSAGES) - 1
     yield shell[:at]

@@ -282,7 +282,7 @@ async def run_sequence(
             # AgentAPI's own save goes out first, while our copies are read and parsed (a
             # 100,000-message stop spent its whole budget parsing before it asked), whenever
             # AgentAPI says it is stable: it has loaded its file then, and a save cannot lose it.
-            early = _EarlySave()
+            early = _EarlySave(report)
             early.task = asyncio.create_task(
                 early.run(settings, agent, process, process_reason, budget),
                 name="persist.early_save",
@@ -333,8 +333,7 @@ async def run_sequence(
                 report.agreed_file = agentapi_file
                 report.agreed_messages = conversation.messages
                 if saved.outcome == "confirmed_changed":
-                    parsed = report.saved_state or early.saved_state
-                    await _adopt_saved_prompt(settings, store, agentapi_file, parsed)
+                    await _adopt_saved_prompt(settings, store, agentapi_file, report.saved_state)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
             if settings.stop_agentapi:
@@ -423,10 +422,11 @@ class _EarlySave:
     ``initialPromptReady``; the snapshot loop loads the state in the tick readiness is seen).
     Otherwise the save is decided after the fetch, with the start-up-screen guard."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: ShutdownReport) -> None:
+        self.report = report
+        """Where the save's parse of AgentAPI's file goes (``ShutdownReport.saved_state``)."""
         self.task: asyncio.Task[StepResult | None] | None = None
         self.asked = False
-        self.saved_state: AgentAPIState | None = None
         self.expected: tuple[Message, ...] | None = None
         """The conversation once the fetch has read it: AgentAPI skips a save when nothing
         changed since its last one, and then only the file's content can confirm it."""
@@ -457,7 +457,7 @@ class _EarlySave:
             budget=budget,
             expected=lambda: self.expected,
         )
-        self.saved_state = saved.state
+        self.report.saved_state = saved.state
         return StepResult("agentapi_save", str(saved.outcome), saved.ok, 0, saved.detail)
 
     def step(self) -> Awaitable[StepResult] | None:

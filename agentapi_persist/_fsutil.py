@@ -29,7 +29,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ __all__ = [
     "ensure_private_dir",
     "fsync_dir",
     "quarantine",
-    "read_capped_buffer",
+    "read_capped_chunks",
     "read_capped_file",
     "read_json_record",
     "write_atomic",
@@ -453,31 +453,17 @@ def read_capped_file(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
-def read_capped_buffer(path: Path, limit: int) -> bytearray:
-    """``read_capped_file`` into one mutable buffer of the file's size, read in place: a
-    caller that strips a header (``del buf[:n]``, no copy) and frees the buffer once parsed
-    (``buf.clear()``) never holds a large file twice."""
-    fd, info = _open_capped(path, limit)
+def read_capped_chunks(path: Path, limit: int, size: int) -> Generator[bytes, None, None]:
+    """``read_capped_file`` as chunks of up to ``size`` bytes, for a reader that consumes a
+    large file as it comes instead of holding it whole. Opened on the first ``next``
+    (``FileNotFoundError`` passes through then) and closed when exhausted or closed."""
+    fd, _ = _open_capped(path, limit)
     try:
-        buffer = bytearray(info.st_size)
-        view = memoryview(buffer)
         total = 0
-        try:
-            while total < len(buffer):
-                n = os.readv(fd, [view[total:]])
-                if n == 0:
-                    break
-                total += n
-        finally:
-            view.release()
-        if total < len(buffer):
-            del buffer[total:]  # it shrank while being read
-            return buffer
-        while chunk := os.read(fd, min(limit + 1 - total, 65536)):  # it may have grown
-            buffer += chunk
+        while chunk := os.read(fd, min(size, limit + 1 - total)):
             total += len(chunk)
-            _refuse_past_cap(path, limit, total)
-        return buffer
+            _refuse_past_cap(path, limit, total)  # it may have grown since the fstat
+            yield chunk
     except OSError as exc:
         raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
     finally:

@@ -356,19 +356,13 @@ def parse_batched(
     body: bytes | bytearray,
     model: type[_M],
     deadline: float | None = None,
-    *,
-    consume: bool = False,
 ) -> _M | None:
     """``model`` from ``body`` with its messages validated ``_BATCH`` at a time; ``None``
-    when the body is not plain JSON (the careful path then says why or repairs it).
-    ``consume``: ``body`` is a buffer nobody needs after the parse, cleared as soon as the
-    JSON is read, so its memory is free before the messages are validated."""
+    when the body is not plain JSON (the careful path then says why or repairs it)."""
     try:
         document = from_json(body, allow_inf_nan=False)
     except ValueError:
         return None
-    if consume and isinstance(body, bytearray):
-        body.clear()
     items = document.get("messages") if isinstance(document, dict) else None
     if not isinstance(items, list):
         return None

@@ -71,7 +71,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,20 +79,19 @@ from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from pydantic_core import from_json
 
 from ._fsutil import (
     append_durable,
     fsync_dir,
     quarantine,
-    read_capped_buffer,
+    read_capped_chunks,
     read_capped_file,
     write_atomic,
 )
 from ._options import DEFAULT_MAX_BODY_BYTES
 from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
+from .generation_body import BodyReader, conversation_body
 from .models import (
-    BATCHED_PARSE_BYTES,
     MESSAGES_ADAPTER,
     Conversation,
     Message,
@@ -104,8 +103,6 @@ from .models import (
     compare,
     dump_compact,
     holds_user_message,
-    parse_batched,
-    splice_messages,
 )
 
 __all__ = [
@@ -129,16 +126,6 @@ _JOURNAL = re.compile(r"journal-(\d{12})\.log")
 _STALE_TEMP = re.compile(r"\.conversation-\d{12}\.json\.[0-9a-f]+\.tmp")
 _STALE_TEMP_AGE_S = 300.0
 _HEADER_MAX = 4096
-_CONVERSATION: TypeAdapter[Conversation] = TypeAdapter(Conversation)
-
-
-def _conversation_body(conversation: Conversation) -> bytes:
-    """A generation's body: the conversation as JSON, its messages serialised in batches
-    (``splice_messages``: a save under the stop's watchdog must not hold the lock long)."""
-    shell = _CONVERSATION.dump_json(conversation.model_copy(update={"messages": ()}))
-    return splice_messages(
-        shell, conversation.messages, lambda batch: MESSAGES_ADAPTER.dump_json(tuple(batch))
-    )
 
 
 def bytes_on_disk(directory: Path) -> int:
@@ -260,68 +247,84 @@ class _Generation:
         self.conversation = conversation
 
 
-_BODY_HEAD = b'{"messages":['
-_BODY_ARRAY_END = b'}],"initial_prompt":'
-_MESSAGE_START = b'},{"id":'
-_OWN_BATCH = 2000
+_READ_CHUNK = 256 << 10  # small: the reader keeps about three of them at once
 
 
-def _parse_own_body(body: bytearray) -> Conversation | None:
-    """A verified generation body, parsed ``_OWN_BATCH`` messages at a time straight from
-    ``body``, which is consumed as it goes: the bytes parsed are freed while the messages
-    are built, so a 50 MB copy never sits in memory as both bytes and objects (``restore``
-    peaked at over 4 times the file's size). ``None``, with ``body`` untouched, when it is
-    not laid out as ``_conversation_body`` writes it (the general parser then reads it).
+def _read_generation(path: Path, *, seq: int, limit: int) -> _Generation:
+    """Read, verify and parse the generation at ``path``. Raises StateFileError
+    (``FileNotFoundError`` passes through).
 
-    Splitting at ``},{"id":`` is exact for valid JSON: a quote inside a string is always
-    escaped, so that sequence only ever separates two objects of the array; a crafted body
-    that does not parse in pieces is refused as corrupt, never misread."""
-    end = body.find(_BODY_ARRAY_END)
-    if not body.startswith(_BODY_HEAD) or end < 0:
-        return None
-    fields = from_json(b"{" + bytes(body[end + 3 :]), allow_inf_nan=False)
-    if not isinstance(fields, dict):
-        return None
-    messages: list[Message] = []
-    del body[: len(_BODY_HEAD)]
-    remaining = end + 1 - len(_BODY_HEAD)  # bytes of message objects left at body's front
-    while remaining > 0:
-        cut = 0
-        for _ in range(_OWN_BATCH):
-            found = body.find(_MESSAGE_START, cut, remaining)
-            if found < 0:
-                cut = remaining
-                break
-            cut = found + 1
-        chunk = b"[" + bytes(body[:cut]) + b"]"
-        taken = min(cut + 1, remaining)  # with the comma after this batch's last message
-        del body[:taken]
-        remaining -= taken
-        messages.extend(MESSAGES_ADAPTER.validate_json(chunk))
-    body.clear()
-    fields["messages"] = tuple(messages)
-    return _CONVERSATION.validate_python(fields)
-
-
-def _decode_generation(data: bytearray, *, seq: int, path: Path) -> _Generation:
-    """Verify header, length and checksum, then validate the body. Raises StateFileError.
-
-    ``data`` (the whole file, from ``read_capped_buffer``) is used up: its header line is
-    cut off in place and the body freed once parsed, so a 50 MB copy is never held twice."""
+    The body is parsed as it is read (``BodyReader``) and hashed on the way, so a 50 MB copy
+    is never held as bytes and messages at once; what it says counts only once the length and
+    checksum agree, and a body that both fails to parse and fails its checksum is reported as
+    the checksum failure (the bytes are not what was written, which says more)."""
     name = path.name
 
     def corrupt(reason: str) -> StateFileCorrupt:
         return StateFileCorrupt(f"{name}: {reason}", path=str(path))
 
-    end = data.find(b"\n", 0, _HEADER_MAX)
-    if end < 0:
-        raise corrupt(f"no header line in the first {_HEADER_MAX} bytes ({len(data)} bytes)")
+    with contextlib.closing(read_capped_chunks(path, limit, _READ_CHUNK)) as chunks:
+        first = b""
+        for chunk in chunks:
+            first += chunk
+            if len(first) >= _HEADER_MAX:
+                break
+        end = first.find(b"\n", 0, _HEADER_MAX)
+        if end < 0:
+            raise corrupt(f"no header line in the first {_HEADER_MAX} bytes ({len(first)} bytes)")
+        length, digest, saved_at = _decode_header(first[:end], seq=seq, path=path)
+        hasher = hashlib.sha256()
+        reader: BodyReader | None = BodyReader()
+        failure: str | None = None
+        received = 0
+        for piece in _body_pieces(first, end + 1, chunks):
+            hasher.update(piece)
+            received += len(piece)
+            if reader is not None and received <= length:
+                try:
+                    reader.feed(piece)
+                except ValueError as exc:
+                    failure, reader = str(exc), None  # keep hashing: a mismatch says more
+        if received != length:
+            raise corrupt(f"torn: the header promises {length} body bytes, the file has {received}")
+        if hasher.hexdigest() != digest:
+            raise corrupt("checksum mismatch: the body is not what was written")
+        try:
+            if reader is None:
+                raise ValueError(failure)
+            conversation = reader.finish()
+        except ValidationError as exc:
+            error = exc.errors(include_url=False, include_input=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "body"
+            raise corrupt(f"the body does not validate: {where}: {error['msg']}") from None
+        except ValueError as exc:
+            raise corrupt(f"the body does not validate: {exc}") from None
+    return _Generation(
+        seq=seq,
+        sha256=digest,
+        saved_at=saved_at,
+        size=end + 1 + received,
+        conversation=conversation,
+    )
+
+
+def _body_pieces(first: bytes, start: int, rest: Iterator[bytes]) -> Iterator[bytes | memoryview]:
+    """The body's bytes: the first read's from ``start`` (not copied, and let go once used),
+    then every later read."""
+    yield memoryview(first)[start:]
+    del first
+    yield from rest
+
+
+def _decode_header(line: bytes, *, seq: int, path: Path) -> tuple[int, str, str]:
+    """The header line's body length, checksum and save time. Raises StateFileError."""
+    name = path.name
     try:
-        header = json.loads(bytes(data[:end]))
+        header = json.loads(line)
     except (ValueError, RecursionError):
-        raise corrupt("the header line is not JSON") from None
+        raise StateFileCorrupt(f"{name}: the header line is not JSON", path=str(path)) from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise corrupt(f"the header does not say format {FORMAT!r}")
+        raise StateFileCorrupt(f"{name}: the header does not say format {FORMAT!r}", path=str(path))
     version = header.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise StateFileVersionError(
@@ -330,33 +333,15 @@ def _decode_generation(data: bytearray, *, seq: int, path: Path) -> _Generation:
         )
     length, digest, saved_at = header.get("length"), header.get("sha256"), header.get("saved_at")
     if header.get("seq") != seq:
-        raise corrupt(f"the header says seq {header.get('seq')!r}, the name says {seq}")
+        raise StateFileCorrupt(
+            f"{name}: the header says seq {header.get('seq')!r}, the name says {seq}",
+            path=str(path),
+        )
     if type(length) is not int or not isinstance(digest, str) or not isinstance(saved_at, str):
-        raise corrupt("the header lacks length, sha256 or saved_at")
-    size = len(data)
-    del data[: end + 1]  # the header line, cut off in place (no copy of the body)
-    body = data
-    if len(body) != length:
-        raise corrupt(f"torn: the header promises {length} body bytes, the file has {len(body)}")
-    if hashlib.sha256(body).hexdigest() != digest:
-        raise corrupt("checksum mismatch: the body is not what was written")
-    try:
-        # A big copy is validated in batches, so that loading it in a worker thread does not
-        # hold the interpreter lock (and the stop's event loop) for a whole second.
-        big = len(body) > BATCHED_PARSE_BYTES
-        batched = _parse_own_body(body) if big else None
-        if batched is None and big:
-            batched = parse_batched(body, Conversation, consume=True)
-        conversation = batched if batched is not None else _CONVERSATION.validate_json(body)
-    except ValueError as exc:
-        raise corrupt(f"the body does not validate: {exc}") from None
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise corrupt(f"the body does not validate: {where}: {first['msg']}") from None
-    return _Generation(
-        seq=seq, sha256=digest, saved_at=saved_at, size=size, conversation=conversation
-    )
+        raise StateFileCorrupt(
+            f"{name}: the header lacks length, sha256 or saved_at", path=str(path)
+        )
+    return length, digest, saved_at
 
 
 def _encode_record(record: dict[str, Any]) -> bytes:
@@ -492,9 +477,7 @@ class StateStore:
         for seq in sorted(generations, reverse=True):
             path = self.directory / _generation_name(seq)
             try:
-                chosen = _decode_generation(
-                    read_capped_buffer(path, self.max_bytes), seq=seq, path=path
-                )
+                chosen = _read_generation(path, seq=seq, limit=self.max_bytes)
                 break
             except FileNotFoundError:
                 continue  # pruned by a writer since the listing: not a problem
@@ -753,7 +736,7 @@ class StateStore:
             conversation = self.conversation
             if conversation is None:
                 return None
-            body = _conversation_body(conversation)
+            body = conversation_body(conversation)
             saved_at = _now()
             header = dump_compact(
                 {
@@ -943,7 +926,7 @@ class StateStore:
                     f"message ids must be 0..n-1; found id {message.id} at {index}: not saved"
                 )
         seq = self._next_seq()
-        body = _conversation_body(conversation)
+        body = conversation_body(conversation)
         digest = hashlib.sha256(body).hexdigest()
         saved_at = _now()
         fields: dict[str, Any] = {

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
+from pydantic import SecretStr, TypeAdapter
 
 from agentapi_persist import records
 from agentapi_persist._options import OPTIONS, quick_settings
@@ -40,6 +40,7 @@ from agentapi_persist.config import CoderTarget, Settings
 from agentapi_persist.control import ControlServer
 from agentapi_persist.control_client import SOCKET_NAME, socket_address
 from agentapi_persist.errors import AgentAPIBodyError, ConfigError, StateFileError
+from agentapi_persist.generation_body import BodyReader, conversation_body
 from agentapi_persist.models import (
     AgentAPIState,
     Conversation,
@@ -575,6 +576,67 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 def decode(chunks: list[bytes], *, cap: int = 1 << 20) -> list[tuple[str, str, str]]:
     decoder = _SSEDecoder(max_event_bytes=cap)
     return [(e.type, e.data, e.id) for chunk in chunks for e in decoder.feed(chunk)]
+
+
+BOUNDARIES = ['},{"id":1', '}],"initial_prompt":"']
+
+
+class TestGenerationBody:
+    """A generation's body is parsed as the file is read: any split of any body gives what
+    one parse of the whole gives, a conversation or a ValueError, never another reading."""
+
+    @staticmethod
+    def whole(body: bytes) -> Conversation | type[ValueError]:
+        try:
+            return TypeAdapter(Conversation).validate_json(body)
+        except ValueError:
+            return ValueError
+
+    @staticmethod
+    def in_pieces(chunks: list[bytes]) -> Conversation | type[ValueError]:
+        reader = BodyReader()
+        try:
+            for chunk in chunks:
+                reader.feed(chunk)
+            return reader.finish()
+        except ValueError:
+            return ValueError
+
+    @fuzz(300)
+    @given(
+        texts=st.lists(
+            any_text | st.sampled_from(['},{"id":1', '}],"initial_prompt":"']), max_size=6
+        ),
+        prompt=any_text,
+        cuts=st.lists(st.integers(0, 600), max_size=10),
+    )
+    def test_any_split_reads_what_one_parse_reads(self, texts, prompt, cuts) -> None:
+        conversation = Conversation(
+            messages=tuple(
+                Message(id=i, role=("user", "agent")[i % 2], content=text, time=TIMES[1])
+                for i, text in enumerate(texts)
+            ),
+            initial_prompt=prompt,
+        )
+        body = conversation_body(conversation)
+        assert self.in_pieces(chunked(body, cuts)) == conversation
+
+    @fuzz(300)
+    @given(data=st.data(), cuts=st.lists(st.integers(0, 600), max_size=10))
+    def test_damaged_bodies_read_as_one_parse_or_are_refused(self, data, cuts) -> None:
+        """Damage may turn a body into another valid one (then both read the same) or into
+        one the pieces refuse; the pieces never read something one parse would not."""
+        base = conversation_body(
+            Conversation(
+                messages=tuple(
+                    Message(id=i, role="agent", content=f"m{i}", time=TIMES[0]) for i in range(4)
+                ),
+                initial_prompt="p",
+            )
+        )
+        body = data.draw(mutated(base))
+        pieces = self.in_pieces(chunked(body, cuts))
+        assert pieces is ValueError or pieces == self.whole(body)
 
 
 class TestSSEDecoder:

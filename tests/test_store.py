@@ -756,7 +756,8 @@ def test_bodies_serialised_in_batches_are_the_bytes_of_one_call(count: int) -> N
     from pydantic_core import to_json
 
     from agentapi_persist.agentapi_state import render_agentapi_state
-    from agentapi_persist.store import _CONVERSATION, _conversation_body
+    from agentapi_persist.generation_body import CONVERSATION_ADAPTER as _CONVERSATION
+    from agentapi_persist.generation_body import conversation_body as _conversation_body
 
     messages = tuple(
         Message(id=i, content=f'm{i} ─ "messages":[]', role=("user", "agent")[i % 2], time=TIME)

@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "run":
             from .daemon import run
 
+            _freeze_what_was_imported()
             code = run(settings)
             _exit_soon()
             return code
@@ -317,6 +318,17 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
     return int(report.exit_code)
 
 
+def _freeze_what_was_imported() -> None:
+    """Called once a command's modules are imported: what exists now (modules, classes,
+    schemas, about 100,000 objects) lives as long as the process, so take it out of the
+    garbage collector's sight (``gc.freeze``'s documented use). Otherwise the first full
+    collection the work triggers walks all of it: a stop's first ``GET /messages`` of 1,000
+    messages measured 45-50 ms in a fresh process, 15-22 ms with this."""
+    import gc
+
+    gc.freeze()
+
+
 def _exit_soon() -> None:
     """The process ends next, and the runtime's SIGKILL may be a few hundred ms away: spare
     the interpreter's exit a garbage collection over every object (60-200 ms of CPU, more on
@@ -337,6 +349,7 @@ async def _shutdown_async(
     from .peers import open_peers
     from .shutdown import run_shutdown
 
+    _freeze_what_was_imported()
     ends_at = started_at + settings.budget_s
     # One writer per state directory: a stop that is still finishing gets a moment, a sidecar
     # that did not answer keeps the directory (its copy is the latest durable one).
@@ -353,6 +366,7 @@ async def _shutdown_async(
 def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
     from .restoring import restore
 
+    _freeze_what_was_imported()
     report = restore(settings, force=force)
     _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
     _exit_soon()  # boot waits for this process: its exit alone cost ~100 ms after 50 MB

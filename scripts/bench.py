@@ -720,6 +720,30 @@ def sequence_ms(summary: str) -> float:
     return float(match[1]) if match else float("nan")
 
 
+def reference_rows(plan: Plan, tmp: Path) -> list[Row]:
+    """The bare interpreter, the dependencies alone, and every import of the one-shot path,
+    each as a process: what a stop without a sidecar is measured against."""
+    rows: list[Row] = []
+    for label, code in (
+        ("python start, nothing imported (reference)", "pass"),
+        (_DEPS_LABEL, _DEPS),
+        ("python start + every import of `shutdown` without a sidecar", _ALONE_IMPORTS),
+    ):
+        timings = []
+        for run in range(1 + plan.cli_runs):
+            finished = spawn([sys.executable, "-c", code], base_env(), tmp / "ref-out")
+            if finished.code != 0:
+                raise RuntimeError(f"{label}: {finished.stderr}")
+            if run:
+                timings.append(finished.ms)
+        median, spread = summarise(timings)
+        rows.append(Row("command", f"  {label}", median, "ms", spread))
+    return rows
+
+
+_DEPS_LABEL = "python start + the dependencies alone (asyncio, aiohttp, pydantic, structlog)"
+
+
 def bench_cli(plan: Plan, tmp: Path, results: Results) -> None:
     count = 1_000
     command = [*cli_command(), "shutdown"]
@@ -747,7 +771,15 @@ def bench_cli(plan: Plan, tmp: Path, results: Results) -> None:
             key="cli_sidecar",
         )  # fmt: skip
 
-        # Without a sidecar: the sequence in the command's own process.
+        # Without a sidecar: the sequence in the command's own process, held to the issue's
+        # target: within 100 ms of the dependencies alone, measured in this same run.
+        try:
+            references = reference_rows(plan, tmp)
+        except RuntimeError as exc:
+            results.fail(str(exc))
+            return
+        deps_ms = next(row.value for row in references if _DEPS_LABEL in row.name)
+        limit = deps_ms + 100
         for label, key, prior in (
             ("first stop, no copy yet", "cli_alone_first_ms", 0),
             ("copy from boot, 10 messages behind", "cli_alone_copy_ms", count - 10),
@@ -777,8 +809,8 @@ def bench_cli(plan: Plan, tmp: Path, results: Results) -> None:
                     median,
                     "ms",
                     spread,
-                    "< 400 ms",
-                    median < 400,
+                    f"< {limit:.0f} ms (dependencies + 100)",
+                    median < limit,
                     note=f"of which the sequence: {statistics.median(inner):.0f} ms",
                 )
             )
@@ -796,23 +828,8 @@ def bench_cli(plan: Plan, tmp: Path, results: Results) -> None:
             return
         results.extra["importtime"] = importtime_breakdown(finished.stderr)
         shutil.rmtree(home, ignore_errors=True)
-
-    # Reference points: the bare interpreter, the dependencies alone, all the imports.
-    for label, code in (
-        ("python start, nothing imported (reference)", "pass"),
-        ("python start + the dependencies alone (asyncio, aiohttp, pydantic, structlog)", _DEPS),
-        ("python start + every import of `shutdown` without a sidecar", _ALONE_IMPORTS),
-    ):
-        timings = []
-        for run in range(1 + plan.cli_runs):
-            finished = spawn([sys.executable, "-c", code], base_env(), tmp / "ref-out")
-            if finished.code != 0:
-                results.fail(f"{label}: {finished.stderr}")
-                return
-            if run:
-                timings.append(finished.ms)
-        median, spread = summarise(timings)
-        results.add(Row("command", f"  {label}", median, "ms", spread))
+    for row in references:
+        results.add(row)
 
 
 # The real AgentAPI, where scripts/install-agentapi built it (the same cache rule as the tests).

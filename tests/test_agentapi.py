@@ -536,7 +536,7 @@ def test_sse_decoder_line_endings_across_chunk_boundaries(chunks: list[bytes]) -
     swallowed only when it completes a CR that ended the previous chunk)."""
     decoder = _SSEDecoder(max_event_bytes=2**20)
     events = [event for chunk in chunks for event in decoder.feed(chunk)]
-    assert [e.data for e in events] == ["a"]
+    assert [e.data for e in events] == [b"a"]
     assert not decoder.pending
 
 

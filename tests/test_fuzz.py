@@ -573,9 +573,18 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]  # repeated cuts: empty chunks
 
 
-def decode(chunks: list[bytes], *, cap: int = 1 << 20) -> list[tuple[str, str, str]]:
+def raw_events(chunks: list[bytes], *, cap: int = 1 << 20) -> list[_RawEvent]:
     decoder = _SSEDecoder(max_event_bytes=cap)
-    return [(e.type, e.data, e.id) for chunk in chunks for e in decoder.feed(chunk)]
+    return [e for chunk in chunks for e in decoder.feed(chunk)]
+
+
+def decode(chunks: list[bytes], *, cap: int = 1 << 20) -> list[tuple[str, str, str]]:
+    """Events with their data decoded as the spec decodes a stream (UTF-8, replacing what
+    is invalid); the decoder itself hands the data on undecoded."""
+    return [
+        (e.type, e.data.decode("utf-8", errors="replace"), e.id)
+        for e in raw_events(chunks, cap=cap)
+    ]
 
 
 BOUNDARIES = ['},{"id":1', '}],"initial_prompt":"']
@@ -671,11 +680,11 @@ class TestSSEDecoder:
     def test_garbage_is_split_invariant_and_never_crashes(self, data: bytes, cuts) -> None:
         """Garbage: events (the same for any split) or AgentAPIBodyError; then each event is
         a typed event, skipped, or AgentAPIBodyError."""
-        events = decode([data])
-        assert decode(chunked(data, cuts)) == events
-        for event_type, text, last_id in events:
+        events = raw_events([data])
+        assert raw_events(chunked(data, cuts)) == events
+        for event in events:
             try:
-                typed = _interpret(_RawEvent(event_type, text, last_id), "http://agentapi")
+                typed = _interpret(event, "http://agentapi")
             except AgentAPIBodyError:
                 continue
             assert typed is None or isinstance(typed, AgentEvent)

@@ -24,9 +24,11 @@ if TYPE_CHECKING:
     Kind = Literal["str", "int", "float", "bool", "path"]
 
 __all__ = [
+    "COMMANDS",
     "DEFAULT_AGENTAPI_PORT",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MODULE_DIR_NAME",
+    "GROUPS",
     "OPTIONS",
     "Option",
     "env_source",
@@ -61,7 +63,17 @@ class Option:
     measurable cost on the client path. ``kind`` names the type: ``config`` converts.
     """
 
-    __slots__ = ("default_text", "env", "field", "flag", "help", "kind", "metavar")
+    __slots__ = (
+        "commands",
+        "default_text",
+        "env",
+        "field",
+        "flag",
+        "group",
+        "help",
+        "kind",
+        "metavar",
+    )
 
     def __init__(
         self,
@@ -72,8 +84,16 @@ class Option:
         default_text: str,
         kind: Kind = "str",
         metavar: str | None = None,
+        *,
+        group: str,
+        commands: frozenset[str],
     ) -> None:
         self.field = field
+        self.group = group
+        """The heading ``--help`` lists it under (``GROUPS``)."""
+        self.commands = commands
+        """The commands that read it: only those offer its flag (the variable is read by
+        every command, as it always was)."""
         self.flag = flag
         self.env = env
         self.help = help
@@ -85,8 +105,17 @@ class Option:
         return f"Option({self.field!r}, {self.flag!r})"
 
 
-#: Every configurable setting, in the order ``--help`` lists them. The CLI builds its flags
-#: from this table so that help, environment names and defaults cannot drift apart.
+#: Every command, and the groups of settings ``--help`` shows, in order.
+COMMANDS = frozenset({"run", "shutdown", "restore", "snapshot", "status", "doctor", "export"})
+GROUPS = ("AgentAPI", "Coder", "storage", "timing", "output")
+# Commands that stop (a budget), that upload the snapshot, that may signal AgentAPI.
+_STOPPING = frozenset({"run", "shutdown", "snapshot", "doctor"})
+_UPLOADING = frozenset({"run", "shutdown", "snapshot", "doctor"})
+_SIGNALLING = frozenset({"run", "shutdown", "status", "doctor"})
+
+#: Every configurable setting, in the order ``--help`` lists them within their group. The CLI
+#: builds its flags from this table so that help, environment names and defaults cannot drift
+#: apart.
 OPTIONS: tuple[Option, ...] = (
     Option(
         "grace_s",
@@ -96,6 +125,8 @@ OPTIONS: tuple[Option, ...] = (
         "10",
         "float",
         "SECONDS",
+        group="timing",
+        commands=_STOPPING | {"status"},
     ),
     Option(
         "state_dir",
@@ -106,6 +137,8 @@ OPTIONS: tuple[Option, ...] = (
         "${XDG_STATE_HOME:-$HOME/.local/state}/agentapi-persist/<module dir name>-<hash>",
         "path",
         "DIR",
+        group="storage",
+        commands=COMMANDS,
     ),
     Option(
         "agentapi_url",
@@ -115,6 +148,8 @@ OPTIONS: tuple[Option, ...] = (
         "http://localhost:$ARG_AGENTAPI_PORT (or $AGENTAPI_PORT, or 3284)",
         "str",
         "URL",
+        group="AgentAPI",
+        commands=COMMANDS - {"export"},
     ),
     Option(
         "snapshot_messages",
@@ -124,6 +159,8 @@ OPTIONS: tuple[Option, ...] = (
         "30",
         "int",
         "N",
+        group="Coder",
+        commands=_UPLOADING | {"status"},
     ),
     Option(
         "task_id",
@@ -133,6 +170,8 @@ OPTIONS: tuple[Option, ...] = (
         "empty",
         "str",
         "UUID",
+        group="Coder",
+        commands=COMMANDS - {"export"},
     ),
     Option(
         "task_log_snapshot",
@@ -142,6 +181,8 @@ OPTIONS: tuple[Option, ...] = (
         "true",
         "bool",
         "BOOL",
+        group="Coder",
+        commands=_UPLOADING,
     ),
     Option(
         "coder_url",
@@ -151,6 +192,8 @@ OPTIONS: tuple[Option, ...] = (
         "unset",
         "str",
         "URL",
+        group="Coder",
+        commands=_UPLOADING | {"status"},
     ),
     Option(
         "agentapi_state_file",
@@ -160,6 +203,8 @@ OPTIONS: tuple[Option, ...] = (
         "$HOME/$ARG_MODULE_DIR_NAME/agentapi-state.json",
         "path",
         "FILE",
+        group="AgentAPI",
+        commands=COMMANDS - {"export"},
     ),
     Option(
         "agentapi_pid_file",
@@ -169,6 +214,8 @@ OPTIONS: tuple[Option, ...] = (
         "$HOME/$ARG_MODULE_DIR_NAME/agentapi.pid",
         "path",
         "FILE",
+        group="AgentAPI",
+        commands=COMMANDS - {"export", "snapshot"},
     ),
     Option(
         "state_persistence",
@@ -179,6 +226,8 @@ OPTIONS: tuple[Option, ...] = (
         "auto",
         "bool",
         "BOOL",
+        group="AgentAPI",
+        commands=_SIGNALLING,
     ),
     Option(
         "agentapi_bin",
@@ -188,6 +237,8 @@ OPTIONS: tuple[Option, ...] = (
         "agentapi",
         "str",
         "PATH",
+        group="AgentAPI",
+        commands=_SIGNALLING,
     ),
     Option(
         "stop_agentapi",
@@ -197,6 +248,8 @@ OPTIONS: tuple[Option, ...] = (
         "false",
         "bool",
         "BOOL",
+        group="AgentAPI",
+        commands=frozenset({"run", "shutdown"}),
     ),
     Option(
         "checkpoint_interval_s",
@@ -206,6 +259,8 @@ OPTIONS: tuple[Option, ...] = (
         "0.25",
         "float",
         "SECONDS",
+        group="timing",
+        commands=frozenset({"run"}),
     ),
     Option(
         "snapshot_interval_s",
@@ -216,6 +271,8 @@ OPTIONS: tuple[Option, ...] = (
         "60",
         "float",
         "SECONDS",
+        group="timing",
+        commands=frozenset({"run"}),
     ),
     Option(
         "max_body_bytes",
@@ -225,6 +282,8 @@ OPTIONS: tuple[Option, ...] = (
         str(DEFAULT_MAX_BODY_BYTES),
         "int",
         "BYTES",
+        group="storage",
+        commands=COMMANDS,
     ),
     Option(
         "log_level",
@@ -234,6 +293,8 @@ OPTIONS: tuple[Option, ...] = (
         "error for one-shot commands (their result states every problem), info for run",
         "str",
         "LEVEL",
+        group="output",
+        commands=COMMANDS,
     ),
 )
 

@@ -1,4 +1,5 @@
-"""Command line: ``agentapi-persist run | shutdown | restore | snapshot | status | doctor``.
+"""Command line: ``agentapi-persist run | shutdown | restore | snapshot | status | doctor |
+export``.
 
 ``main(argv) -> int`` is the only place that turns exceptions into exit codes (the table lives
 with the error classes in ``errors.py``). Command modules are imported inside each command so
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 
-from ._options import OPTIONS, quick_settings
+from ._options import GROUPS, OPTIONS, quick_settings
 from ._version import __version__
 from .errors import ExitCode, PersistError
 
@@ -24,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
-    from typing import Any
+    from typing import Any, NoReturn
 
     from .config import Settings
     from .shutdown import ShutdownReport
@@ -34,8 +35,8 @@ __all__ = ["build_parser", "main"]
 _EPILOG = """\
 exit codes: 0 ok; 1 error; 2 bad flags or environment; 3 state not durable (previous copy
 kept); 4 snapshot not delivered (state durable); 5 grace budget ran out; 6 AgentAPI is
-running (restore refused); 7 no good copy to restore; 8 status found problems, or
-doctor found a failing check.
+running (restore refused); 7 no good copy to restore (or nothing to export); 8 status
+found problems, or doctor found a failing check.
 """
 
 
@@ -51,16 +52,20 @@ def _process_age_s() -> float:
         return 0.0
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (flag > environment > default)")
+def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
+    """The settings ``command`` reads, as flags grouped under ``GROUPS``; a setting another
+    command reads is not offered here (its variable is still read, and does nothing)."""
+    groups = {name: parser.add_argument_group(f"{name} settings") for name in GROUPS}
     for option in OPTIONS:
+        if command not in option.commands:
+            continue
         env = ", ".join(f"${name}" for name in option.env)
         help_text = f"{option.help} [env: {env}; default: {option.default_text}]"
-        dest = option.field
+        group = groups[option.group]
         if option.kind == "bool":
             group.add_argument(
                 option.flag,
-                dest=dest,
+                dest=option.field,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
@@ -68,13 +73,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(
                 option.flag,
-                dest=dest,
+                dest=option.field,
                 metavar=option.metavar,
                 type=_CONVERTERS[option.kind],
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
-    parser.add_argument("--json", action="store_true", help="Print the result as one JSON object.")
+    groups["output"].add_argument(
+        "--json", action="store_true", help="Print the result (or the error) as one JSON object."
+    )
 
 
 def _path(value: str) -> Path:
@@ -94,36 +101,92 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
 }
 
 
+class UsageError(Exception):
+    """Bad flags: argparse's complaint, and the command whose ``--help`` to point at."""
+
+    def __init__(self, message: str, prog: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error as one line (``main`` prints it, or JSON under ``--json``)
+    instead of argparse's usage block and exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+
+_COMMANDS = {
+    "run": "The sidecar: restore, then keep the conversation durable until stopped "
+    "(SIGTERM/SIGINT: shutdown sequence; SIGUSR1: checkpoint now).",
+    "shutdown": "Run the shutdown sequence within the grace budget (the run_on_stop step).",
+    "restore": "Validate AgentAPI's state file and repair it from the newest good copy "
+    "(before AgentAPI starts).",
+    "snapshot": "Build the log snapshot now and upload it (or print it with --dry-run).",
+    "status": "Show sidecar, checkpoint, state file, last upload and AgentAPI facts.",
+    "doctor": "Check this workspace (filesystem, AgentAPI, Coder, grace budget, a timed "
+    "rehearsal of the stop) and print a verdict and a fix per check; changes nothing.",
+    "export": "Print the saved conversation (or an archived one) as text, markdown, "
+    "AgentAPI's JSON or one HTML page; reads only, and never waits for a running sidecar.",
+}
+
+_EXAMPLES = {
+    "run": """\
+examples:
+  agentapi-persist run &                       # at boot, before AgentAPI starts
+  agentapi-persist run --grace 30              # Kubernetes: 30 s to stop in
+  kill -USR1 <pid of run>                      # checkpoint now""",
+    "shutdown": """\
+examples:
+  agentapi-persist shutdown --grace 10         # the workspace's stop script (Docker)
+  agentapi-persist shutdown --grace 30 --json  # Kubernetes, result as JSON
+  agentapi-persist shutdown --stop-agentapi    # also stop AgentAPI once it saved""",
+    "restore": """\
+examples:
+  agentapi-persist restore                     # at boot, before AgentAPI starts
+  agentapi-persist restore --json              # the verdict as JSON
+  agentapi-persist restore --force             # even if something listens on AgentAPI's port""",
+    "snapshot": """\
+examples:
+  agentapi-persist snapshot --dry-run          # the exact bytes that would be uploaded
+  agentapi-persist snapshot --snapshot-messages 50""",
+    "status": """\
+examples:
+  agentapi-persist status                      # facts, problems, verdict
+  agentapi-persist status --json | jq .checkpoint""",
+    "doctor": """\
+examples:
+  agentapi-persist doctor                      # a verdict and a fix per check
+  agentapi-persist doctor --grace 30 --json""",
+    "export": """\
+examples:
+  agentapi-persist export                      # the stored conversation, for a terminal
+  agentapi-persist export --format html --output chat.html
+  agentapi-persist export --format json > agentapi-state.json   # AgentAPI loads this
+  agentapi-persist export --archive <name from status> --format markdown""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; each subcommand's ``--help`` lists every setting."""
-    parser = argparse.ArgumentParser(
+    """The argument parser; each command's ``--help`` lists the settings it reads."""
+    parser = _Parser(
         prog="agentapi-persist",
         description="Keeps an AgentAPI conversation durable across workspace stops.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"agentapi-persist {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands = {
-        "run": "The sidecar: restore, then keep the conversation durable until stopped "
-        "(SIGTERM/SIGINT: shutdown sequence; SIGUSR1: checkpoint now).",
-        "shutdown": "Run the shutdown sequence within the grace budget (the run_on_stop step).",
-        "restore": "Validate AgentAPI's state file and repair it from the newest good copy "
-        "(before AgentAPI starts).",
-        "snapshot": "Build the log snapshot now and upload it (or print it with --dry-run).",
-        "status": "Show sidecar, checkpoint, state file, last upload and AgentAPI facts.",
-        "doctor": "Check this workspace (filesystem, AgentAPI, Coder, grace budget, a timed "
-        "rehearsal of the stop) and print a verdict and a fix per check; changes nothing.",
-    }
-    for name, help_text in commands.items():
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in _COMMANDS.items():
         cmd = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog=_EPILOG,
+            epilog=f"{_EXAMPLES[name]}\n\n{_EPILOG}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_common(cmd)
+        _add_settings(cmd, name)
         if name == "restore":
             cmd.add_argument(
                 "--force",
@@ -134,7 +197,66 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--dry-run", action="store_true", help="Print the payload; upload nothing."
             )
+        if name == "export":
+            cmd.add_argument(
+                "--format",
+                choices=("text", "markdown", "json", "html"),
+                default="text",
+                help="text (default, for a terminal), markdown, json (AgentAPI's state file, "
+                "loadable by AgentAPI) or html (one self-contained page).",
+            )
+            cmd.add_argument(
+                "--output",
+                metavar="FILE",
+                type=_path,
+                help="Write to FILE (atomically, mode 0600) instead of stdout.",
+            )
+            cmd.add_argument(
+                "--archive",
+                metavar="NAME",
+                help="Export the archived conversation NAME (`status` lists them) instead of "
+                "the current one.",
+            )
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; raises ``UsageError`` naming the bad flag and the command it was
+    given to (argparse would name the missing command, or print the top-level usage)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    command = getattr(args, "command", None)
+    if command is None:
+        extras = [extra for extra in extras if extra != "--json"]  # asked for JSON: it gets it
+    if extras:
+        prog = f"agentapi-persist {command}" if command else "agentapi-persist"
+        raise UsageError(f"unrecognized arguments: {' '.join(extras)}{_hint(extras)}", prog)
+    if command is None:
+        raise UsageError(f"a command is required: {', '.join(_COMMANDS)}", "agentapi-persist")
+    return args
+
+
+def _hint(extras: Sequence[str]) -> str:
+    """What an unrecognized flag probably meant: the version flag, or a setting that only
+    other commands read."""
+    if "-V" in extras:
+        return " (the version is --version)"
+    for extra in extras:
+        flag = extra.split("=", 1)[0].replace("--no-", "--", 1)
+        for option in OPTIONS:
+            if option.flag == flag:
+                users = sorted(option.commands, key=list(_COMMANDS).index)
+                return f" ({option.flag} is read by {', '.join(users)} only)"
+    return ""
+
+
+def _usage_error(exc: UsageError, argv: Sequence[str]) -> int:
+    command = exc.prog.removeprefix("agentapi-persist").strip()
+    text = str(exc).removeprefix("argument ")
+    message = f"{command}: {text}" if command else text
+    message = f"{message} (see `{exc.prog} --help`)"
+    _emit_error_text(message, ExitCode.USAGE, as_json="--json" in argv)
+    return int(ExitCode.USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,8 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The grace period was already running when this process started: anchor every budget on
     # the process start, not on when the (slow) imports finished.
     started_at = time.monotonic() - _process_age_s()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parse(argv)
+    except UsageError as exc:
+        return _usage_error(exc, argv)
     if args.command == "run":
         # Before the heavy imports: a stop signal in the next few hundred milliseconds must
         # run the stop sequence, not kill us (or, as PID 1, be dropped).
@@ -184,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _snapshot(settings, as_json=as_json, dry_run=args.dry_run)
         if command == "doctor":
             return _doctor(settings, as_json=as_json)
+        if command == "export":
+            return _export(settings, fmt=args.format, output=args.output, archive=args.archive)
         return _status(settings, as_json=as_json)
     except PersistError as exc:
         _emit_error(exc, as_json=as_json)
@@ -381,6 +508,24 @@ def _status(settings: Settings, *, as_json: bool) -> int:
     report = asyncio.run(collect_status(settings))
     _print(report.as_dict() if as_json else report.render(), as_json=as_json)
     return int(report.exit_code)
+
+
+def _export(settings: Settings, *, fmt: str, output: Path | None, archive: str | None) -> int:
+    from .export import load_for_export, render, write
+
+    source = load_for_export(settings.state_dir, archive=archive, max_bytes=settings.max_body_bytes)
+    for problem in source.problems:
+        print(f"agentapi-persist: note: {problem}", file=sys.stderr)
+    if output is not None:
+        write(source, fmt, output)  # type: ignore[arg-type]  # argparse checked the choice
+        count = len(source.conversation.messages)
+        print(f"exported {count} messages as {fmt} to {output}", file=sys.stderr)
+        return int(ExitCode.OK)
+    out = sys.stdout.buffer
+    for piece in render(source, fmt):  # type: ignore[arg-type]
+        out.write(piece)
+    out.flush()
+    return int(ExitCode.OK)
 
 
 def _doctor(settings: Settings, *, as_json: bool) -> int:

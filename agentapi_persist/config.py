@@ -63,7 +63,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    grace_s: float = Field(default=10.0, gt=0, le=3600)
+    grace_s: float = Field(default=10.0, gt=0, le=3600, allow_inf_nan=False)
     """Seconds before the runtime SIGKILLs us (Docker 10, Kubernetes 30 shared with others)."""
 
     state_dir: Path
@@ -84,6 +84,9 @@ class Settings(BaseModel):
 
     task_id: str = ""
     """Coder task UUID; empty means "no snapshot", which is not an error."""
+
+    task_id_from: str = "ARG_TASK_ID"
+    """Where the task id came from (a flag or a variable), named when it is refused."""
 
     task_log_snapshot: bool = True
     """The registry module's switch for the snapshot upload."""
@@ -115,10 +118,10 @@ class Settings(BaseModel):
     initial_prompt: str | None = None
     """``AGENTAPI_INITIAL_PROMPT``: used only when no saved state ever told us the prompt."""
 
-    checkpoint_interval_s: float = Field(default=0.25, ge=0.01, le=1.0)
+    checkpoint_interval_s: float = Field(default=0.25, ge=0.01, le=1.0, allow_inf_nan=False)
     """The sidecar groups changes this long before one durable append (the 1 s promise)."""
 
-    snapshot_interval_s: float = Field(default=60.0, ge=0.0, le=86_400.0)
+    snapshot_interval_s: float = Field(default=60.0, ge=0.0, le=86_400.0, allow_inf_nan=False)
     """Minimum seconds between periodic snapshot uploads while running; 0 disables them."""
 
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
@@ -219,7 +222,7 @@ class Settings(BaseModel):
         ]
         if not _canonical_uuid(self.task_id):
             raise ConfigError(
-                f"task id {self.task_id[:64]!r} (ARG_TASK_ID) is not a canonical UUID: "
+                f"task id {self.task_id[:64]!r} ({self.task_id_from}) is not a canonical UUID: "
                 "cannot upload the log snapshot"
             )
         if missing:
@@ -290,6 +293,8 @@ class Settings(BaseModel):
             if not digits or not 0 < int(port) < 65536:
                 raise ConfigError(f"AgentAPI port {port!r} is not a TCP port number")
             values["agentapi_url"] = f"http://localhost:{port}"
+        if "task_id" in sources:
+            values["task_id_from"] = sources["task_id"]
         values["agentapi_state_file_explicit"] = "agentapi_state_file" in values
         values.setdefault("agentapi_state_file", module_dir / "agentapi-state.json")
         values.setdefault("agentapi_pid_file", module_dir / "agentapi.pid")

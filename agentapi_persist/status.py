@@ -26,7 +26,7 @@ from .errors import ConfigError, ExitCode, PersistError, SidecarUnavailable, Sta
 from .models import Relation, compare
 from .ownership import claim, read_owner
 from .peers import open_peers
-from .store import StateStore, holds_a_copy
+from .store import StateStore, holds_a_copy, list_archives
 
 __all__ = ["StatusReport", "collect_status", "sidecar_view"]
 
@@ -51,15 +51,22 @@ class StatusReport:
         """A person's view: one aligned line per fact, then the problems."""
         lines = []
         for key, value in self.facts.items():
-            if isinstance(value, dict):
-                text = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None)
-            else:
-                text = str(value)
-            lines.append(f"{key:<14} {text}")
+            for i, item in enumerate(value if isinstance(value, list) else [value]):
+                lines.append(f"{key if i == 0 else '':<14} {_row(item)}")
         lines.extend(f"PROBLEM        {p}" for p in self.problems)
         if not self.problems:
             lines.append("verdict        ok")
         return "\n".join(lines)
+
+
+def _row(value: Any) -> str:
+    """One fact as text: a dict as ``k=v`` pairs (unset ones left out), an archive by its
+    name first (what ``export --archive`` takes)."""
+    if isinstance(value, dict):
+        name = value.get("name")
+        pairs = ", ".join(f"{k}={v}" for k, v in value.items() if v is not None and k != "name")
+        return f"{name} ({pairs})" if name else pairs
+    return str(value)
 
 
 def sidecar_view(settings: Settings) -> dict[str, Any]:
@@ -93,6 +100,16 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "dir": str(settings.state_dir),
         "owner": _owner(settings),
     }
+    try:
+        archives = await asyncio.to_thread(list_archives, settings.state_dir)
+    except StateFileError as exc:
+        archives = []
+        report.problems.append(f"The archived conversations cannot be listed: {exc}")
+    # Conversations kept aside when a newer one replaced them: `export --archive NAME`.
+    facts["archived"] = [
+        {"name": a.name, "reason": a.reason, "saved_at": a.saved_at, "bytes": a.bytes}
+        for a in archives
+    ] or "none"
     unwritable = await asyncio.to_thread(_cannot_write, settings.state_dir)
     if unwritable is not None:
         report.problems.append(
@@ -137,10 +154,9 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
             "initial_prompt_sent": state.initial_prompt_sent,
         }
 
-    facts["last_upload"] = records.read_record(settings.state_dir, records.LAST_UPLOAD) or {
-        "at": None
-    }
-    last = facts["last_upload"]
+    last = records.read_record(settings.state_dir, records.LAST_UPLOAD) or {}
+    # "never", not an empty row, when nothing was ever uploaded from this directory.
+    facts["last_upload"] = last or "never"
     if last.get("at") and not last.get("delivered") and last.get("outcome") != "route_missing":
         # A server without the route is not a failure to fix here: the row says it as it is.
         report.problems.append(f"The last snapshot upload failed: {last.get('detail')}")
@@ -181,7 +197,8 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         "task_id": settings.task_id or None,
         "coder_url": settings.coder_url,
         "token": "present" if settings.coder_token else "absent",
-        "messages": settings.snapshot_messages,
+        # The setting (how many of the latest messages an upload keeps), not a count.
+        "keeps_last": settings.snapshot_messages,
     }
     try:
         settings.coder_target()

@@ -108,11 +108,14 @@ from .models import (
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "ArchivedCopy",
     "LoadReport",
     "SaveReport",
     "StateStore",
     "bytes_on_disk",
     "holds_a_copy",
+    "list_archives",
+    "read_archive",
 ]
 
 log = structlog.get_logger(__name__)
@@ -126,6 +129,67 @@ _JOURNAL = re.compile(r"journal-(\d{12})\.log")
 _STALE_TEMP = re.compile(r"\.conversation-\d{12}\.json\.[0-9a-f]+\.tmp")
 _STALE_TEMP_AGE_S = 300.0
 _HEADER_MAX = 4096
+
+
+_ARCHIVED = re.compile(r"conversation-\d{8}T\d{6}(?:\.\d+)?Z-(\d{12})\.json")
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedCopy:
+    """A conversation kept aside in ``archive/`` (``StateStore.archive``), from its header."""
+
+    name: str
+    saved_at: str | None
+    reason: str | None
+    bytes: int
+
+
+def list_archives(directory: Path) -> list[ArchivedCopy]:
+    """The archived conversations in ``directory``, oldest first; reads only their header
+    lines. A file whose header does not read is listed without its facts."""
+    try:
+        names = sorted(p.name for p in (directory / "archive").iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise StateFileError(
+            f"cannot list {directory / 'archive'}: {exc.strerror or exc}",
+            path=str(directory / "archive"),
+        ) from exc
+    copies = []
+    for name in names:
+        if not _ARCHIVED.fullmatch(name):
+            continue
+        path = directory / "archive" / name
+        header: Any = None
+        size = 0
+        with contextlib.suppress(OSError, ValueError), open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            header = json.loads(file.readline(_HEADER_MAX))
+        fields = header if isinstance(header, dict) else {}
+        saved_at, reason = fields.get("saved_at"), fields.get("archived_because")
+        copies.append(
+            ArchivedCopy(
+                name=name,
+                saved_at=saved_at if isinstance(saved_at, str) else None,
+                reason=reason if isinstance(reason, str) else None,
+                bytes=size,
+            )
+        )
+    return copies
+
+
+def read_archive(directory: Path, name: str, *, max_bytes: int) -> Conversation:
+    """The archived conversation ``name`` (as ``list_archives`` names it), verified like a
+    generation. Raises ``StateFileError``; never moves or changes anything."""
+    match = _ARCHIVED.fullmatch(name)
+    if match is None:
+        raise StateFileError(f"{name!r} is not the name of an archived conversation")
+    path = directory / "archive" / name
+    try:
+        return _read_generation(path, seq=int(match.group(1)), limit=max_bytes).conversation
+    except FileNotFoundError:
+        raise StateFileError(f"{path} does not exist (any more)", path=str(path)) from None
 
 
 def bytes_on_disk(directory: Path) -> int:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
+from agentapi_persist._options import COMMANDS
 from agentapi_persist.agentapi_state import read_agentapi_state
 from agentapi_persist.cli import build_parser, main
 from agentapi_persist.config import OPTIONS
@@ -218,20 +220,102 @@ async def test_status_json_reports_facts_without_the_token(
     assert_no_token(result.stdout, result.stderr)
 
 
-@pytest.mark.parametrize("command", ["shutdown", "restore", "snapshot", "status"])
-def test_help_names_every_flag_with_its_variable(
+def _flag_in(flag: str, text: str) -> bool:
+    """``flag`` as a whole flag (``--state-dir`` is not inside ``--state-persistence``)."""
+    return re.search(re.escape(flag) + r"(?![\w-])", text) is not None
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_shows_the_settings_the_command_reads_grouped_with_examples(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--help lists each flag with its environment variable and default."""
+    """Each command's --help lists the settings it reads (with their variables and defaults)
+    under their group, none that only other commands read, and examples of its own."""
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+    out = capsys.readouterr().out
+    text = " ".join(out.split())
+    offered = [option for option in OPTIONS if command in option.commands]
     for option in OPTIONS:
-        assert option.flag in text
-        for name in option.env:
-            assert f"${name}" in text
+        if option in offered:
+            assert _flag_in(option.flag, text), option.flag
+            for name in option.env:
+                assert f"${name}" in text
+        else:
+            assert not _flag_in(option.flag, text), f"{command} --help offers {option.flag}"
+    for group in {option.group for option in offered}:
+        assert f"\n{group} settings:\n" in out
+    examples = out.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(examples) >= 2
+    assert all(
+        line.strip().startswith(f"agentapi-persist {command}") or line.strip().startswith("kill")
+        for line in examples
+    )
     assert "exit codes:" in text
+    assert "--stop-agentapi" not in text or command in ("run", "shutdown")
+
+
+# Each bad command line, and what its one line must name.
+BAD_ARGS = [
+    (["shutdown", "--nope"], ["shutdown: unrecognized arguments: --nope", "shutdown --help"]),
+    (["--bogus"], ["unrecognized arguments: --bogus", "agentapi-persist --help"]),
+    (["-V"], ["unrecognized arguments: -V", "--version"]),
+    ([], ["a command is required", "shutdown", "export"]),
+    (["shutdown", "--grace", "abc"], ["shutdown: --grace: invalid float value: 'abc'"]),
+    (["status", "--stop-agentapi"], ["--stop-agentapi is read by run, shutdown only"]),
+    (["export", "--format", "pdf"], ["export: --format: invalid choice: 'pdf'"]),
+    (["shutdown", "--grace", "nan"], ["--grace: Input should be a finite number"]),
+    (["shutdown", "--grace", "-1"], ["--grace: Input should be greater than 0"]),
+]
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize(
+    ("argv", "names"), BAD_ARGS, ids=[" ".join(a) or "none" for a, _ in BAD_ARGS]
+)
+def test_every_usage_error_has_one_shape(
+    argv: list[str],
+    names: list[str],
+    as_json: bool,
+    workspace: Workspace,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bad flags, unknown commands and bad values alike: exit 2, one line on stderr naming
+    the flag at fault (no usage block), and under --json one JSON object on stdout."""
+    monkeypatch.setenv("HOME", str(workspace.home))
+    code = main([*argv, *(["--json"] if as_json else [])])
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("agentapi-persist: ")
+    assert "usage:" not in err
+    for name in names:
+        assert name in lines[0]
+    if as_json:
+        result = json.loads(out)
+        assert result == {
+            "ok": False,
+            "exit_code": 2,
+            "error": lines[0].removeprefix("agentapi-persist: "),
+        }
+    else:
+        assert out == ""
+
+
+def test_a_task_id_given_as_a_flag_is_reported_as_the_flag() -> None:
+    from agentapi_persist.config import Settings
+    from agentapi_persist.errors import ConfigError
+
+    env = {"HOME": "/home/u", "CODER_AGENT_URL": "http://c", "CODER_AGENT_TOKEN": "t"}
+    flagged = Settings.load({"task_id": "not-a-uuid"}, env)
+    with pytest.raises(ConfigError, match=r"\(--task-id\) is not a canonical UUID"):
+        flagged.coder_target()
+    from_env = Settings.load({}, {**env, "ARG_TASK_ID": "not-a-uuid"})
+    with pytest.raises(ConfigError, match=r"\(ARG_TASK_ID\) is not a canonical UUID"):
+        from_env.coder_target()
 
 
 def test_bad_environment_is_a_usage_error(
@@ -247,7 +331,7 @@ def test_bad_environment_is_a_usage_error(
 def test_parser_has_every_command() -> None:
     """The parser offers every documented command, and no other."""
     parser = build_parser()
-    commands = ("run", "shutdown", "restore", "status", "snapshot", "doctor")
+    commands = ("run", "shutdown", "restore", "status", "snapshot", "doctor", "export")
     for command in commands:
         assert parser.parse_args([command]).command == command
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -128,6 +128,29 @@ async def test_round_trip_reloads_the_whole_conversation(
     await assert_restored_and_reloaded(version, ws, before)
 
 
+@pytest.mark.parametrize("version", STATEFUL)
+async def test_exported_json_is_a_file_agentapi_loads(tmp_path: Path, version: str) -> None:
+    """`export --format json` of the stored copy, given to a new real AgentAPI as its state
+    file in a fresh home: it shows exactly the conversation, and does not re-run the prompt."""
+    ws = new_workspace(tmp_path / "first")
+    async with real_agentapi(version, ws.home, env=agentapi_env(ws)) as agent:
+        before = await start_conversation(agent, "a question to export")
+        run = await cli(persist_env(ws, agent), "shutdown", "--stop-agentapi")
+        assert run.code == 0, describe(run)
+        await agent.exited()
+    exported = tmp_path / "exported-state.json"
+    run = await cli(ws.process_env(), "export", "--format", "json", "--output", str(exported))
+    assert run.code == 0, describe(run)
+
+    elsewhere = new_workspace(tmp_path / "second")
+    env = {**agentapi_env(elsewhere), "AGENTAPI_STATE_FILE": str(exported)}
+    async with real_agentapi(version, elsewhere.home, env=env) as again:
+        after = await again.wait_stable(at_least=len(before))
+        assert comparable(after) == comparable(before)
+        await asyncio.sleep(1.0)
+        assert PROMPT not in again.inputs(), again.inputs()
+
+
 # --- 2. SIGKILL of everything mid-conversation ---------------------------------------------
 
 

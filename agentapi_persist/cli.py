@@ -295,12 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging(level=settings.log_level)
         if command == "run":
-            from .daemon import run
+            import asyncio
+
+            from .daemon import serve
 
             _freeze_what_was_imported()
-            code = run(settings)
+            report = asyncio.run(serve(settings))
+            # The stop it ran (on a signal, or for `shutdown`, which printed it too): said
+            # here as every command says its result.
+            _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
             _exit_soon()
-            return code
+            return int(report.exit_code)
         if command == "shutdown":
             return _shutdown(settings, as_json=as_json, started_at=started_at)
         if command == "restore":

@@ -254,8 +254,13 @@ class Daemon:
         try:
             outcome = await asyncio.to_thread(restore, self.settings, store=self.store, locked=True)
             log.info("daemon.restored", outcome=outcome.outcome, messages=outcome.messages)
-        except AgentRunningError:
-            log.info("daemon.restore_skipped", reason="AgentAPI is already running")
+        except AgentRunningError as exc:
+            # Say what showed it up: its pid file may well be missing (logged just before as
+            # agentapi.not_found) while something answers at its address.
+            log.info(
+                "daemon.restore_skipped",
+                reason=f"AgentAPI is already up ({exc.evidence}): it holds its own conversation",
+            )
         except PersistError as exc:
             log.error("daemon.restore_failed", error=str(exc))
         if self.store.conversation is None:

@@ -157,6 +157,14 @@ class StateFileVersionError(StateFileError):
     """Declares a format version this release does not understand."""
 
 
+class StateDirNotADirectory(StateFileError, ConfigError):
+    """The configured state directory is a file (or lies under one): a setting to fix, so
+    exit 2 like any bad setting; a ``StateFileError`` still, so a stop that meets it goes on
+    to upload the snapshot."""
+
+    exit_code = ExitCode.USAGE
+
+
 class DurabilityError(PersistError):
     """A write, fsync or rename failed. The previous good copy is intact; nothing is retried."""
 
@@ -167,6 +175,11 @@ class AgentRunningError(PersistError):
     """AgentAPI is running, so its state file is its own: we must not write it."""
 
     exit_code = ExitCode.AGENT_RUNNING
+
+    def __init__(self, message: str, *, evidence: str = "") -> None:
+        super().__init__(message)
+        self.evidence = evidence
+        """What showed it running (its pid, or an answer at its address), for a log line."""
 
 
 class StateDirBusy(PersistError):

@@ -150,12 +150,14 @@ def _refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
         if process is not None:
             raise AgentRunningError(
                 f"AgentAPI is running (pid {process.pid}); restore runs before it starts. "
-                "Nothing was changed."
+                "Nothing was changed.",
+                evidence=f"its pid file names the running pid {process.pid}",
             )
         if _listening(settings.agentapi_url):
             raise AgentRunningError(
                 f"something is listening at {settings.agentapi_url} (AgentAPI?); restore runs "
-                "before AgentAPI starts. Nothing was changed. Use --force if that is not AgentAPI."
+                "before AgentAPI starts. Nothing was changed. Use --force if that is not AgentAPI.",
+                evidence=f"something answers at {settings.agentapi_url}",
             )
 
 

@@ -604,11 +604,18 @@ async def _best_effort(
 
 
 def _kept_sentence(report: ShutdownReport, store: StateStore) -> str:
+    """What is safe after the stop, said only as far as it is known: a copy that could not be
+    read is not "0 messages", and a copy that never existed is not "intact"."""
     if report.durable:
         return f"{report.messages} messages durable in {store.directory}"
+    lost = f" ({report.messages} messages)" if report.messages else ""
+    newest = f"the newest changes{lost} were not saved"
+    if not store.loaded:
+        return f"the copy in {store.directory} could not be read and was left as it was; {newest}"
     stored = store.conversation
-    held = len(stored.messages) if stored is not None else 0
-    return f"previous copy intact in {store.directory} ({held} messages); newest changes not saved"
+    if stored is None:
+        return f"no earlier copy exists in {store.directory}; {newest}"
+    return f"previous copy intact in {store.directory} ({len(stored.messages)} messages); {newest}"
 
 
 async def _write_step(

@@ -89,7 +89,13 @@ from ._fsutil import (
     write_atomic,
 )
 from ._options import DEFAULT_MAX_BODY_BYTES
-from .errors import DurabilityError, StateFileCorrupt, StateFileError, StateFileVersionError
+from .errors import (
+    DurabilityError,
+    StateDirNotADirectory,
+    StateFileCorrupt,
+    StateFileError,
+    StateFileVersionError,
+)
 from .generation_body import BodyReader, conversation_body
 from .models import (
     MESSAGES_ADAPTER,
@@ -190,6 +196,19 @@ def read_archive(directory: Path, name: str, *, max_bytes: int) -> Conversation:
         return _read_generation(path, seq=int(match.group(1)), limit=max_bytes).conversation
     except FileNotFoundError:
         raise StateFileError(f"{path} does not exist (any more)", path=str(path)) from None
+
+
+def _not_a_directory(directory: Path) -> str:
+    """Which file stands where the state directory should be, and what that means."""
+    blocker = directory
+    while not blocker.exists() and blocker != blocker.parent:
+        blocker = blocker.parent
+    where = "is a file" if blocker == directory else f"lies under {blocker}, which is a file"
+    return (
+        f"the state directory {directory} {where}, not a directory: nothing was read or "
+        "written there (the file is left as it is). Give --state-dir (or "
+        "AGENTAPI_PERSIST_STATE_DIR) a directory on the persistent volume"
+    )
 
 
 def bytes_on_disk(directory: Path) -> int:
@@ -508,6 +527,12 @@ class StateStore:
             return self._cached
 
     @property
+    def loaded(self) -> bool:
+        """True once the directory was read (or written): ``conversation`` is then what it
+        holds, ``None`` meaning nothing stored rather than unreadable."""
+        return self._loaded
+
+    @property
     def journal_bytes(self) -> int:
         """Bytes of good records in the current journal: a hint for when to ``compact``."""
         return self._journal_end
@@ -587,6 +612,10 @@ class StateStore:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return set(), set()
+        except NotADirectoryError:
+            raise StateDirNotADirectory(
+                _not_a_directory(self.directory), path=str(self.directory)
+            ) from None
         except OSError as exc:
             raise StateFileError(
                 f"cannot list {self.directory}: {exc.strerror or exc}", path=str(self.directory)

@@ -139,7 +139,16 @@ async def main() -> int:
     print(restored.summary(), flush=True)
 
     # 2. AgentAPI, after the repair.
-    agentapi = await start_agentapi(settings, args.type, agent)
+    try:
+        agentapi = await start_agentapi(settings, args.type, agent)
+    except OSError as exc:  # not installed, not executable: say so, the copy is untouched
+        print(
+            f"cannot start AgentAPI ({settings.agentapi_bin!r}: {exc.strerror or exc}); "
+            "install it (go install github.com/coder/agentapi@latest) or give --agentapi-bin. "
+            "Nothing was changed.",
+            file=sys.stderr,
+        )
+        return 1
 
     # 3. The stop trigger: our own signals, or AgentAPI going away; the first reason counts.
     stop = asyncio.Event()

@@ -22,6 +22,11 @@ async def main() -> int:
     parser.add_argument("--state-dir")
     parser.add_argument("--agentapi-state-file")
     parser.add_argument("--agentapi-url")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="restore even if something listens at AgentAPI's address (it is not AgentAPI)",
+    )
     args = parser.parse_args()
     configure_logging(level="warning")  # logs to stderr; stdout keeps the result
     settings = Settings.load(
@@ -33,7 +38,7 @@ async def main() -> int:
     )
     try:
         # restore() is synchronous file work; keep the event loop free while it runs.
-        report = await asyncio.to_thread(restore, settings)
+        report = await asyncio.to_thread(restore, settings, force=args.force)
     except AgentRunningError as exc:
         print(f"not restoring: {exc}")
         return int(exc.exit_code)

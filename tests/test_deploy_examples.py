@@ -32,6 +32,7 @@ from agentapi_persist.testing.server import free_port
 from .conftest import TASK_ID, coder_env, make_messages
 from .deploy_support import (
     EXAMPLES,
+    REPO,
     Stage,
     Template,
     agentapi_get,
@@ -286,12 +287,57 @@ def test_dockerfile_wiring() -> None:
     def instruction(name: str) -> str:
         return next(line.split(" ", 1)[1] for line in lines if line.startswith(name + " "))
 
-    copied_to = instruction("COPY").split()[-1]
-    assert instruction("COPY").split()[-2] == "entrypoint.sh"
+    copy = next(line for line in lines if line.startswith("COPY ") and "entrypoint.sh" in line)
+    copied_to = copy.split()[-1]
+    assert copy.split()[-2] == "examples/docker/entrypoint.sh"
     assert json.loads(instruction("ENTRYPOINT")) == [copied_to]
     assert instruction("STOPSIGNAL") in trapped_signals(ENTRYPOINT.read_text())
     assert instruction("USER") != "root"
     assert any("--uid 1000" in line for line in lines)
+
+
+def test_the_dockerfile_installs_what_this_repository_builds(tmp_path: Path) -> None:
+    """No Docker engine runs here, so the Dockerfile's own install steps run outside it: the
+    wheel its COPY takes is what scripts/wheel builds (and .dockerignore lets in), and its
+    `pip install` line, run in a fresh virtual environment, gives a working agentapi-persist
+    (the package is on no index: the example once said `pip install agentapi-persist`)."""
+    lines = [line.strip() for line in (DOCKER / "Dockerfile").read_text().splitlines()]
+    copies = [line.split()[1:] for line in lines if line.startswith("COPY ")]
+    wheel_copy = next(args for args in copies if args[0].endswith(".whl"))
+    allowed = [
+        line[1:] for line in (REPO / ".dockerignore").read_text().splitlines() if line[:1] == "!"
+    ]
+    for args in copies:
+        source = next(arg for arg in args if not arg.startswith("--"))
+        assert source in allowed, f"{source} is not let in by .dockerignore"
+    (install,) = [line for line in lines if line.startswith("RUN pip install")]
+
+    built = subprocess.run(
+        [str(REPO / "scripts" / "wheel"), str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob(Path(wheel_copy[0]).name)
+    image_dir = wheel_copy[-1]  # where the COPY puts it in the image
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
+    command = install.removeprefix("RUN ").replace(image_dir, f"{wheel.parent}/")
+    command = command.replace("rm -rf /tmp/wheels", "true")  # the image's cleanup, not ours
+    env = {**os.environ, "PATH": f"{tmp_path / 'venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    ran = subprocess.run(
+        ["sh", "-ec", command], capture_output=True, text=True, timeout=600, env=env, check=False
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    program = tmp_path / "venv" / "bin" / "agentapi-persist"
+    version = subprocess.run(
+        [str(program), "--version"], capture_output=True, text=True, env=env, check=False
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("agentapi-persist ")
+    helped = subprocess.run(
+        [str(program), "export", "--help"], capture_output=True, text=True, env=env, check=False
+    )
+    assert helped.returncode == 0, helped.stderr
 
 
 def test_kubernetes_manifest_wiring() -> None:

@@ -180,7 +180,10 @@ async def test_write_failure_is_reported_and_snapshot_still_delivered(
     assert not report.durable
     assert report.step("state").outcome == "failed"  # type: ignore[union-attr]
     assert len(coder.uploads) == 1
-    assert "newest changes not saved" in report.kept
+    assert (
+        "could not be read and was left as it was; the newest changes (4 messages) were not saved"
+        in report.kept
+    )
 
 
 async def test_forced_stop_skips_upload_but_not_the_write(

@@ -45,6 +45,32 @@ async def test_sigterm_runs_the_shutdown_sequence(workspace: Workspace, coder: F
     assert CANARY_TOKEN not in text
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+async def test_run_says_its_result_when_it_stops(
+    workspace: Workspace, coder: FakeCoder, as_json: bool
+) -> None:
+    """`run` ends as every command does: its result on stdout, one summary line, or one
+    JSON object under --json (its help promised this; nothing was printed)."""
+    async with FakeAgentAPI(messages=make_messages(5)) as agent:
+        env = {**coder_env(coder), "AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        args = ("--json",) if as_json else ()
+        async with sidecar_process(workspace, *args, env=env) as sidecar:
+            await eventually(lambda: stored_count(workspace) == 5)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert await sidecar.wait() == 0
+            assert sidecar.proc.stdout is not None
+            out = (await sidecar.proc.stdout.read()).decode()
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    if as_json:
+        result = json.loads(lines[0])
+        assert result["exit_code"] == 0
+        assert result["messages"] == 5
+    else:
+        assert lines[0].startswith("shutdown ok: ")
+        assert "5 messages durable" in lines[0]
+
+
 async def test_sigusr1_forces_a_checkpoint(workspace: Workspace) -> None:
     """SIGUSR1 checkpoints now: with the longest grouping window (1 s), the change the
     sidecar already holds is written by a checkpoint whose trigger is the request, not the

@@ -359,3 +359,78 @@ async def test_a_relative_xdg_state_home_is_ignored(workspace: Workspace, tmp_pa
             assert await side.wait() == 0
     assert not (here / "state").exists()
     assert not (there / "state").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the stop as another uid")
+@pytest.mark.parametrize(
+    ("mode", "held", "kept"),
+    [
+        (0o700, 8, "the copy in {dir} could not be read and was left as it was; "),
+        (0o755, 0, "no earlier copy exists in {dir}; "),
+        (0o755, 8, "previous copy intact in {dir} (8 messages); "),
+    ],
+    ids=["unreadable copy", "no copy ever", "readable copy"],
+)
+def test_a_stop_that_cannot_write_says_only_what_it_knows_was_kept(
+    mode: int, held: int, kept: str
+) -> None:
+    """A uid that may not write the state directory: the line says exactly what is safe.
+    A copy it cannot read is not "0 messages", and a copy that never existed is not
+    "intact" (both were said before)."""
+    from agentapi_persist.agentapi_state import render_agentapi_state
+    from agentapi_persist.models import Conversation
+    from agentapi_persist.store import StateStore
+
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own temp root is root's alone
+    try:
+        shared.chmod(0o755)
+        state_dir = shared / "state"
+        state_dir.mkdir(mode=0o755)
+        if held:
+            StateStore(state_dir).save(Conversation(messages=tuple(make_messages(held))))
+            for path in state_dir.iterdir():
+                path.chmod(0o644)
+        state_dir.chmod(mode)
+        agentapi_file = shared / "agentapi-state.json"
+        agentapi_file.write_bytes(
+            render_agentapi_state(Conversation(messages=tuple(make_messages(9))))
+        )
+        agentapi_file.chmod(0o644)
+        before = sorted(p.name for p in state_dir.iterdir())
+        paths = [
+            "--state-dir", str(state_dir),
+            "--agentapi-state-file", str(agentapi_file),
+            "--agentapi-pid-file", str(shared / "agentapi.pid"),
+        ]  # fmt: skip
+        with dead_url() as dead:
+            code, output = _as_a_uid_without_passwd_entry(
+                ["shutdown", *paths, "--agentapi-url", dead, "--grace", "5"]
+            )
+        assert sorted(p.name for p in state_dir.iterdir()) == before
+    finally:
+        shutil.rmtree(shared)
+    assert "Traceback" not in output, output
+    assert code == 3, output
+    expected = kept.format(dir=state_dir) + "the newest changes (9 messages) were not saved"
+    assert f"kept: {expected}" in output, output
+
+
+@pytest.mark.parametrize("command", ["status", "restore", "export"])
+async def test_a_file_given_as_the_state_directory_is_a_bad_setting(
+    workspace: Workspace, tmp_path: Path, command: str
+) -> None:
+    """A file where the state directory should be: exit 2 (a setting to fix), one sentence
+    that names it and says nothing was read or written there; the file is left as it is
+    (it was exit 1, "cannot list ...: Not a directory")."""
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    with dead_url() as dead:
+        run = await cli(
+            workspace, command, "--state-dir", str(file),
+            env={"AGENTAPI_PERSIST_AGENTAPI_URL": dead},
+        )  # fmt: skip
+    assert run.code == 2, run.stdout + run.stderr
+    assert f"the state directory {file} is a file, not a directory" in run.stderr
+    assert "nothing was read or written there" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert file.read_text() == "not a directory"

@@ -36,7 +36,7 @@ variable "image" {
 
 variable "agentapi_persist_source" {
   type        = string
-  description = "What `pip install` installs at the first start (agentapi-persist==X.Y.Z, a git URL, a wheel URL). Empty: the image already has agentapi-persist."
+  description = "What `pip install` installs at the first start: a git URL of this repository (git+https://...@tag) or the URL of a wheel built by scripts/wheel. Empty: the image already has agentapi-persist."
   default     = ""
 }
 

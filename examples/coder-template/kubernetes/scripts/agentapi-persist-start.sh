@@ -6,7 +6,8 @@
 # Settings come from the environment the template sets (coder_env): AGENTAPI_STATE_FILE,
 # AGENTAPI_PID_FILE, AGENTAPI_PERSIST_*, ARG_TASK_ID, ... The ARG_AGENT_* variables are this
 # script's own arguments:
-#   ARG_AGENTAPI_PERSIST_SOURCE  what `pip install` installs (a version, a git URL, a wheel);
+#   ARG_AGENTAPI_PERSIST_SOURCE  what `pip install` installs (a git URL of this repository, or a
+#                                wheel built by scripts/wheel);
 #                                empty: use the agentapi-persist already on PATH (in the image)
 #   ARG_AGENT_COMMAND            the agent AgentAPI runs, e.g. `claude`; empty: something else
 #                                starts AgentAPI (a registry agent module, with this script as its

@@ -356,14 +356,22 @@ def _shutdown_via_sidecar(flags: dict[str, Any], *, as_json: bool, started_at: f
     }
     if "stop_agentapi" in flags:
         request["stop_agentapi"] = bool(flags["stop_agentapi"])
+    from .waiting import WaitDisplay
+
+    waits = WaitDisplay(
+        lambda: "the sidecar's stop sequence", ends_at=started_at + grace_s, budget_s=grace_s
+    )
     try:
         result = ask_sidecar(state_dir, request, timeout_s=max(grace_s - elapsed - 0.05, 0.1))
     except SidecarUnavailable:
         return None
     except TimeoutError as exc:
+        waits.close()
         message = f"{exc}; the sidecar's last checkpoint is on disk"
         _emit_error_text(message, ExitCode.DEADLINE, as_json=as_json)
         return int(ExitCode.DEADLINE)
+    finally:
+        waits.close()
     if "summary" not in result:
         code = int(result.get("exit_code", ExitCode.ERROR))
         _emit_error_text(
@@ -409,14 +417,22 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
 
     from .shutdown import ShutdownReport
     from .signals import arm_watchdog
+    from .waiting import WaitDisplay, describe_steps
 
     known: list[int] = []
     said = threading.Lock()
     progress = ShutdownReport()
+    # On a terminal, a line on stderr says what the stop waits for (erased before the result).
+    waits = WaitDisplay(
+        lambda: describe_steps(progress.in_progress.copy()),
+        ends_at=started_at + settings.budget_s,
+        budget_s=settings.budget_s,
+    )
 
     def publish(report: ShutdownReport) -> None:
         # The result goes out as soon as it is known: what follows is cleaning up, and if
         # that runs into the deadline the watchdog exits with this code, not with a 5.
+        waits.close()
         with said:
             _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
             sys.stdout.flush()
@@ -430,6 +446,7 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
             return known[0] if known else None
         # The sequence did not get to say it: say how far it got, so a stop never ends in
         # silence (a parse that holds the interpreter lock can keep the loop from its deadline).
+        waits.close()
         partial = progress.cut_short()
         partial.total_ms = round((time.monotonic() - started_at) * 1000)
         _print(partial.as_dict() if as_json else partial.summary(), as_json=as_json)
@@ -446,6 +463,7 @@ def _shutdown(settings: Settings, *, as_json: bool, started_at: float) -> int:
         )
     finally:
         watchdog.cancel()
+        waits.close()
     _exit_soon()
     return int(report.exit_code)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -270,7 +271,7 @@ class CoderClient:
         except TimeoutError as exc:  # aiohttp's timeouts subclass it too
             return _Attempt(UploadOutcome.TIMED_OUT, error=type(exc).__name__)
         except transport_errors as exc:
-            reason = cap_text(self._scrub(f"{type(exc).__name__}: {exc}"), 160)
+            reason = cap_text(self._scrub(_transport_reason(exc)), 160)
             return _Attempt(UploadOutcome.TRANSPORT_ERROR, error=reason)
         return _Attempt(_classify(status, body), status, body, location)
 
@@ -455,3 +456,19 @@ async def _read_head(response: aiohttp.ClientResponse) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def _transport_reason(exc: BaseException) -> str:
+    """A failed connection in words. aiohttp's own text for a refused plain-HTTP connection
+    reads "Cannot connect to host h:p ssl:default [...]", which sent people looking for a TLS
+    problem on an http URL; TLS failures keep aiohttp's text, which is about TLS."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+        exc, aiohttp.ClientSSLError
+    ):
+        error = exc.os_error
+        # asyncio's strerror is "Connect call failed (addr)": the errno says it in words.
+        why = os.strerror(error.errno) if error.errno else (error.strerror or str(error))
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    return f"{type(exc).__name__}: {exc}"

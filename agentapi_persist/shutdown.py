@@ -114,6 +114,8 @@ class ShutdownReport:
     conversation (``file_mark`` records it after the result is published)."""
     agreed_messages: tuple[Message, ...] | None = field(default=None, repr=False)
     """That conversation's messages, digested into the record."""
+    in_progress: set[StepName] = field(default_factory=set, repr=False)
+    """The steps running now (not reported): what a terminal is told the stop waits for."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -178,9 +180,13 @@ class ShutdownReport:
         }
 
 
-async def _timed(coro: Awaitable[StepResult], name: StepName) -> StepResult:
+async def _timed(coro: Awaitable[StepResult], name: StepName, report: ShutdownReport) -> StepResult:
     started = time.perf_counter()
-    result = await coro
+    report.in_progress.add(name)
+    try:
+        result = await coro
+    finally:
+        report.in_progress.discard(name)
     result.ms = round((time.perf_counter() - started) * 1000)
     log.info(f"shutdown.{name}", outcome=result.outcome, ok=result.ok, ms=result.ms)
     return result
@@ -287,10 +293,14 @@ async def run_sequence(
                 early.run(settings, agent, process, process_reason, budget),
                 name="persist.early_save",
             )
-            gathered = await _fetch_step(
-                settings, store, agent, budget, live_copy, prompt, agentapi_file, report,
-                stream_view,
-            )  # fmt: skip
+            report.in_progress.add("fetch")
+            try:
+                gathered = await _fetch_step(
+                    settings, store, agent, budget, live_copy, prompt, agentapi_file, report,
+                    stream_view,
+                )  # fmt: skip
+            finally:
+                report.in_progress.discard("fetch")
             conversation = gathered.conversation
             early.expected = conversation.messages if conversation is not None else None
             if conversation is None:
@@ -300,12 +310,13 @@ async def run_sequence(
                     save = early.step() or _agentapi_save_step(
                         settings, process, process_reason, None, None, budget, report
                     )
-                    report.steps.append(await _timed(save, "agentapi_save"))
+                    report.steps.append(await _timed(save, "agentapi_save", report))
                 else:
                     early.give_up()
                 return report
             write_task = asyncio.create_task(
-                _timed(_write_step(store, conversation, on_durable), "state"), name="persist.write"
+                _timed(_write_step(store, conversation, on_durable), "state", report),
+                name="persist.write",
             )
             save = early.step() or _agentapi_save_step(
                 settings, process, process_reason, conversation, gathered.agentapi_view, budget,
@@ -316,8 +327,10 @@ async def run_sequence(
             upload_budget = budget.child(max(budget.remaining() - _REPORT_SLACK_S, 0.0))
             upload = _snapshot_step(settings, coder, conversation, upload_budget, force)
             best_effort = [
-                asyncio.create_task(_timed(save, "agentapi_save"), name="persist.agentapi_save"),
-                asyncio.create_task(_timed(upload, "snapshot"), name="persist.snapshot"),
+                asyncio.create_task(
+                    _timed(save, "agentapi_save", report), name="persist.agentapi_save"
+                ),
+                asyncio.create_task(_timed(upload, "snapshot", report), name="persist.snapshot"),
             ]
             state_result = await asyncio.shield(write_task)
             report.steps.append(state_result)
@@ -341,7 +354,7 @@ async def run_sequence(
                     report.steps.append(StepResult("stop", "skipped", True, 0, "forced stop"))
                 else:
                     stop = _stop_step(process, process_reason, budget)
-                    report.steps.append(await _timed(stop, "stop"))
+                    report.steps.append(await _timed(stop, "stop", report))
     except TimeoutError:
         report.deadline_hit = True
         finished: list[StepResult] = []

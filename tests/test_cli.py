@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -112,6 +114,68 @@ async def test_shutdown_with_hung_coder_and_grace_3(workspace: Workspace) -> Non
     own = StateStore(workspace.state_dir).load().conversation
     assert own is not None
     assert len(own.messages) == 40
+
+
+async def _shutdown_with_stderr_on_a_terminal(
+    workspace: Workspace, env: dict[str, str], *args: str
+) -> tuple[int, str, str]:
+    """``shutdown`` with stderr on a pseudo-terminal (stdout a pipe): exit code, stdout, and
+    everything the terminal received."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentapi_persist", "shutdown", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=terminal,
+        env=workspace.process_env(**env),
+    )  # fmt: skip
+    os.close(terminal)
+    received = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = asyncio.get_running_loop().run_in_executor(None, drain)
+    assert proc.stdout is not None
+    out = await proc.stdout.read()
+    code = await proc.wait()
+    await reader
+    os.close(controller)
+    return code, out.decode(), received.decode(errors="replace")
+
+
+async def test_a_long_wait_is_said_on_a_terminal_and_only_there(workspace: Workspace) -> None:
+    """A hung Coder server holds the upload: on a terminal, a line on stderr names what the
+    stop waits for and the budget left, counting down, and is erased before the result;
+    with stderr a pipe, nothing of it (what scripts read does not change)."""
+    async with (
+        FakeCoder(token=CANARY_TOKEN, task_ids={TASK_ID}, hang=True) as hung,
+        agentapi_process(workspace, messages=4) as (_, port),
+    ):
+        env = {**coder_env(hung), "ARG_AGENTAPI_PORT": str(port)}
+        code, out, terminal = await _shutdown_with_stderr_on_a_terminal(
+            workspace, env, "--grace", "4"
+        )
+        piped = await cli(workspace, "shutdown", "--grace", "4", env=env)
+    assert code == 4, out + terminal
+    assert "snapshot=timed_out" in out
+    lines = re.findall(r"waiting for ([^;]*); ([0-9.]+) s of the ([0-9.]+) s budget left", terminal)
+    assert len(lines) >= 2, terminal
+    assert {what for what, _, _ in lines} == {"the log snapshot upload to Coder"}
+    left = [float(value) for _, value, _ in lines]
+    assert left == sorted(left, reverse=True)  # counting down
+    assert float(lines[0][2]) < 4
+    assert terminal.rstrip().endswith("\x1b[K")  # the line erased before the exit
+    assert piped.code == 4
+    assert "waiting for" not in piped.stderr
+    assert "\x1b" not in piped.stderr
 
 
 async def test_old_agentapi_never_gets_sigusr1(workspace: Workspace, coder: FakeCoder) -> None:

@@ -14,7 +14,8 @@ One process you control does what the CLI's boot and stop steps do, with the lib
 5. **build a snapshot** of what was saved (``build_snapshot``), here written to a file for an
    application's own "paused" page.
 
-    python examples/custom_agent.py --state-dir ./state --snapshot-out ./last.json -- claude
+    .venv/bin/python examples/custom_agent.py --state-dir ./state \
+        --snapshot-out ./last.json -- claude
 
 Settings not given as options come from the environment, as for the CLI (``ARG_TASK_ID``,
 ``CODER_AGENT_URL``, ``CODER_AGENT_TOKEN``, ``AGENTAPI_PERSIST_*``, ...). Exit status: the

@@ -4,7 +4,7 @@
 The builder is pure: give it messages, get the exact bytes (at most 65,536) that the Coder
 server would receive. Useful to preview, filter or redact before uploading yourself.
 
-    python examples/custom_snapshot.py
+    .venv/bin/python examples/custom_snapshot.py
 """
 
 from __future__ import annotations

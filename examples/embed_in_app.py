@@ -5,7 +5,7 @@ With ``shutdown_trigger`` the sidecar installs no signal handlers and no hard-ex
 (your process is yours): it follows AgentAPI and checkpoints until the trigger returns, then
 runs the shutdown sequence and returns its report.
 
-    python examples/embed_in_app.py --agentapi-url http://localhost:3284 --seconds 30
+    .venv/bin/python examples/embed_in_app.py --agentapi-url http://localhost:3284 --seconds 30
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ A custom agent integration that manages its own lifecycle can call this when it 
 stop. Settings come from the same environment the CLI reads (plus any overrides you pass);
 the report says what each step did and which exit code the CLI would have used.
 
-    python examples/persist_once.py --agentapi-url http://localhost:3284 --state-dir ./state
+    .venv/bin/python examples/persist_once.py --agentapi-url http://localhost:3284 \
+        --state-dir ./state
 """
 
 from __future__ import annotations

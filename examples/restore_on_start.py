@@ -4,7 +4,7 @@
 Call it in your own launcher right before you exec AgentAPI. It refuses (raises
 ``AgentRunningError``) if AgentAPI is already running, because AgentAPI owns its file then.
 
-    python examples/restore_on_start.py --state-dir ./state \
+    .venv/bin/python examples/restore_on_start.py --state-dir ./state \
         --agentapi-state-file ./agentapi-state.json
 """
 

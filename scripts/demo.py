@@ -8,6 +8,7 @@
    environment: the running sidecar does the work. Shows what the Coder server received.
 4. Stops AgentAPI, tears its state file in half, and runs ``agentapi-persist restore``.
 5. Runs ``agentapi-persist status``.
+6. Reads what was saved with ``agentapi-persist export`` (its first lines shown).
 
 Nothing leaves 127.0.0.1; the workspace is deleted at the end.
 """
@@ -119,7 +120,13 @@ async def main() -> int:
             banner("status (AgentAPI is stopped now: status says so, exit 8)")
             env["ARG_AGENTAPI_PORT"] = str(free_port())
             await command(env, "status")
-    ok = shutdown == 0 and restored == 0
+
+            banner("What was saved, as text (also: --format markdown, json or html)")
+            text = Path(tmp) / "conversation.txt"
+            exported = await command(env, "export", "--output", str(text))
+            lines = text.read_text().splitlines() if exported == 0 else []
+            print("\n".join(lines[:12]) + f"\n... ({len(lines)} lines in all)", flush=True)
+    ok = shutdown == 0 and restored == 0 and exported == 0
     banner("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -221,12 +221,18 @@ def test_no_home_and_no_passwd_entry() -> None:
     assert "restore nothing" in output
 
 
-async def test_a_directory_at_the_socket_name_is_kept_and_the_sidecar_serves(
-    workspace: Workspace,
+@pytest.mark.parametrize("kind", ["directory", "regular file"])
+async def test_whatever_is_at_the_socket_name_is_kept_and_the_sidecar_serves(
+    workspace: Workspace, kind: str
 ) -> None:
-    """A directory where the control socket goes: moved aside (with what it holds), never
-    a traceback; the sidecar listens and answers `shutdown`."""
-    (workspace.state_dir / "control.sock" / "inside").mkdir(parents=True)
+    """A directory or a regular file where the control socket goes: moved aside (with what
+    it holds) and logged, never deleted, never a traceback; the sidecar listens and answers
+    `shutdown`."""
+    if kind == "directory":
+        (workspace.state_dir / "control.sock" / "inside").mkdir(parents=True)
+    else:
+        workspace.state_dir.mkdir(parents=True)
+        (workspace.state_dir / "control.sock").write_text("someone's notes")
     async with FakeAgentAPI(messages=make_messages(3)) as agent:
         env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
         async with sidecar_process(workspace, env=env) as sidecar:
@@ -236,7 +242,10 @@ async def test_a_directory_at_the_socket_name_is_kept_and_the_sidecar_serves(
             assert "(via sidecar)" in run.stdout
             assert await sidecar.wait() == 0
     (aside,) = workspace.state_dir.glob("control.sock.not-a-socket-*")
-    assert (aside / "inside").is_dir()
+    if kind == "directory":
+        assert (aside / "inside").is_dir()
+    else:
+        assert aside.read_text() == "someone's notes"
 
 
 async def test_a_state_dir_where_nothing_can_be_written_never_kills_the_sidecar(

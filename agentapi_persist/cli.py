@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv``; raises ``UsageError`` naming the bad flag and the command it was
     given to (argparse would name the missing command, or print the top-level usage)."""
     parser = build_parser()

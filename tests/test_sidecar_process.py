@@ -62,6 +62,12 @@ async def test_run_says_its_result_when_it_stops(
             out = (await sidecar.proc.stdout.read()).decode()
     lines = out.splitlines()
     assert len(lines) == 1, out
+    # AgentAPI was up when the sidecar started (no pid file; it answers at its address): the
+    # skipped restore says what showed it up, not "already running" after "not found".
+    (skipped,) = [e for e in sidecar.events if e.get("event") == "daemon.restore_skipped"]
+    assert skipped["reason"].startswith(
+        f"AgentAPI is already up (something answers at {agent.url})"
+    )
     if as_json:
         result = json.loads(lines[0])
         assert result["exit_code"] == 0

@@ -46,3 +46,21 @@ async def test_an_open_state_dir_is_reported_never_changed(workspace: Workspace)
     report = await collect_status(settings)
     assert any("open to other users (mode 0755)" in p for p in report.problems), report.problems
     assert workspace.state_dir.stat().st_mode & 0o777 == 0o755
+
+
+async def test_status_says_never_and_names_the_setting_as_a_setting(workspace: Workspace) -> None:
+    """No upload ever: the row says "never" (it was blank); the snapshot's 30 is the setting
+    (keeps_last), not a count of messages; no archive: "none"."""
+    StateStore(workspace.state_dir).save(Conversation(messages=tuple(make_messages(4))))
+    async with FakeAgentAPI(messages=make_messages(4)) as agent:
+        report = await collect_status(workspace.settings(agentapi_url=agent.url))
+    facts = report.as_dict()
+    assert facts["last_upload"] == "never"
+    assert facts["snapshot"]["keeps_last"] == 30
+    assert "messages" not in facts["snapshot"]
+    assert facts["archived"] == "none"
+    lines = report.render().splitlines()
+    assert "last_upload    never" in lines
+    assert "archived       none" in lines
+    (snapshot,) = [line for line in lines if line.startswith("snapshot ")]
+    assert "keeps_last=30" in snapshot

@@ -30,11 +30,19 @@ from typing import Literal
 
 from ._fsutil import write_atomic
 from .agentapi_state import render_agentapi_state
-from .errors import ConfigError, ExitCode, PersistError
+from .errors import ConfigError, DurabilityError, ExitCode, PersistError
 from .models import Conversation
 from .store import ArchivedCopy, StateStore, list_archives, read_archive
 
-__all__ = ["FORMATS", "ExportSource", "NothingToExport", "load_for_export", "render", "write"]
+__all__ = [
+    "FORMATS",
+    "ExportNotWritten",
+    "ExportSource",
+    "NothingToExport",
+    "load_for_export",
+    "render",
+    "write",
+]
 
 Format = Literal["text", "markdown", "json", "html"]
 FORMATS: tuple[Format, ...] = ("text", "markdown", "json", "html")
@@ -105,9 +113,25 @@ def render(source: ExportSource, fmt: Format) -> Iterator[bytes]:
         yield piece.encode("utf-8", errors="replace")
 
 
+class ExportNotWritten(PersistError):
+    """``--output`` could not be written; nothing in the state directory was touched."""
+
+
 def write(source: ExportSource, fmt: Format, output: Path) -> None:
-    """Write the export to ``output`` atomically (0600: a conversation may hold secrets)."""
-    write_atomic(output, render(source, fmt))
+    """Write the export to ``output`` atomically (0600: a conversation may hold secrets).
+
+    The directory must exist (a mistyped path is said, not created); raises ``ConfigError``
+    then, and ``ExportNotWritten`` when the write itself fails."""
+    if not output.parent.is_dir():
+        raise ConfigError(
+            f"--output {output}: the directory {output.parent} does not exist; nothing written"
+        )
+    try:
+        write_atomic(output, render(source, fmt))
+    except DurabilityError as exc:
+        raise ExportNotWritten(
+            f"cannot write {output}: {exc}; the stored conversation was not touched"
+        ) from None
 
 
 # -- formats -----------------------------------------------------------------------------------

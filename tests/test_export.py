@@ -281,3 +281,19 @@ async def test_html_is_one_page_a_browser_renders(
     png = shot.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(png) > 5000
+
+
+async def test_an_output_that_cannot_be_written_is_said_and_nothing_is_made(
+    workspace: Workspace, stored: Conversation, tmp_path: Path
+) -> None:
+    """A mistyped directory: exit 2, nothing created (it was created, 0700, silently). A
+    directory given as the file: exit 1 naming it, not 3 (whose meaning is the stop's)."""
+    missing = tmp_path / "no-such-dir" / "chat.txt"
+    run = await cli(workspace, "export", "--output", str(missing))
+    assert run.code == 2, run.stderr
+    assert f"the directory {missing.parent} does not exist" in run.stderr
+    assert not missing.parent.exists()
+    run = await cli(workspace, "export", "--output", str(tmp_path))
+    assert run.code == 1, run.stderr
+    assert f"cannot write {tmp_path}" in run.stderr
+    assert "the stored conversation was not touched" in run.stderr

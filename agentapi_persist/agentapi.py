@@ -21,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
+import re
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import aiohttp
@@ -56,6 +57,7 @@ __all__ = [
     "AgentAPIClient",
     "AgentErrorEvent",
     "AgentEvent",
+    "HeldUpdate",
     "MessageUpdate",
     "StatusChange",
 ]
@@ -104,7 +106,38 @@ class AgentErrorEvent:
     time: str
 
 
-AgentEvent = MessageUpdate | StatusChange | AgentErrorEvent
+#: A ``message_update`` at least this large is handed on undecoded (``HeldUpdate``).
+LAZY_UPDATE_BYTES = 64 * 1024
+# AgentAPI writes the id first (coder/agentapi lib/httpapi/events.go, MessageUpdateBody: Id,
+# Role, Message, Time, in that order; Go's encoder keeps the struct's order).
+_LEADING_ID = re.compile(rb'\{"id":(0|[1-9][0-9]{0,9}),')
+
+
+@dataclass(frozen=True, slots=True)
+class HeldUpdate:
+    """A large ``message_update``, not decoded yet: a running agent's last message is sent
+    whole on every change, and when a later update of the same message comes before anyone
+    needs this one, it is never decoded at all (a 10 MB message costs milliseconds to
+    validate, several times a second). ``id`` is read from the data's first bytes;
+    ``decode`` checks it against the whole."""
+
+    id: int
+    data: bytes = field(repr=False)
+    url: str
+
+    def decode(self) -> MessageUpdate:
+        """The update, validated as any event is. Raises ``AgentAPIBodyError``."""
+        update = _message_update(self.data, self.url)
+        if update.id != self.id:
+            raise AgentAPIBodyError(
+                f"AgentAPI's event stream at {self.url} sent a message_update whose id "
+                f"{update.id} is not the {self.id} it starts with",
+                url=self.url,
+            )
+        return update
+
+
+AgentEvent = MessageUpdate | HeldUpdate | StatusChange | AgentErrorEvent
 
 
 class _AgentErrorWire(BaseModel):
@@ -325,12 +358,26 @@ def _show_ids(ids: tuple[int, ...]) -> str:
     return "in order"
 
 
-def _interpret(raw: _RawEvent, url: str) -> AgentEvent | None:
-    """Turn one SSE event into a typed event; ``None`` for types we do not follow."""
+def _message_update(data: bytes, url: str) -> MessageUpdate:
     try:
-        if raw.type == "message_update":
-            wire = parse_untrusted_json(raw.data, _MessageWire)
-            return MessageUpdate(id=wire.id, role=wire.role, content=wire.message, time=wire.time)
+        wire = parse_untrusted_json(data, _MessageWire)
+    except ValueError as exc:
+        raise AgentAPIBodyError(
+            f"AgentAPI's event stream at {url} sent a bad 'message_update' event "
+            f"({len(data)} bytes): {exc}",
+            url=url,
+        ) from exc
+    return MessageUpdate(id=wire.id, role=wire.role, content=wire.message, time=wire.time)
+
+
+def _interpret(raw: _RawEvent, url: str) -> AgentEvent | None:
+    """Turn one SSE event into a typed event; ``None`` for types we do not follow. A large
+    ``message_update`` whose id can be read cheaply comes as a ``HeldUpdate``."""
+    if raw.type == "message_update":
+        if len(raw.data) >= LAZY_UPDATE_BYTES and (lead := _LEADING_ID.match(raw.data)):
+            return HeldUpdate(id=int(lead[1]), data=raw.data, url=url)
+        return _message_update(raw.data, url)
+    try:
         if raw.type == "status_change":
             status = parse_untrusted_json(raw.data, AgentStatus)
             return StatusChange(status=status.status, agent_type=status.agent_type)

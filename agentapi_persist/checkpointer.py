@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -43,11 +44,20 @@ class Checkpointer:
     """
 
     def __init__(
-        self, settings: Settings, store: StateStore, mirror: Mirror, facts: dict[str, Any]
+        self,
+        settings: Settings,
+        store: StateStore,
+        mirror: Mirror,
+        facts: dict[str, Any],
+        *,
+        settle: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.mirror = mirror
+        self._settle = settle
+        """Applies what the follower holds back undecoded (``Follower.settle``), before the
+        mirror is read."""
         self._facts = facts
         self.changed = asyncio.Event()
         self._now = asyncio.Event()
@@ -133,6 +143,7 @@ class Checkpointer:
         control channel) came first, or a ``direct`` call (the stop's flush, an upload)."""
         async with self.write_lock:
             started = time.perf_counter()
+            self._settle()
             try:
                 if not self.mirror.synced:
                     await self._checkpoint_full()

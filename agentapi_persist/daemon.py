@@ -127,7 +127,9 @@ class Daemon:
             "reconnects": 0,
             "uploads": 0,
         }
-        self.checkpointer = Checkpointer(settings, self.store, self.mirror, self._facts)
+        self.checkpointer = Checkpointer(
+            settings, self.store, self.mirror, self._facts, settle=self._settle
+        )
         self._stop_agentapi: bool | None = None
         self._stop_grace_s: float | None = None
         self.follower: Follower | None = None
@@ -317,6 +319,11 @@ class Daemon:
         """Checkpoint now instead of at the end of the grouping window (SIGUSR1)."""
         self.checkpointer.request()
 
+    def _settle(self) -> None:
+        """Apply the update the follower holds back undecoded, before the mirror is read."""
+        if self.follower is not None:
+            self.follower.settle()
+
     async def checkpoint(self) -> None:
         """Make the mirror's changes durable now."""
         await self.checkpointer.checkpoint()
@@ -332,6 +339,7 @@ class Daemon:
                 await asyncio.Event().wait()
             stable = self._followed().stable
             await stable.wait()
+            self._settle()
             if self.mirror.revision == self._uploaded_revision:
                 # Nothing new since the last upload: wait for the next change to come and go.
                 stable.clear()
@@ -346,6 +354,7 @@ class Daemon:
         """Upload the durable copy's snapshot now (after flushing pending changes)."""
         if self._coder is None:
             return
+        self._settle()
         revision = self.mirror.revision
         await self.checkpoint()
         conversation = self.store.conversation
@@ -476,6 +485,7 @@ class Daemon:
 
     def view(self) -> dict[str, Any]:
         """The live sidecar's facts for ``status``."""
+        self._settle()
         stored = self.store.conversation
         now = time.time()
         last = self._facts["last_checkpoint_at"]

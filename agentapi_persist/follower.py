@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from .agentapi import AgentAPIClient, AgentErrorEvent, MessageUpdate, StatusChange
+from .agentapi import AgentAPIClient, AgentErrorEvent, HeldUpdate, MessageUpdate, StatusChange
 from .budget import Budget
 from .errors import AgentAPIError, EventGap, EventTooLarge
 from .mirror import Mirror, build_replay
@@ -78,6 +78,12 @@ class Follower:
         self._oversize_reported = False
         self._errors_seen: set[tuple[str, str, str]] = set()
         """AgentAPI replays its stored errors (up to 100) on every connect: log each once."""
+        self._held: HeldUpdate | None = None
+        """A large update not decoded yet (``settle`` applies it): replaced, undecoded, when
+        the same message changes again before anyone reads the mirror."""
+        self._bad_event: AgentAPIError | None = None
+        """An update that ``settle`` could not apply: the stream is resynchronised at its next
+        event, and until then the mirror is in doubt."""
 
     async def run(self) -> None:
         """Follow until cancelled: one stream after another, with backoff in between."""
@@ -119,6 +125,9 @@ class Follower:
         status event said stable too, with the replay taken: every message change comes with
         a screen change, so the last one happened at least 2 s ago, and the stream delivered
         it. ACP agents change messages without a screen and are always fetched."""
+        self.settle()
+        if self._bad_event is not None:
+            return None  # an update could not be applied: the mirror is in doubt
         if status.status != "stable" or status.transport not in (None, "pty") or self._acp:
             return None
         if not self._facts.get("connected") or self._facts.get("agent_status") != "stable":
@@ -126,6 +135,30 @@ class Follower:
         if self._followed_for() < _STREAM_CURRENT_AFTER_S:
             return None
         return tuple(self.mirror.messages)
+
+    def settle(self) -> None:
+        """Apply the update held back, if any: whoever reads the mirror calls this first (the
+        checkpointer, the stop, the status view). Only the latest version of a message that
+        changed within a checkpoint interval is ever decoded. An update that cannot be applied
+        is logged and kept for ``_follow`` to raise at the stream's next event (AgentAPI sends
+        one when the agent turns stable), which resynchronises from ``GET /messages``."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            changed = self.mirror.apply(held.decode().as_message())
+        except AgentAPIError as exc:
+            log.warning("agentapi.bad_event", error=str(exc))
+            self._bad_event = exc
+            return
+        if changed:
+            self._on_change()
+
+    def _settle_or_raise(self) -> None:
+        self.settle()
+        if self._bad_event is not None:
+            failure, self._bad_event = self._bad_event, None
+            raise failure
 
     def _followed_for(self) -> float:
         """Seconds the current stream has been synced (0 if it never synced)."""
@@ -146,7 +179,10 @@ class Follower:
                 asyncio.timeout_at(loop.time() + _REPLAY_GAP_S) as bound,
                 contextlib.aclosing(self._agent.events(connect_timeout_s=2.0)) as events,
             ):
-                await self._follow(events, replay, bound)
+                try:
+                    await self._follow(events, replay, bound)
+                finally:
+                    self.settle()  # what the stream delivered is applied however it ends
         except TimeoutError:
             log.warning("agentapi.replay_stalled", after_messages=len(replay))
             raise AgentAPIError(
@@ -164,6 +200,19 @@ class Follower:
             if replaying:
                 bound.reschedule(loop.time() + _REPLAY_GAP_S)
             self._facts["last_event_at"] = time.time()
+            if not replaying:
+                if isinstance(event, HeldUpdate):
+                    if self._held is not None and self._held.id != event.id:
+                        self._settle_or_raise()  # another message: the held one first
+                    elif self._held is not None:
+                        log.debug("agentapi.update_superseded", id=event.id)
+                    self._held = event
+                    self._on_change()  # the checkpoint that will settle it
+                    self.stable.clear()
+                    continue
+                self._settle_or_raise()  # events apply in the order they came
+            elif isinstance(event, HeldUpdate):
+                event = event.decode()  # a replay is taken whole
             if isinstance(event, MessageUpdate):
                 if replaying:
                     replay.append(event.as_message())
@@ -215,6 +264,7 @@ class Follower:
             messages, ids = await self._agent.messages_with_ids(budget=Budget(_RESYNC_CAP_S))
         except AgentAPIError:
             return
+        self._held, self._bad_event = None, None  # GET /messages is the truth now
         if list(messages) == self.mirror.messages and list(ids) == self.mirror.ids:
             return
         self.mirror.replace(messages, ids)

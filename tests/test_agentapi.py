@@ -20,8 +20,11 @@ from agentapi_persist.agentapi import (
     AgentAPIClient,
     AgentErrorEvent,
     AgentEvent,
+    HeldUpdate,
     MessageUpdate,
     StatusChange,
+    _interpret,
+    _RawEvent,
     _SSEDecoder,
 )
 from agentapi_persist.budget import Budget
@@ -591,11 +594,41 @@ async def test_the_event_cap_is_the_body_cap(session):
         client = client_for(agent, session)
         async with aclosing(client.events(idle_timeout_s=20)) as events:
             first, second = await next_event(events), await next_event(events)
-        assert isinstance(second, MessageUpdate)
-        assert len(second.content) == len(big)
+        assert isinstance(second, HeldUpdate)  # large: decoded when read
+        assert len(second.decode().content) == len(big)
         assert isinstance(first, MessageUpdate)
         small = client_for(agent, session, max_body_bytes=2**20)
         async with aclosing(small.events(idle_timeout_s=20)) as events:
             await next_event(events)
             with pytest.raises(EventTooLarge, match="1048576-byte cap"):
                 await next_event(events)
+
+
+def test_a_large_update_is_held_undecoded_and_checked_when_decoded() -> None:
+    """Large message_update data whose id leads (as AgentAPI writes it) is handed on as a
+    HeldUpdate; small data is decoded at once; decoding checks the id it started with."""
+    from agentapi_persist.agentapi import LAZY_UPDATE_BYTES
+
+    text = "w" * LAZY_UPDATE_BYTES
+    data = json.dumps(
+        {"id": 7, "role": "agent", "message": text, "time": "2025-01-02T03:04:05Z"},
+        separators=(",", ":"),
+    ).encode()
+    held = _interpret(_RawEvent("message_update", data, ""), "http://agentapi")
+    assert isinstance(held, HeldUpdate)
+    assert held.id == 7
+    update = held.decode()
+    assert update == MessageUpdate(id=7, role="agent", content=text, time="2025-01-02T03:04:05Z")
+
+    short = data.replace(text.encode(), b"short", 1)
+    small = _interpret(_RawEvent("message_update", short, ""), "http://agentapi")
+    assert isinstance(small, MessageUpdate)  # small: decoded at once
+    reordered = data.replace(b'{"id":7,"role":"agent",', b'{"role":"agent","id":7,', 1)
+    eager = _interpret(_RawEvent("message_update", reordered, ""), "http://agentapi")
+    assert isinstance(eager, MessageUpdate)  # no leading id: decoded at once
+
+    lying = data.replace(b'"time":', b'"id":8,"time":', 1)  # a later id wins in JSON
+    held = _interpret(_RawEvent("message_update", lying, ""), "http://agentapi")
+    assert isinstance(held, HeldUpdate)
+    with pytest.raises(AgentAPIBodyError, match="whose id 8 is not the 7 it starts with"):
+        held.decode()

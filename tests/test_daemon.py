@@ -303,3 +303,77 @@ async def test_a_running_agent_is_fetched_whole_at_the_stop(
     fetch = report.step("fetch")
     assert fetch is not None
     assert fetch.outcome == "live", report.summary()
+
+
+# -- large updates held back undecoded ----------------------------------------------------------
+
+BIG = 200_000  # over agentapi.LAZY_UPDATE_BYTES: such updates are held, decoded when read
+
+
+async def test_a_large_message_changing_fast_is_decoded_only_as_it_is_read(
+    workspace: Workspace,
+) -> None:
+    """A long agent message sent whole on every change, faster than the checkpoint interval:
+    the versions a later one replaces are never decoded, and the copy gets the last one."""
+    async with FakeAgentAPI(messages=make_messages(3)) as agent:
+        with structlog.testing.capture_logs() as logs:
+            async with sidecar(
+                workspace, agentapi_url=agent.url, checkpoint_interval_s=1.0
+            ) as running:
+                await eventually(lambda: len(workspace.stored().messages) == 3)
+                agent.add_message("agent", "x" * BIG)
+                for i in range(12):
+                    agent.update_last("x" * BIG + f" +{i}")
+                final = "x" * BIG + " +11"
+                await eventually(lambda: workspace.stored().messages[-1].content == final)
+                view = running.daemon.view()
+                assert view["live_messages"] == 4
+                await running.finish()
+    superseded = [e for e in logs if e["event"] == "agentapi.update_superseded"]
+    assert len(superseded) >= 6, "updates replaced within the interval were decoded anyway"
+    assert not [e for e in logs if e["event"] == "agentapi.bad_event"]
+    loaded = StateStore(workspace.state_dir).load().conversation
+    assert loaded is not None
+    assert loaded.messages[-1].content == final
+
+
+async def test_a_held_update_is_in_the_copy_the_stop_saves(workspace: Workspace) -> None:
+    """The stop comes right after a large update, before any checkpoint could run: the
+    update still held is applied and saved."""
+    async with (
+        FakeAgentAPI(messages=make_messages(3)) as agent,
+        sidecar(workspace, agentapi_url=agent.url, checkpoint_interval_s=1.0) as running,
+    ):
+        await eventually(lambda: running.daemon.view()["connected"])
+        agent.add_message("agent", "y" * BIG)
+        agent.update_last("y" * BIG + " the last word")
+        await eventually(lambda: running.daemon.follower is not None and bool(
+            running.daemon.follower._held))  # fmt: skip
+        report = await running.finish()
+    assert report.exit_code is ExitCode.OK
+    loaded = StateStore(workspace.state_dir).load().conversation
+    assert loaded is not None
+    assert loaded.messages[-1].content == "y" * BIG + " the last word"
+
+
+async def test_a_held_update_that_does_not_decode_is_said_and_resynchronised(
+    workspace: Workspace,
+) -> None:
+    """A large update with a good start and a broken body: logged when it is read, the
+    stream resynchronised at its next event (GET /messages is the truth), nothing lost."""
+    async with FakeAgentAPI(messages=make_messages(3)) as agent:
+        with structlog.testing.capture_logs() as logs:
+            async with sidecar(workspace, agentapi_url=agent.url) as running:
+                await eventually(lambda: running.daemon.view()["connected"])
+                broken = b'{"id":2,"role":"agent","message":"' + b"z" * BIG  # never closed
+                agent._publish(b"event: message_update\ndata: " + broken + b"\n\n")
+                await eventually(lambda: any(e["event"] == "agentapi.bad_event" for e in logs))
+                agent.add_message("user", "still here?")  # the stream's next event
+                await eventually(lambda: len(workspace.stored().messages) == 4)
+                await eventually(lambda: running.daemon.view()["connected"])
+                await running.finish()
+    assert any(e["event"] == "agentapi.resynced" or e["event"] == "agentapi.unavailable"
+               for e in logs)  # fmt: skip
+    loaded = StateStore(workspace.state_dir).load().conversation
+    assert loaded is not None
+    assert [m.content for m in loaded.messages] == [m.content for m in agent.messages]

@@ -55,8 +55,8 @@ MUTATIONS = (
     Mutation(
         "no checksum check on a generation",
         "agentapi_persist/store.py",
-        "    if hashlib.sha256(body).hexdigest() != digest:",
-        "    if False:",
+        "        if hasher.hexdigest() != digest:",
+        "        if False:",
         ("tests/test_store.py", "tests/test_faults_files.py"),
     ),
     Mutation(

@@ -433,34 +433,26 @@ def read_capped_file(path: Path, limit: int) -> bytes:
     Opening non-blocking means a FIFO planted at ``path`` cannot hang us; it is refused after
     ``fstat`` like any other non-regular file. Everything else raises ``StateFileError``.
     """
+    # One read of the whole file (and one more that sees its end): joining one chunk is free.
+    return b"".join(read_capped_chunks(path, limit))
+
+
+def read_capped_chunks(
+    path: Path, limit: int, size: int | None = None
+) -> Generator[bytes, None, None]:
+    """``read_capped_file`` as chunks of up to ``size`` bytes (default: what is left of the
+    file's size and 64 KiB more, so one read takes it all and a small one sees its end or its
+    growth), for a
+    reader that consumes a large file as it comes instead of holding it whole. Opened on the
+    first ``next`` (``FileNotFoundError`` passes through then), closed when done or closed."""
     fd, info = _open_capped(path, limit)
     try:
-        chunks: list[bytes] = []
         total = 0
         while True:
-            # Ask for more than expected so EOF (or growth past the cap) shows in one more call.
-            want = min(limit + 1 - total, max(info.st_size - total, 0) + 65536)
-            chunk = os.read(fd, want)
+            want = size if size is not None else max(info.st_size - total, 0) + 65536
+            chunk = os.read(fd, min(want, limit + 1 - total))
             if not chunk:
                 break
-            chunks.append(chunk)
-            total += len(chunk)
-            _refuse_past_cap(path, limit, total)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise StateFileError(f"cannot read {path}: {_why(exc)}", path=str(path)) from exc
-    finally:
-        os.close(fd)
-
-
-def read_capped_chunks(path: Path, limit: int, size: int) -> Generator[bytes, None, None]:
-    """``read_capped_file`` as chunks of up to ``size`` bytes, for a reader that consumes a
-    large file as it comes instead of holding it whole. Opened on the first ``next``
-    (``FileNotFoundError`` passes through then) and closed when exhausted or closed."""
-    fd, _ = _open_capped(path, limit)
-    try:
-        total = 0
-        while chunk := os.read(fd, min(size, limit + 1 - total)):
             total += len(chunk)
             _refuse_past_cap(path, limit, total)  # it may have grown since the fstat
             yield chunk

@@ -358,15 +358,20 @@ def _show_ids(ids: tuple[int, ...]) -> str:
     return "in order"
 
 
-def _message_update(data: bytes, url: str) -> MessageUpdate:
+def _event_data(event_type: str, data: bytes, model: type[_M], url: str) -> _M:
+    """An event's data as ``model``; ``AgentAPIBodyError`` naming the event when it is not."""
     try:
-        wire = parse_untrusted_json(data, _MessageWire)
+        return parse_untrusted_json(data, model)
     except ValueError as exc:
         raise AgentAPIBodyError(
-            f"AgentAPI's event stream at {url} sent a bad 'message_update' event "
+            f"AgentAPI's event stream at {url} sent a bad {event_type!r} event "
             f"({len(data)} bytes): {exc}",
             url=url,
         ) from exc
+
+
+def _message_update(data: bytes, url: str) -> MessageUpdate:
+    wire = _event_data("message_update", data, _MessageWire, url)
     return MessageUpdate(id=wire.id, role=wire.role, content=wire.message, time=wire.time)
 
 
@@ -377,23 +382,16 @@ def _interpret(raw: _RawEvent, url: str) -> AgentEvent | None:
         if len(raw.data) >= LAZY_UPDATE_BYTES and (lead := _LEADING_ID.match(raw.data)):
             return HeldUpdate(id=int(lead[1]), data=raw.data, url=url)
         return _message_update(raw.data, url)
-    try:
-        if raw.type == "status_change":
-            status = parse_untrusted_json(raw.data, AgentStatus)
-            return StatusChange(status=status.status, agent_type=status.agent_type)
-        if raw.type == "agent_error":
-            error = parse_untrusted_json(raw.data, _AgentErrorWire)
-            return AgentErrorEvent(
-                message=sanitize_text(error.message),
-                level=sanitize_text(error.level),
-                time=sanitize_text(error.time),
-            )
-    except ValueError as exc:
-        raise AgentAPIBodyError(
-            f"AgentAPI's event stream at {url} sent a bad {raw.type!r} event "
-            f"({len(raw.data)} bytes): {exc}",
-            url=url,
-        ) from exc
+    if raw.type == "status_change":
+        status = _event_data(raw.type, raw.data, AgentStatus, url)
+        return StatusChange(status=status.status, agent_type=status.agent_type)
+    if raw.type == "agent_error":
+        error = _event_data(raw.type, raw.data, _AgentErrorWire, url)
+        return AgentErrorEvent(
+            message=sanitize_text(error.message),
+            level=sanitize_text(error.level),
+            time=sanitize_text(error.time),
+        )
     log.debug("agentapi.event_skipped", event_type=cap_text(raw.type, 64), bytes=len(raw.data))
     return None
 

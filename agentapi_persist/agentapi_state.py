@@ -38,6 +38,7 @@ from .models import (
 __all__ = [
     "GO_PROMPT_WHITESPACE",
     "STATE_VERSION",
+    "agentapi_state_pieces",
     "conversation_from_state",
     "read_agentapi_state",
     "render_agentapi_state",
@@ -111,7 +112,7 @@ def render_agentapi_state(
     caller decides the prompt fields before calling. Unknown top-level fields of ``extra`` (a
     newer AgentAPI's additions) are carried after the known ones.
     """
-    return b"".join(_render_pieces(conversation, extra))
+    return b"".join(agentapi_state_pieces(conversation, extra))
 
 
 class _Rendered(Sequence[dict[str, Any]]):
@@ -139,7 +140,9 @@ class _Rendered(Sequence[dict[str, Any]]):
         return {"id": index, "message": m.content, "role": m.role, "time": m.time}
 
 
-def _render_pieces(conversation: Conversation, extra: AgentAPIState | None) -> Iterator[bytes]:
+def agentapi_state_pieces(
+    conversation: Conversation, extra: AgentAPIState | None = None
+) -> Iterator[bytes]:
     """The file's bytes piece by piece, trailing newline included: the document around the
     messages is serialised now (where the only encoding error can arise), the messages a
     batch at a time as the writer takes them (``iter_splice``)."""
@@ -183,7 +186,7 @@ def write_agentapi_state(
 
     def counted() -> Iterator[bytes]:
         nonlocal written
-        for piece in _render_pieces(conversation, extra):
+        for piece in agentapi_state_pieces(conversation, extra):
             written += len(piece)
             yield piece
 

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Literal
 
 from ._fsutil import write_atomic
-from .agentapi_state import render_agentapi_state
+from .agentapi_state import agentapi_state_pieces
 from .errors import ConfigError, DurabilityError, ExitCode, PersistError
 from .models import Conversation
-from .store import ArchivedCopy, StateStore, list_archives, read_archive
+from .store import StateStore, list_archives, read_archive
 
 __all__ = [
     "FORMATS",
@@ -81,7 +81,11 @@ def load_for_export(state_dir: Path, *, archive: str | None = None, max_bytes: i
                 f"no archived conversation named {archive!r} in {state_dir / 'archive'} "
                 f"(archived: {listed}); `agentapi-persist status` lists them"
             )
-        return _from_archive(state_dir, chosen, max_bytes=max_bytes)
+        return ExportSource(
+            conversation=read_archive(state_dir, chosen.name, max_bytes=max_bytes),
+            origin=f"archived copy {chosen.name} ({chosen.reason or 'no reason recorded'})",
+            saved_at=chosen.saved_at,
+        )
     store = StateStore(state_dir, max_bytes=max_bytes, read_only=True)
     loaded = store.load()
     if loaded.conversation is None:
@@ -95,18 +99,10 @@ def load_for_export(state_dir: Path, *, archive: str | None = None, max_bytes: i
     )
 
 
-def _from_archive(state_dir: Path, copy: ArchivedCopy, *, max_bytes: int) -> ExportSource:
-    return ExportSource(
-        conversation=read_archive(state_dir, copy.name, max_bytes=max_bytes),
-        origin=f"archived copy {copy.name} ({copy.reason or 'no reason recorded'})",
-        saved_at=copy.saved_at,
-    )
-
-
 def render(source: ExportSource, fmt: Format) -> Iterator[bytes]:
     """The export as UTF-8 pieces, in order (a big conversation is never one string)."""
     if fmt == "json":
-        yield render_agentapi_state(source.conversation)
+        yield from agentapi_state_pieces(source.conversation)
         return
     pieces = {"text": _text, "markdown": _markdown, "html": _html}[fmt](source)
     for piece in pieces:

@@ -146,13 +146,11 @@ class Follower:
         if held is None:
             return
         try:
-            changed = self.mirror.apply(held.decode().as_message())
+            # No on_change here: holding the update asked for the checkpoint that reads it.
+            self.mirror.apply(held.decode().as_message())
         except AgentAPIError as exc:
             log.warning("agentapi.bad_event", error=str(exc))
             self._bad_event = exc
-            return
-        if changed:
-            self._on_change()
 
     def _settle_or_raise(self) -> None:
         self.settle()

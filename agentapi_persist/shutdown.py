@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +141,15 @@ class ShutdownReport:
         partial.notes = ["the grace period ran out before the stop finished"]
         return partial
 
+    @contextlib.contextmanager
+    def running(self, name: StepName) -> Iterator[None]:
+        """Mark step ``name`` as running (``in_progress``) for the duration."""
+        self.in_progress.add(name)
+        try:
+            yield
+        finally:
+            self.in_progress.discard(name)
+
     def step(self, name: StepName) -> StepResult | None:
         """The result of step ``name``, if it ran."""
         return next((s for s in self.steps if s.name == name), None)
@@ -182,11 +191,8 @@ class ShutdownReport:
 
 async def _timed(coro: Awaitable[StepResult], name: StepName, report: ShutdownReport) -> StepResult:
     started = time.perf_counter()
-    report.in_progress.add(name)
-    try:
+    with report.running(name):
         result = await coro
-    finally:
-        report.in_progress.discard(name)
     result.ms = round((time.perf_counter() - started) * 1000)
     log.info(f"shutdown.{name}", outcome=result.outcome, ok=result.ok, ms=result.ms)
     return result
@@ -293,14 +299,11 @@ async def run_sequence(
                 early.run(settings, agent, process, process_reason, budget),
                 name="persist.early_save",
             )
-            report.in_progress.add("fetch")
-            try:
+            with report.running("fetch"):
                 gathered = await _fetch_step(
                     settings, store, agent, budget, live_copy, prompt, agentapi_file, report,
                     stream_view,
                 )  # fmt: skip
-            finally:
-                report.in_progress.discard("fetch")
             conversation = gathered.conversation
             early.expected = conversation.messages if conversation is not None else None
             if conversation is None:

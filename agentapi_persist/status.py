@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,10 +106,7 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
         archives = []
         report.problems.append(f"The archived conversations cannot be listed: {exc}")
     # Conversations kept aside when a newer one replaced them: `export --archive NAME`.
-    facts["archived"] = [
-        {"name": a.name, "reason": a.reason, "saved_at": a.saved_at, "bytes": a.bytes}
-        for a in archives
-    ] or "none"
+    facts["archived"] = [asdict(a) for a in archives] or "none"
     unwritable = await asyncio.to_thread(_cannot_write, settings.state_dir)
     if unwritable is not None:
         report.problems.append(

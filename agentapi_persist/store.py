@@ -341,11 +341,6 @@ def _read_generation(path: Path, *, seq: int, limit: int) -> _Generation:
     is never held as bytes and messages at once; what it says counts only once the length and
     checksum agree, and a body that both fails to parse and fails its checksum is reported as
     the checksum failure (the bytes are not what was written, which says more)."""
-    name = path.name
-
-    def corrupt(reason: str) -> StateFileCorrupt:
-        return StateFileCorrupt(f"{name}: {reason}", path=str(path))
-
     with contextlib.closing(read_capped_chunks(path, limit, _READ_CHUNK)) as chunks:
         first = b""
         for chunk in chunks:
@@ -354,7 +349,9 @@ def _read_generation(path: Path, *, seq: int, limit: int) -> _Generation:
                 break
         end = first.find(b"\n", 0, _HEADER_MAX)
         if end < 0:
-            raise corrupt(f"no header line in the first {_HEADER_MAX} bytes ({len(first)} bytes)")
+            raise _corrupt(
+                path, f"no header line in the first {_HEADER_MAX} bytes ({len(first)} bytes)"
+            )
         length, digest, saved_at = _decode_header(first[:end], seq=seq, path=path)
         hasher = hashlib.sha256()
         reader: BodyReader | None = BodyReader()
@@ -369,9 +366,11 @@ def _read_generation(path: Path, *, seq: int, limit: int) -> _Generation:
                 except ValueError as exc:
                     failure, reader = str(exc), None  # keep hashing: a mismatch says more
         if received != length:
-            raise corrupt(f"torn: the header promises {length} body bytes, the file has {received}")
+            raise _corrupt(
+                path, f"torn: the header promises {length} body bytes, the file has {received}"
+            )
         if hasher.hexdigest() != digest:
-            raise corrupt("checksum mismatch: the body is not what was written")
+            raise _corrupt(path, "checksum mismatch: the body is not what was written")
         try:
             if reader is None:
                 raise ValueError(failure)
@@ -379,9 +378,9 @@ def _read_generation(path: Path, *, seq: int, limit: int) -> _Generation:
         except ValidationError as exc:
             error = exc.errors(include_url=False, include_input=False)[0]
             where = ".".join(str(part) for part in error["loc"]) or "body"
-            raise corrupt(f"the body does not validate: {where}: {error['msg']}") from None
+            raise _corrupt(path, f"the body does not validate: {where}: {error['msg']}") from None
         except ValueError as exc:
-            raise corrupt(f"the body does not validate: {exc}") from None
+            raise _corrupt(path, f"the body does not validate: {exc}") from None
     return _Generation(
         seq=seq,
         sha256=digest,
@@ -399,31 +398,30 @@ def _body_pieces(first: bytes, start: int, rest: Iterator[bytes]) -> Iterator[by
     yield from rest
 
 
+def _corrupt(path: Path, reason: str) -> StateFileCorrupt:
+    return StateFileCorrupt(f"{path.name}: {reason}", path=str(path))
+
+
 def _decode_header(line: bytes, *, seq: int, path: Path) -> tuple[int, str, str]:
     """The header line's body length, checksum and save time. Raises StateFileError."""
-    name = path.name
     try:
         header = json.loads(line)
     except (ValueError, RecursionError):
-        raise StateFileCorrupt(f"{name}: the header line is not JSON", path=str(path)) from None
+        raise _corrupt(path, "the header line is not JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise StateFileCorrupt(f"{name}: the header does not say format {FORMAT!r}", path=str(path))
+        raise _corrupt(path, f"the header does not say format {FORMAT!r}")
     version = header.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise StateFileVersionError(
-            f"{name}: format_version {version!r} is not one this release reads ({FORMAT_VERSION})",
+            f"{path.name}: format_version {version!r} is not one this release reads "
+            f"({FORMAT_VERSION})",
             path=str(path),
         )
     length, digest, saved_at = header.get("length"), header.get("sha256"), header.get("saved_at")
     if header.get("seq") != seq:
-        raise StateFileCorrupt(
-            f"{name}: the header says seq {header.get('seq')!r}, the name says {seq}",
-            path=str(path),
-        )
+        raise _corrupt(path, f"the header says seq {header.get('seq')!r}, the name says {seq}")
     if type(length) is not int or not isinstance(digest, str) or not isinstance(saved_at, str):
-        raise StateFileCorrupt(
-            f"{name}: the header lacks length, sha256 or saved_at", path=str(path)
-        )
+        raise _corrupt(path, "the header lacks length, sha256 or saved_at")
     return length, digest, saved_at
 
 

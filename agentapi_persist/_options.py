@@ -107,11 +107,13 @@ class Option:
 
 #: Every command, and the groups of settings ``--help`` shows, in order.
 COMMANDS = frozenset({"run", "shutdown", "restore", "snapshot", "status", "doctor", "export"})
-GROUPS = ("AgentAPI", "Coder", "storage", "timing", "output")
+GROUPS = ("AgentAPI", "Coder", "storage", "replica", "timing", "output")
 # Commands that stop (a budget), that upload the snapshot, that may signal AgentAPI.
 _STOPPING = frozenset({"run", "shutdown", "snapshot", "doctor"})
 _UPLOADING = frozenset({"run", "shutdown", "snapshot", "doctor"})
 _SIGNALLING = frozenset({"run", "shutdown", "status", "doctor"})
+# Commands that upload to, or read from, the off-volume replica.
+_REPLICATING = frozenset({"run", "shutdown", "restore", "status", "doctor"})
 
 #: Every configurable setting, in the order ``--help`` lists them within their group. The CLI
 #: builds its flags from this table so that help, environment names and defaults cannot drift
@@ -284,6 +286,30 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
         group="storage",
         commands=COMMANDS,
+    ),
+    Option(
+        "replica",
+        "--replica",
+        ("AGENTAPI_PERSIST_REPLICA",),
+        "Off-volume replica of the copy in S3-compatible storage, s3://BUCKET/PREFIX (one "
+        "place per instance under it); credentials come from the AWS chain (AWS_ACCESS_KEY_ID"
+        "/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity). Needs the s3 extra.",
+        "unset (no replica)",
+        "str",
+        "URL",
+        group="replica",
+        commands=_REPLICATING,
+    ),
+    Option(
+        "replica_endpoint",
+        "--replica-endpoint",
+        ("AGENTAPI_PERSIST_REPLICA_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        "Endpoint of an S3-compatible server (MinIO, Ceph, R2, ...); unset means AWS S3.",
+        "unset",
+        "str",
+        "URL",
+        group="replica",
+        commands=_REPLICATING,
     ),
     Option(
         "log_level",

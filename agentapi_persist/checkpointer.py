@@ -51,6 +51,7 @@ class Checkpointer:
         facts: dict[str, Any],
         *,
         settle: Callable[[], None] = lambda: None,
+        after_write: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -59,6 +60,9 @@ class Checkpointer:
         """Applies what the follower holds back undecoded (``Follower.settle``), before the
         mirror is read."""
         self._facts = facts
+        self.after_write = after_write
+        """Called after each checkpoint that succeeded: the change is durable locally (the
+        replica uploads from there)."""
         self.changed = asyncio.Event()
         self._now = asyncio.Event()
         self.write_lock = asyncio.Lock()
@@ -167,6 +171,7 @@ class Checkpointer:
                     if not waiter.done():
                         waiter.set_result(None)
             self._retry_s = _RETRY_MIN_S
+            self.after_write()
             ms = round((time.perf_counter() - started) * 1000, 2)
             self._facts.update(
                 last_checkpoint_at=time.time(),

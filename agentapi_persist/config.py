@@ -32,6 +32,7 @@ from ._options import (
 )
 from .errors import ConfigError
 from .identity import Instance, default_state_dir, port_of, xdg_state_home
+from .replica_layout import ReplicaTarget, parse_replica_url
 
 __all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
 
@@ -127,6 +128,12 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     """Cap on any AgentAPI body or state file we read: input from AgentAPI is untrusted."""
 
+    replica: str | None = None
+    """``s3://bucket/prefix`` of the off-volume replica; ``None``: no replica."""
+
+    replica_endpoint: str | None = None
+    """An S3-compatible server's URL; ``None``: AWS S3 (botocore's own resolution)."""
+
     log_level: str = "info"
     """Minimum level of log events."""
 
@@ -137,7 +144,7 @@ class Settings(BaseModel):
     snapshot_max_bytes: int = Field(default=SNAPSHOT_MAX_BYTES, ge=256, le=SNAPSHOT_MAX_BYTES)
     """Upper bound of the snapshot body in bytes; the server's limit is 65,536."""
 
-    @field_validator("agentapi_url", "coder_url")
+    @field_validator("agentapi_url", "coder_url", "replica_endpoint")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -152,6 +159,17 @@ class Settings(BaseModel):
         except ValueError:
             raise ValueError(f"{value!r} does not have a valid TCP port number") from None
         return value.rstrip("/")
+
+    @field_validator("replica", "replica_endpoint", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # AWS_ENDPOINT_URL="" or AGENTAPI_PERSIST_REPLICA="" in a template means "none".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("replica")
+    @classmethod
+    def _replica_url(cls, value: str | None) -> str | None:
+        return None if value is None else parse_replica_url(value).url
 
     @field_validator("task_id")
     @classmethod
@@ -197,6 +215,11 @@ class Settings(BaseModel):
             state_file_explicit=self.agentapi_state_file_explicit,
             task_id=self.task_id,
         )
+
+    @property
+    def replica_target(self) -> ReplicaTarget | None:
+        """Where the replica lives, ``None`` when none is configured."""
+        return None if self.replica is None else parse_replica_url(self.replica)
 
     @property
     def snapshot_wanted(self) -> bool:

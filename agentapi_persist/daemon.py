@@ -60,7 +60,9 @@ from .migration import adopt_legacy_copy
 from .mirror import Mirror
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
-from .restoring import restore
+from .replica import READ_TIMEOUT_S, ReplicaRead, read_for_restore
+from .replica_uploader import ReplicaUploader
+from .restoring import refuse_while_agentapi_runs, restore
 from .shutdown import ShutdownReport, run_shutdown
 from .signals import StopController, install_signal_handlers
 from .snapshot import build_snapshot
@@ -128,8 +130,14 @@ class Daemon:
             "uploads": 0,
         }
         self.checkpointer = Checkpointer(
-            settings, self.store, self.mirror, self._facts, settle=self._settle
+            settings,
+            self.store,
+            self.mirror,
+            self._facts,
+            settle=self._settle,
+            after_write=self._wake_replica,
         )
+        self.uploader: ReplicaUploader | None = None
         self._stop_agentapi: bool | None = None
         self._stop_grace_s: float | None = None
         self.follower: Follower | None = None
@@ -159,6 +167,8 @@ class Daemon:
         except StateDirBusy as exc:
             raise SidecarAlreadyRunning(str(exc)) from None
         self._agent, self._coder = self._peers.agent, self._peers.coder
+        if self._peers.replica is not None:
+            self.uploader = ReplicaUploader(self._peers.replica, self._facts)
         self.follower = Follower(
             self._agent,
             self.mirror,
@@ -230,6 +240,8 @@ class Daemon:
         }
         if self._coder is not None and self.settings.snapshot_interval_s > 0:
             workers.add(asyncio.create_task(self._upload_loop(), name="daemon.upload"))
+        if self.uploader is not None:
+            workers.add(asyncio.create_task(self.uploader.run(), name="daemon.replica"))
         stop = asyncio.create_task(self._wait_for_stop(trigger), name="daemon.stop")
         everything = {*workers, stop}
         try:
@@ -254,7 +266,10 @@ class Daemon:
         if moved is not None:
             log.warning("daemon.legacy_copy", note=moved)
         try:
-            outcome = await asyncio.to_thread(restore, self.settings, store=self.store, locked=True)
+            replica = await self._read_replica()
+            outcome = await asyncio.to_thread(
+                restore, self.settings, store=self.store, locked=True, replica=replica
+            )
             log.info("daemon.restored", outcome=outcome.outcome, messages=outcome.messages)
         except AgentRunningError as exc:
             # Say what showed it up: its pid file may well be missing (logged just before as
@@ -289,6 +304,22 @@ class Daemon:
             stored_messages=len(stored.messages) if stored else 0,
             snapshot=self._coder is not None,
         )
+
+    async def _read_replica(self) -> ReplicaRead | None:
+        """The replica's copy for the start's repair, when a replica is configured and
+        AgentAPI is not up yet (a running AgentAPI holds its own conversation: the repair is
+        skipped, and nothing needs reading)."""
+        if self._peers is None or self._peers.replica is None:
+            return None
+        await asyncio.to_thread(refuse_while_agentapi_runs, self.settings, force=False)
+        replica = await read_for_restore(self.settings, self.store, timeout_s=READ_TIMEOUT_S)
+        if replica is not None and replica.error is not None:
+            log.warning("daemon.replica_unreadable", url=replica.url, error=replica.error)
+        return replica
+
+    def _wake_replica(self) -> None:
+        if self.uploader is not None:
+            self.uploader.wake()
 
     async def _wait_for_stop(self, trigger: Trigger | None) -> None:
         if trigger is None:
@@ -505,6 +536,26 @@ class Daemon:
             "generation": self.store.seq,
             "reconnects": self._facts["reconnects"],
             "uploads": self._facts["uploads"],
+            **self._replica_view(now),
+        }
+
+    def _replica_view(self, now: float) -> dict[str, Any]:
+        """The replica's side of the view: its last push, and how long a change has waited."""
+        if self.uploader is None:
+            return {}
+        facts = self._facts
+        pending = facts["replica_pending_since"]
+        last_ok = facts["replica_last_ok_at"]
+        return {
+            "replica": {
+                "url": facts["replica_url"],
+                "ok": facts["replica_ok"],
+                "error": facts["replica_error"],
+                "last_ok_age_s": None if last_ok is None else round(now - last_ok, 3),
+                "waiting_s": None if pending is None else round(now - pending, 3),
+                "pushes": facts["replica_pushes"],
+                "failures": facts["replica_failures"],
+            }
         }
 
 

@@ -49,6 +49,9 @@ from .copies import gather
 from .errors import ConfigError, DurabilityError, ExitCode, PersistError, cap_text
 from .models import AgentStatus, Conversation
 from .peers import open_peers
+from .replica import PROBE_S as REPLICA_PROBE_S
+from .replica import describe_replica
+from .replica_client import client_library_missing
 from .snapshot import build_snapshot
 from .status import sidecar_view
 from .store import StateStore, bytes_on_disk
@@ -68,6 +71,7 @@ __all__ = [
     "check_grace",
     "check_persistence",
     "check_pid_file",
+    "check_replica",
     "check_shutdown_timing",
     "check_sidecar",
     "check_space",
@@ -697,6 +701,55 @@ def detect_runtime(root: Path = Path("/")) -> Runtime | None:
     return None
 
 
+def _kept_off_volume(settings: Settings, finding: Finding) -> Finding:
+    """A state directory that does not survive a stop is what a replica is for: said as a
+    warning when one is configured (``replica`` checks that it works)."""
+    if (
+        settings.replica is None
+        or finding.verdict is not Verdict.FAIL
+        or "read-only" in finding.detail
+    ):
+        return finding
+    return Finding(
+        finding.name,
+        Verdict.WARN,
+        f"{finding.detail}; the replica at {settings.replica} keeps it across stops",
+        "keep the replica check below passing; a persistent volume would also keep a copy "
+        "when the replica cannot be reached",
+    )
+
+
+async def check_replica(settings: Settings, *, probe_s: float = REPLICA_PROBE_S) -> Finding:
+    """Can the configured replica be read with the credentials at hand, and is it this
+    instance's? (Read-only: one listing, and the reads a restore would make.)"""
+    name = "replica"
+    if settings.replica is None:
+        return Finding(name, Verdict.SKIP, "no replica configured (--replica)")
+    if (missing := client_library_missing()) is not None:
+        return Finding(name, Verdict.FAIL, missing, "pip install 'agentapi-persist[s3]'")
+    store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
+    loaded = await store.aload()
+    facts, problems = await describe_replica(
+        settings, store, local_saved_at=loaded.saved_at, probe_s=probe_s
+    )
+    where = facts.get("url", settings.replica)
+    if facts.get("reachable") is False:
+        return Finding(
+            name,
+            Verdict.FAIL,
+            f"{where}: {facts.get('error')}",
+            "check the bucket, --replica-endpoint (or AWS_ENDPOINT_URL) and the credentials "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the pod's web identity)",
+        )
+    detail = f"{where} reachable; it holds {facts.get('holds')}"
+    if facts.get("last_upload"):
+        detail += f"; last upload {facts['last_upload']}"
+    if problems:
+        return Finding(name, Verdict.WARN, f"{detail}; " + "; ".join(problems),
+                       "see `agentapi-persist status` for the replica's lag")  # fmt: skip
+    return Finding(name, Verdict.OK, detail)
+
+
 def check_grace(settings: Settings, runtime: Runtime | None) -> Finding:
     """The budget arithmetic, and ``--grace`` against what the runtime likely allows."""
     name = "grace"
@@ -803,11 +856,14 @@ async def run_doctor(
     report = DoctorReport()
     add = report.findings.append
     add(
-        check_filesystem(
-            "state_dir.filesystem",
-            settings.state_dir,
-            what="the sidecar's copy",
-            fix_flag="--state-dir",
+        _kept_off_volume(
+            settings,
+            check_filesystem(
+                "state_dir.filesystem",
+                settings.state_dir,
+                what="the sidecar's copy",
+                fix_flag="--state-dir",
+            ),
         )
     )
     add(await asyncio.to_thread(check_writable, settings.state_dir))
@@ -829,6 +885,7 @@ async def run_doctor(
     add(await asyncio.to_thread(check_sidecar, settings))
     add(check_coder_config(settings))
     add(await check_coder_endpoint(settings, probe_s=2 * probe_s))
+    add(await check_replica(settings))
     add(check_grace(settings, detect_runtime(runtime_root)))
     add(await check_shutdown_timing(settings))
     return report

@@ -10,6 +10,7 @@ The tree::
     │   │   ├── AgentAPIBodyError    body too big, not JSON, wrong shape
     │   │   └── EventGap             the event stream and the mirror disagree (resync)
     │   └── CoderAPIError            the log-snapshot endpoint refused
+    ├── ReplicaError                 the off-volume replica failed or is unusable
     ├── StateFileError               a state file on disk is unusable
     │   ├── StateFileCorrupt         torn, bad checksum, bad JSON, bad schema
     │   └── StateFileVersionError    a format version we do not know
@@ -46,6 +47,7 @@ __all__ = [
     "ExitCode",
     "ForeignStateDir",
     "PersistError",
+    "ReplicaError",
     "SidecarAlreadyRunning",
     "SidecarUnavailable",
     "StateDirBusy",
@@ -81,6 +83,8 @@ class ExitCode(IntEnum):
     """`restore` found no valid copy of the conversation anywhere (bad bytes quarantined)."""
     DEGRADED = 8
     """`status` found something that needs attention, or `doctor` a failing check."""
+    REPLICA_BEHIND = 9
+    """The state is durable locally, but the off-volume replica was not brought up to date."""
 
 
 def cap_text(text: str, limit: int = TEXT_ERROR_MAX_CHARS) -> str:
@@ -139,6 +143,11 @@ class EventGap(AgentAPIError):
 
 class CoderAPIError(UpstreamError):
     """The Coder log-snapshot endpoint refused the upload."""
+
+
+class ReplicaError(PersistError):
+    """The off-volume replica (S3-compatible object storage) failed, refused, or holds
+    something unusable. Never about the local copy: that one is untouched."""
 
 
 class StateFileError(PersistError):

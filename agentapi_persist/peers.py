@@ -26,6 +26,7 @@ from .coder import CoderClient
 from .config import Settings
 from .errors import ConfigError
 from .ownership import claim, take_lock
+from .replica import Replica, replica_for
 from .store import StateStore
 
 __all__ = ["Peers", "open_peers"]
@@ -48,6 +49,8 @@ class Peers:
     coder_problem: str | None
     """Why a wanted snapshot cannot be uploaded (a bad URL, a missing token, ...), else
     ``None``; the stop reports it as the snapshot's outcome (exit 4)."""
+    replica: Replica | None = None
+    """The off-volume replica, when one is configured (opened on first use)."""
 
 
 @asynccontextmanager
@@ -117,4 +120,7 @@ async def open_peers(
                 coder = CoderClient(target, session=coder_session)
         except ConfigError as exc:
             problem = str(exc)
-        yield Peers(store=store, agent=agent, coder=coder, coder_problem=problem)
+        replica = replica_for(settings, store)
+        if replica is not None:
+            stack.push_async_callback(replica.close)
+        yield Peers(store=store, agent=agent, coder=coder, coder_problem=problem, replica=replica)

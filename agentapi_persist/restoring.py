@@ -45,9 +45,10 @@ from .file_mark import remember, unchanged_since_mark
 from .migration import adopt_legacy_copy
 from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
 from .ownership import claim, take_lock
+from .replica import ReplicaRead
 from .store import StateStore
 
-__all__ = ["RestoreReport", "restore"]
+__all__ = ["RestoreReport", "refuse_while_agentapi_runs", "restore"]
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +67,9 @@ class RestoreReport:
     found: list[str] = field(default_factory=list)
     did: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    copy_used: str = "local"
+    """Which copy the file was checked against: ``local`` or ``replica`` (it won, and is now
+    the local copy too)."""
 
     @property
     def exit_code(self) -> ExitCode:
@@ -89,6 +93,7 @@ class RestoreReport:
             "found": self.found,
             "did": self.did,
             "quarantined": self.quarantined,
+            "copy_used": self.copy_used,
         }
 
 
@@ -109,6 +114,7 @@ def restore(
     force: bool = False,
     store: StateStore | None = None,
     locked: bool = False,
+    replica: ReplicaRead | None = None,
 ) -> RestoreReport:
     """Validate AgentAPI's state file and repair it from the newest good copy.
 
@@ -119,11 +125,16 @@ def restore(
     raises ``StateDirBusy`` naming the holder when a sidecar or a stop is writing there: a
     generation written under a running sidecar is one it never sees. Unlocked, it records
     the instance and adopts an earlier copy itself, under the lock.
+
+    ``replica`` is what the off-volume replica holds (``replica.read_for_restore``, read by
+    the caller: this function does no network I/O). Its copy becomes the local copy when the
+    local one is missing or behind it, decided by content and, between copies that diverge,
+    by generation number (never by clock); a copy it replaces is archived whole.
     """
     report = RestoreReport()
-    _refuse_while_agentapi_runs(settings, force=force)
+    refuse_while_agentapi_runs(settings, force=force)
     if locked:
-        return _restore(settings, report, force=force, store=store)
+        return _restore(settings, report, force=force, store=store, replica=replica)
     claim(settings.state_dir, settings.instance, write=False)  # another's: refused, not waited
     try:
         held = take_lock(settings.state_dir, purpose="restore", wait_s=_LOCK_WAIT_S)
@@ -139,12 +150,13 @@ def restore(
         ):
             if note is not None:
                 report.found.append(note[0].upper() + note[1:] + ".")
-        return _restore(settings, report, force=force, store=store)
+        return _restore(settings, report, force=force, store=store, replica=replica)
     finally:
         held.release()
 
 
-def _refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
+def refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
+    """``AgentRunningError`` when AgentAPI runs (its pid file, or an answer at its address)."""
     if not force:
         process, _ = find_agentapi(settings.agentapi_pid_file)
         if process is not None:
@@ -162,7 +174,12 @@ def _refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
 
 
 def _restore(
-    settings: Settings, report: RestoreReport, *, force: bool, store: StateStore | None
+    settings: Settings,
+    report: RestoreReport,
+    *,
+    force: bool,
+    store: StateStore | None,
+    replica: ReplicaRead | None,
 ) -> RestoreReport:
     if not force:
         cleared = clear_stale_pid_file(settings.agentapi_pid_file)
@@ -182,6 +199,8 @@ def _restore(
         )
     else:
         report.found.append("Sidecar copy: none.")
+    if replica is not None:
+        stored = _consider_replica(store, stored, loaded.seq, replica, report)
 
     path = settings.agentapi_state_file
     file_state, file_problem = _read_file(path, settings.max_body_bytes, report)
@@ -250,6 +269,79 @@ def _restore(
         report.found.append(f"The file and the sidecar copy differ ({relation.value}).")
         _settle_divergence(settings, store, stored, from_file, file_state, report)
     return report
+
+
+def _consider_replica(
+    store: StateStore,
+    stored: Conversation | None,
+    local_seq: int | None,
+    replica: ReplicaRead,
+    report: RestoreReport,
+) -> Conversation | None:
+    """Make the replica's copy the local copy when it is the newer one; return the local
+    copy the rest of ``restore`` works from."""
+    where = f"The replica at {replica.url}"
+    if replica.error is not None:
+        report.found.append(f"{where} could not be read ({replica.error}): not used.")
+        return stored
+    copy = replica.copy
+    assert copy is not None
+    report.found.extend(f"Replica: {problem}." for problem in copy.problems)
+    if copy.foreign is not None:
+        report.found.append(f"{where} belongs to another instance ({copy.foreign}): not used.")
+        return stored
+    if copy.conversation is None or copy.seq is None:
+        report.found.append(f"{where} holds no usable copy.")
+        return stored
+    theirs = copy.conversation
+    report.found.append(
+        f"Replica copy: {len(theirs.messages)} messages (generation {copy.seq}, saved "
+        f"{_age(copy.saved_at)})."
+    )
+    taken = (
+        f"Took the replica's copy ({len(theirs.messages)} messages, verified) as the sidecar copy"
+    )
+    if stored is None:
+        store.save(theirs, seq_at_least=copy.seq + 1)
+        report.did.append(f"{taken}: there was no local copy.")
+        report.copy_used = "replica"
+        return store.conversation
+    relation = compare(theirs.messages, stored.messages)
+    if relation is Relation.SAME:
+        report.found.append("The replica is current.")
+        return stored
+    if relation is Relation.B_AHEAD:
+        report.found.append(
+            f"The replica is behind the sidecar copy ({len(theirs.messages)} vs "
+            f"{len(stored.messages)} messages): kept the sidecar copy (the sidecar uploads it)."
+        )
+        return stored
+    if relation is Relation.A_AHEAD:
+        store.save(theirs, seq_at_least=copy.seq + 1)
+        report.did.append(f"{taken}: it extends the local one ({len(stored.messages)} messages).")
+        report.copy_used = "replica"
+        return store.conversation
+    # Neither extends the other: the higher generation number is the later state of this
+    # one lineage (a copy taken from the replica continues its numbering); the loser is kept.
+    if copy.seq > (local_seq or 0):
+        archived = store.archive(reason="replaced at restore by the replica's newer copy")
+        store.save(theirs, allow_shrink=True, seq_at_least=copy.seq + 1)
+        report.did.append(
+            f"{taken}: the two differ ({relation.value}) and the replica's generation "
+            f"{copy.seq} is newer than the local {local_seq}; the local copy's "
+            f"{len(stored.messages)} messages were archived whole at {archived}."
+        )
+        report.copy_used = "replica"
+        return store.conversation
+    archived = store.archive(
+        reason="the replica's diverging, older copy, not used at restore", conversation=theirs
+    )
+    report.did.append(
+        f"Kept the sidecar copy: it and the replica differ ({relation.value}) and the local "
+        f"generation {local_seq} is not older than the replica's {copy.seq}; the replica's "
+        f"{len(theirs.messages)} messages were archived whole at {archived}."
+    )
+    return stored
 
 
 def _settle_divergence(
@@ -324,7 +416,8 @@ def _write_file(
     report.outcome = "written"
     report.messages = len(conversation.messages)
     report.did.append(
-        f"Wrote {path} with {len(conversation.messages)} messages from the sidecar copy."
+        f"Wrote {path} with {len(conversation.messages)} messages from "
+        + ("the replica's copy." if report.copy_used == "replica" else "the sidecar copy.")
     )
     log.info("restore.written", path=str(path), messages=len(conversation.messages))
 

@@ -55,12 +55,14 @@ from .errors import (
     DurabilityError,
     ExitCode,
     PersistError,
+    ReplicaError,
     StateFileError,
 )
 from .file_mark import remember
 from .models import AgentAPIState, Conversation, Message
 from .peers import Peers
 from .records import record_upload
+from .replica import Replica
 from .snapshot import build_snapshot
 from .store import StateStore
 
@@ -68,7 +70,7 @@ __all__ = ["ShutdownReport", "StepResult", "run_sequence", "run_shutdown"]
 
 log = structlog.get_logger(__name__)
 
-StepName = Literal["fetch", "agentapi_save", "state", "snapshot", "stop"]
+StepName = Literal["fetch", "agentapi_save", "state", "snapshot", "replica", "stop"]
 
 #: Outcomes that are fine for the exit code but whose reason still belongs on the summary
 #: line: a fetch that did not use AgentAPI's live answer (the sidecar's copy was kept instead),
@@ -102,6 +104,8 @@ class ShutdownReport:
     """AgentAPI's file as parsed to confirm its save (not reported): read once, used twice."""
     durable: bool = False
     snapshot_ok: bool = False
+    replica_ok: bool = True
+    """False when a configured replica was not brought up to date (exit 9)."""
     deadline_hit: bool = False
     messages: int = 0
     kept: str = ""
@@ -124,6 +128,8 @@ class ShutdownReport:
             return ExitCode.DEADLINE if self.deadline_hit else ExitCode.NOT_DURABLE
         if not self.snapshot_ok:
             return ExitCode.SNAPSHOT_FAILED
+        if not self.replica_ok:
+            return ExitCode.REPLICA_BEHIND
         return ExitCode.ERROR if self.internal_error else ExitCode.OK
 
     def cut_short(self) -> ShutdownReport:
@@ -179,6 +185,7 @@ class ShutdownReport:
             "exit_code": int(self.exit_code),
             "durable": self.durable,
             "snapshot_ok": self.snapshot_ok,
+            "replica_ok": self.replica_ok,
             "deadline_hit": self.deadline_hit,
             "messages": self.messages,
             "kept": self.kept,
@@ -237,6 +244,7 @@ async def run_shutdown(
         force=force,
         report=report,
         stream_view=stream_view,
+        replica=peers.replica,
     )
     if reason is not None:
         report.notes.insert(0, f"stopped by {reason}")
@@ -266,6 +274,7 @@ async def run_sequence(
     on_durable: Callable[[Conversation], None] | None = None,
     report: ShutdownReport | None = None,
     stream_view: StreamView | None = None,
+    replica: Replica | None = None,
 ) -> ShutdownReport:
     """Run the whole sequence within ``budget`` and report; never raises for peer failures.
 
@@ -352,6 +361,11 @@ async def run_sequence(
                     await _adopt_saved_prompt(settings, store, agentapi_file, report.saved_state)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
+            if replica is not None and report.durable:
+                # Last, with what is left: the local copy and the snapshot never wait for it.
+                pushed = await _timed(_replica_step(replica, budget, force), "replica", report)
+                report.steps.append(pushed)
+                report.replica_ok = pushed.ok
             if settings.stop_agentapi:
                 if force is not None and force.is_set():
                     report.steps.append(StepResult("stop", "skipped", True, 0, "forced stop"))
@@ -730,6 +744,31 @@ async def _snapshot_step(
     if result.delivered:
         detail = f"{len(snapshot.messages)} messages, {snapshot.size} bytes"
     return StepResult("snapshot", str(result.outcome), result.acceptable, 0, detail)
+
+
+async def _replica_step(
+    replica: Replica, budget: Budget, force: asyncio.Event | None
+) -> StepResult:
+    """Bring the replica up to date with the durable copy in what is left of the budget."""
+    if force is not None and force.is_set():
+        return StepResult(
+            "replica", "skipped", False, 0, "forced stop: the replica was not updated"
+        )
+    left = budget.remaining() - _REPORT_SLACK_S
+    if left <= 0.05:
+        await replica.record_failure("no time was left in the stop's budget")
+        return StepResult("replica", "cut", False, 0, "no time left to update the replica")
+    try:
+        async with asyncio.timeout(left):
+            pushed = await replica.push()
+    except TimeoutError:
+        error = f"not brought up to date in the {left:.1f}s left"
+        await replica.record_failure(error)
+        return StepResult("replica", "timed_out", False, 0, error + "; the local copy is durable")
+    except ReplicaError as exc:
+        return StepResult("replica", "failed", False, 0, f"{exc}; the local copy is durable")
+    outcome = "uploaded" if pushed.objects else "current"
+    return StepResult("replica", outcome, True, 0, pushed.describe())
 
 
 async def _stop_step(process: AgentProcess | None, reason: str, budget: Budget) -> StepResult:

@@ -26,6 +26,7 @@ from .errors import ConfigError, ExitCode, PersistError, SidecarUnavailable, Sta
 from .models import Relation, compare
 from .ownership import claim, read_owner
 from .peers import open_peers
+from .replica import describe_replica
 from .store import StateStore, holds_a_copy, list_archives
 
 __all__ = ["StatusReport", "collect_status", "sidecar_view"]
@@ -202,6 +203,11 @@ async def collect_status(settings: Settings, *, probe_s: float = 1.0) -> StatusR
     except ConfigError as exc:
         report.problems.append(str(exc))
     facts["snapshot"] = snapshot
+    replica, replica_problems = await describe_replica(
+        settings, store, local_saved_at=loaded.saved_at
+    )
+    facts["replica"] = replica if replica.get("configured", True) else "not configured"
+    report.problems.extend(replica_problems)
     facts["grace"] = {"grace_s": settings.grace_s, "budget_s": round(settings.budget_s, 3)}
     return report
 

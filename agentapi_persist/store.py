@@ -119,9 +119,12 @@ __all__ = [
     "SaveReport",
     "StateStore",
     "bytes_on_disk",
+    "generation_file_name",
     "holds_a_copy",
+    "journal_file_name",
     "list_archives",
     "read_archive",
+    "stored_sequences",
 ]
 
 log = structlog.get_logger(__name__)
@@ -243,6 +246,16 @@ def _generation_name(seq: int) -> str:
 
 def _journal_name(seq: int) -> str:
     return f"journal-{seq:012d}.log"
+
+
+#: The file names of generation ``seq`` and of its journal (the replica copies them as they are).
+generation_file_name = _generation_name
+journal_file_name = _journal_name
+
+
+def stored_sequences(directory: Path) -> tuple[set[int], set[int]]:
+    """The generation and journal numbers present in ``directory`` (nothing if it is missing)."""
+    return StateStore(directory, read_only=True)._scan()
 
 
 def _now() -> str:
@@ -792,8 +805,18 @@ class StateStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save(self, conversation: Conversation, *, allow_shrink: bool = False) -> SaveReport:
+    def save(
+        self,
+        conversation: Conversation,
+        *,
+        allow_shrink: bool = False,
+        seq_at_least: int = 0,
+    ) -> SaveReport:
         """Write ``conversation`` as a new generation (the journal starts empty).
+
+        ``seq_at_least`` numbers the generation at least that high: a copy taken from the
+        replica continues the replica's numbering, so that the next generation uploaded is
+        the newest there too (``replica``).
 
         Refuses, with ``StateFileError``, a conversation with fewer messages than the stored one
         unless ``allow_shrink``: a partial copy must never replace a good one by accident.
@@ -812,19 +835,21 @@ class StateStore:
                     "(pass allow_shrink=True to mean it); the stored copy is kept",
                     path=str(self.directory),
                 )
-            return self._write_generation(conversation)
+            return self._write_generation(conversation, seq_at_least=seq_at_least)
 
-    def archive(self, *, reason: str) -> Path | None:
+    def archive(self, *, reason: str, conversation: Conversation | None = None) -> Path | None:
         """Keep the current stored conversation aside, in ``archive/``, before it is replaced.
 
         Used when a newer conversation diverges from the stored one (AgentAPI restarted
         without its history, say): the newer one becomes current, and this one is kept whole
         rather than left to age out with the generations. Same file format as a generation;
         ``load`` never reads the archive. Returns the file, or ``None`` if nothing is stored.
+        ``conversation`` archives that copy instead of the stored one (a replica's copy that
+        lost to the stored one).
         """
         self._check_writable()
         with self._lock:
-            conversation = self.conversation
+            conversation = conversation or self.conversation
             if conversation is None:
                 return None
             body = conversation_body(conversation)
@@ -846,14 +871,14 @@ class StateStore:
             log.info("store.archived", path=str(path), messages=len(conversation.messages))
             return path
 
-    def compact(self) -> SaveReport:
+    def compact(self, *, seq_at_least: int = 0) -> SaveReport:
         """Fold the journal into a new generation (``save`` of the in-memory copy)."""
         self._check_writable()
         with self._lock:
             conversation = self.conversation
             if not self._loaded or conversation is None:
                 raise RuntimeError("compact() needs a stored conversation: load() or save() first")
-            return self._write_generation(conversation)
+            return self._write_generation(conversation, seq_at_least=seq_at_least)
 
     def append(
         self, updates: Sequence[Message], *, prompt: Conversation | None = None
@@ -1007,7 +1032,7 @@ class StateStore:
         generations, journals = self._scan()
         return max(generations | journals | {self._seq or 0}) + 1
 
-    def _write_generation(self, conversation: Conversation) -> SaveReport:
+    def _write_generation(self, conversation: Conversation, *, seq_at_least: int = 0) -> SaveReport:
         start = time.perf_counter()
         for index, message in enumerate(conversation.messages):
             # A model_construct()ed conversation skips validation; a generation that could
@@ -1016,7 +1041,7 @@ class StateStore:
                 raise ValueError(
                     f"message ids must be 0..n-1; found id {message.id} at {index}: not saved"
                 )
-        seq = self._next_seq()
+        seq = max(self._next_seq(), seq_at_least)
         body = conversation_body(conversation)
         digest = hashlib.sha256(body).hexdigest()
         saved_at = _now()
@@ -1157,9 +1182,13 @@ class StateStore:
         """``load`` in a worker thread."""
         return await asyncio.to_thread(self.load)
 
-    async def asave(self, conversation: Conversation, *, allow_shrink: bool = False) -> SaveReport:
+    async def asave(
+        self, conversation: Conversation, *, allow_shrink: bool = False, seq_at_least: int = 0
+    ) -> SaveReport:
         """``save`` in a worker thread (it completes even if the awaiting task is cancelled)."""
-        return await asyncio.to_thread(self.save, conversation, allow_shrink=allow_shrink)
+        return await asyncio.to_thread(
+            self.save, conversation, allow_shrink=allow_shrink, seq_at_least=seq_at_least
+        )
 
     async def aappend(
         self, updates: Sequence[Message], *, prompt: Conversation | None = None
@@ -1171,9 +1200,9 @@ class StateStore:
         """``sync`` in a worker thread."""
         return await asyncio.to_thread(self.sync, conversation)
 
-    async def acompact(self) -> SaveReport:
+    async def acompact(self, *, seq_at_least: int = 0) -> SaveReport:
         """``compact`` in a worker thread."""
-        return await asyncio.to_thread(self.compact)
+        return await asyncio.to_thread(self.compact, seq_at_least=seq_at_least)
 
 
 def _first_difference(new: tuple[Message, ...], old: tuple[Message, ...]) -> int:

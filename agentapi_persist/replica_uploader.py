@@ -1,0 +1,98 @@
+"""The sidecar's replica uploads: after each local durable write, coalesced, retried.
+
+The local copy comes first, always: an upload starts only after a checkpoint made a change
+durable on the volume (``wake``), waits ``coalesce_s`` so that a burst of checkpoints (a
+running agent prints several a second) costs one upload, and never holds anything the
+checkpointer waits for. A failure (the store down, slow, refusing the credentials) is logged
+with a stable event name, recorded for ``status``, and retried after a backoff that doubles to
+a minute; the local copy is unaffected throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from .errors import ReplicaError
+from .replica import Replica
+
+__all__ = ["ReplicaUploader"]
+
+log = structlog.get_logger(__name__)
+
+#: Seconds a burst of checkpoints is given to settle into one upload.
+COALESCE_S = 1.0
+#: One push may take this long before it is abandoned and retried (a hung server).
+_PUSH_CAP_S = 120.0
+_RETRY_MIN_S = 1.0
+_RETRY_MAX_S = 60.0
+
+
+class ReplicaUploader:
+    """``run`` until cancelled; ``wake`` after every local durable write."""
+
+    def __init__(
+        self, replica: Replica, facts: dict[str, Any], *, coalesce_s: float = COALESCE_S
+    ) -> None:
+        self.replica = replica
+        self.coalesce_s = coalesce_s
+        self._facts = facts
+        """The sidecar's status view: ``replica_*`` keys are kept current here."""
+        self._wanted = asyncio.Event()
+        self._retry_s = _RETRY_MIN_S
+        facts.update(
+            replica_url=replica.url,
+            replica_ok=None,
+            replica_error=None,
+            replica_last_ok_at=None,
+            replica_pushes=0,
+            replica_failures=0,
+            replica_pending_since=None,
+        )
+
+    def wake(self) -> None:
+        """A change is durable locally: upload it soon."""
+        if self._facts["replica_pending_since"] is None:
+            self._facts["replica_pending_since"] = time.time()
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Push whenever woken (and once at start, to catch up), coalescing and retrying."""
+        self.wake()
+        while True:
+            await self._wanted.wait()
+            await asyncio.sleep(self.coalesce_s)
+            self._wanted.clear()
+            pending_since = self._facts["replica_pending_since"]
+            self._facts["replica_pending_since"] = None
+            try:
+                async with asyncio.timeout(_PUSH_CAP_S):
+                    report = await self.replica.push()
+            except (ReplicaError, TimeoutError) as exc:
+                error = str(exc) or f"no answer within {_PUSH_CAP_S:.0f}s"
+                if isinstance(exc, TimeoutError):
+                    await self.replica.record_failure(error)
+                delay, self._retry_s = self._retry_s, min(self._retry_s * 2, _RETRY_MAX_S)
+                self._facts.update(
+                    replica_ok=False,
+                    replica_error=error,
+                    replica_failures=self._facts["replica_failures"] + 1,
+                )
+                if self._facts["replica_pending_since"] is None:
+                    self._facts["replica_pending_since"] = pending_since or time.time()
+                log.warning("replica.push_failed", error=error, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                self._wanted.set()
+                continue
+            self._retry_s = _RETRY_MIN_S
+            self._facts.update(
+                replica_ok=True,
+                replica_error=None,
+                replica_last_ok_at=time.time(),
+                replica_pushes=self._facts["replica_pushes"] + 1,
+                replica_generation=report.generation,
+                replica_journal_bytes=report.journal_bytes,
+            )

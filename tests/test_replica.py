@@ -1,0 +1,270 @@
+"""The off-volume replica against a real S3-compatible server on loopback (versitygw).
+
+In-process: the ``Replica`` pushes a real state directory and reads it back; the judge is what
+the server's own directory holds and what a fresh reader verifies. The sidecar, ``shutdown``,
+``restore``, ``status`` and ``doctor`` as processes are in ``test_replica_process``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentapi_persist.config import Settings
+from agentapi_persist.errors import ReplicaError
+from agentapi_persist.models import Conversation, Message
+from agentapi_persist.replica import Replica, read_for_restore, replica_for
+from agentapi_persist.replica_layout import (
+    parse_object,
+    parse_replica_url,
+    plans_newest_first,
+    segment_object,
+)
+from agentapi_persist.store import StateStore
+
+from .conftest import Workspace
+from .s3_support import BUCKET, S3Server, s3_server
+
+SHA = "0" * 64
+
+
+def messages(n: int, *, text: str = "message") -> tuple[Message, ...]:
+    return tuple(
+        Message(
+            id=i,
+            role="user" if i % 2 == 0 else "agent",
+            content=f"{text} {i}",
+            time="2026-12-02T10:00:00Z",
+        )
+        for i in range(n)
+    )
+
+
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    with s3_server(tmp_path / "s3") as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+def settings_for(ws: Workspace, server: S3Server, prefix: str = "team/ws1") -> Settings:
+    return ws.settings(replica=f"s3://{BUCKET}/{prefix}", replica_endpoint=server.endpoint)
+
+
+def replica_of(ws: Workspace, server: S3Server, store: StateStore) -> Replica:
+    replica = replica_for(settings_for(ws, server), store)
+    assert replica is not None
+    return replica
+
+
+def store_of(ws: Workspace) -> StateStore:
+    return StateStore(ws.state_dir, instance=ws.settings().instance.as_dict())
+
+
+# --- names and plans (no server) ------------------------------------------------------------
+
+
+def test_replica_urls_are_checked() -> None:
+    assert parse_replica_url("s3://bucket/a/b/").prefix == "a/b"
+    assert parse_replica_url("s3://bucket").prefix == ""
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["http://bucket/x", "s3://B/x", "s3://bucket/a//b", "s3://key:secret@bucket/x",
+     "s3://bucket/../x", "s3://b/x"],
+)  # fmt: skip
+def test_bad_replica_urls_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="s3://"):
+        parse_replica_url(bad)
+
+
+def test_the_newest_generation_comes_first_with_its_chain_up_to_a_gap() -> None:
+    names = [
+        f"g000000000003-{SHA}.gen",
+        f"g000000000004-{SHA}.gen",
+        segment_object(4, 0, 10, SHA),
+        segment_object(4, 10, 25, SHA),
+        segment_object(4, 30, 40, SHA),  # after a gap: never used
+        segment_object(3, 0, 5, SHA),
+        "instance.json",
+        "archive/g000000000009-" + SHA + ".gen",  # not a live name
+        "notes.txt",
+    ]
+    plans = plans_newest_first(names)
+    assert [p.generation.seq for p in plans] == [4, 3]
+    assert [(s.start, s.end) for s in plans[0].segments] == [(0, 10), (10, 25)]
+    assert plans[0].journal_bytes == 25
+    assert parse_object(segment_object(1, 5, 5, SHA)) is None  # empty range: not ours
+
+
+# --- push and read against the real server ----------------------------------------------------
+
+
+async def test_push_uploads_the_files_and_a_reader_gets_the_same_conversation(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(4)))
+    store.append(messages(6)[4:])
+    replica = replica_of(workspace, s3, store)
+    try:
+        first = await replica.push()
+        assert first.generation == 1
+        assert first.objects == 2
+        store.append(messages(8)[6:])
+        second = await replica.push()
+        assert second.objects == 1, "only the journal's new records go up"
+        assert (await replica.push()).objects == 0
+
+        keys = s3.objects()
+        prefix = f"team/ws1/{workspace.state_dir.name}/"
+        assert all(k.startswith(prefix) for k in keys), keys
+        names = [k[len(prefix) :] for k in keys]
+        assert "instance.json" in names
+        for name in names:
+            parsed = parse_object(name)
+            if parsed is not None:  # every object's name carries its own checksum
+                import hashlib
+
+                assert hashlib.sha256(s3.object_path(prefix + name).read_bytes()).hexdigest() == (
+                    parsed.sha256
+                )
+
+        fresh = replica_of(workspace, s3, StateStore(workspace.state_dir / "elsewhere"))
+        try:
+            copy = await fresh.read_newest()
+        finally:
+            await fresh.close()
+        assert copy.conversation is not None
+        assert copy.conversation.messages == messages(8)
+        assert copy.seq == 1
+        assert copy.journal_records == 2
+    finally:
+        await replica.close()
+
+
+async def test_generations_are_pruned_with_the_local_ones(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(2)))
+    replica = replica_of(workspace, s3, store)
+    try:
+        for n in range(3, 7):
+            store.append(messages(n)[n - 1 :])
+            store.compact()
+            await replica.push()
+        local = sorted(p.name for p in workspace.state_dir.glob("conversation-*.json"))
+        remote = sorted(
+            k.rsplit("/", 1)[1][:14] for k in s3.objects() if k.endswith(".gen")
+        )  # "g000000000005-"
+        assert [f"g{name[13:25]}-" for name in local] == remote
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert copy.conversation.messages == messages(6)
+    finally:
+        await replica.close()
+
+
+async def test_a_truncated_object_is_never_taken(workspace: Workspace, s3: S3Server) -> None:
+    """Damage the newest generation in the server's own directory: the reader says so and
+    takes the previous generation with its journal, which still holds everything up to the
+    compaction; damage a journal segment and the records before it are the state."""
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(3)))
+    store.append(messages(5)[3:])
+    replica = replica_of(workspace, s3, store)
+    try:
+        await replica.push()
+        store.compact()
+        store.append(messages(7)[5:])
+        await replica.push()
+        newest = next(k for k in s3.objects() if k.endswith(".gen") and "g000000000002" in k)
+        path = s3.object_path(newest)
+        path.write_bytes(path.read_bytes()[:-7])
+
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert copy.seq == 1
+        assert copy.conversation.messages == messages(5)
+        assert any("failed its checksum" in p for p in copy.problems), copy.problems
+
+        segment = next(k for k in s3.objects() if k.endswith(".seg") and "j000000000001" in k)
+        s3.object_path(segment).write_bytes(b"")
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert copy.conversation.messages == messages(3)
+    finally:
+        await replica.close()
+
+
+async def test_a_replica_of_another_instance_is_never_read_or_written(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(2)))
+    replica = replica_of(workspace, s3, store)
+    other = workspace.settings().instance.as_dict() | {"module_dir": "/home/other/.codex-module"}
+    s3.object_path(replica.prefix + "instance.json").parent.mkdir(parents=True)
+    s3.object_path(replica.prefix + "instance.json").write_text(json.dumps(other))
+    try:
+        with pytest.raises(ReplicaError, match="belongs to another instance"):
+            await replica.push()
+        assert [k.rsplit("/", 1)[1] for k in s3.objects()] == ["instance.json"]
+        copy = await replica.read_newest()
+        assert copy.conversation is None
+        assert copy.foreign is not None
+    finally:
+        await replica.close()
+
+
+async def test_wrong_credentials_and_a_missing_bucket_are_said_and_the_secret_is_not(
+    workspace: Workspace, s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(2)))
+    before = sorted(p.name for p in workspace.state_dir.iterdir())
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-at-all-0000")
+    replica = replica_of(workspace, s3, store)
+    try:
+        with pytest.raises(ReplicaError) as refused:
+            await replica.push()
+        assert "wrong secret key" in str(refused.value)
+        assert "not-the-secret" not in str(refused.value)
+    finally:
+        await replica.close()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env()["AWS_SECRET_ACCESS_KEY"])
+    missing = replica_for(
+        workspace.settings(replica="s3://no-such-bucket/x", replica_endpoint=s3.endpoint), store
+    )
+    assert missing is not None
+    try:
+        with pytest.raises(ReplicaError, match="the bucket does not exist"):
+            await missing.push()
+    finally:
+        await missing.close()
+    # Nothing local changed but the record status reads.
+    after = sorted(p.name for p in workspace.state_dir.iterdir())
+    assert [n for n in after if n != "replica.json"] == before
+    record = json.loads((workspace.state_dir / "replica.json").read_text())
+    assert record["ok"] is False
+    assert "bucket does not exist" in record["error"]
+    assert "not-the-secret" not in (workspace.state_dir / "replica.json").read_text()
+
+
+async def test_a_server_that_is_down_is_an_error_not_a_hang(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(2)))
+    s3.kill()
+    read = await read_for_restore(settings_for(workspace, s3), store, timeout_s=20)
+    assert read is not None
+    assert read.copy is None
+    assert read.error is not None
+    assert "cannot connect" in read.error

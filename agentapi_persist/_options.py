@@ -334,12 +334,19 @@ def _lookup(field: str, flags: Mapping[str, Any], env: Mapping[str, str]) -> Any
     return found[1] if found is not None else None
 
 
+#: Text settings whose empty variable is no value at all: a template's empty
+#: ``AGENTAPI_PERSIST_REPLICA_ENDPOINT`` must not hide ``AWS_ENDPOINT_URL`` (AWS's own tools
+#: ignore an empty variable too).
+_EMPTY_IS_UNSET = frozenset({"replica", "replica_endpoint"})
+
+
 def env_source(option: Option, env: Mapping[str, str]) -> tuple[str, str] | None:
     """(variable, raw value) of the first of ``option``'s variables that is set; an empty
     one counts only for text settings (``ARG_TASK_ID=""`` means "no task", not "unset")."""
+    counts_empty = option.kind == "str" and option.field not in _EMPTY_IS_UNSET
     for name in option.env:
         raw = env.get(name)
-        if raw is not None and (raw != "" or option.kind == "str"):
+        if raw is not None and (raw != "" or counts_empty):
             return name, raw
     return None
 

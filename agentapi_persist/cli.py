@@ -36,7 +36,8 @@ _EPILOG = """\
 exit codes: 0 ok; 1 error; 2 bad flags or environment; 3 state not durable (previous copy
 kept); 4 snapshot not delivered (state durable); 5 grace budget ran out; 6 AgentAPI is
 running (restore refused); 7 no good copy to restore (or nothing to export); 8 status
-found problems, or doctor found a failing check.
+found problems, or doctor found a failing check; 9 the replica was not brought up to date
+(state durable locally).
 """
 
 

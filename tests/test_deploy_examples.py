@@ -208,6 +208,25 @@ def test_template_scripts_and_environment(name: str) -> None:
     assert settings.task_id == TASK_ID
     assert settings.stop_agentapi  # like the bash script it replaces: AgentAPI is stopped
     assert "coder_task.me" in tf.data_sources()
+    assert settings.replica is None  # off unless the template's replica_url is set
+    assert settings.replica_endpoint is None
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_template_turns_the_replica_on(name: str) -> None:
+    """replica_url and replica_endpoint reach the product's Settings; the empty endpoint of a
+    template without one does not hide an AWS_ENDPOINT_URL the image sets."""
+    tf = template(
+        name, replica_url="s3://team-bucket/agents", replica_endpoint="https://s3.example"
+    )
+    env = {**workspace_env(tf), "HOME": tf.value(tf.locals["home"])}
+    settings = Settings.load({}, env=env)
+    assert settings.replica == "s3://team-bucket/agents"
+    assert settings.replica_endpoint == "https://s3.example"
+    bare = {**workspace_env(template(name)), "HOME": "/home/coder"}
+    settings = Settings.load({}, env={**bare, "AWS_ENDPOINT_URL": "http://minio:9000"})
+    assert settings.replica is None
+    assert settings.replica_endpoint == "http://minio:9000"
 
 
 def test_docker_template_grace() -> None:
@@ -605,10 +624,23 @@ chmod +x "$3/bin/python"
 """
 
 
-async def test_coder_start_script_installs_once_per_source(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("source", "replica", "installed"),
+    [
+        ("agentapi-persist==0.1.0", "", "agentapi-persist==0.1.0"),
+        ("agentapi-persist==0.1.0", "s3://b/p", "agentapi-persist[s3]==0.1.0"),
+        ("git+https://git.example/a/agentapi-persist@v1", "s3://b/p",
+         "agentapi-persist[s3] @ git+https://git.example/a/agentapi-persist@v1"),
+    ],
+    ids=["plain", "replica", "replica-from-git"],
+)  # fmt: skip
+async def test_coder_start_script_installs_once_per_source(
+    tmp_path: Path, source: str, replica: str, installed: str
+) -> None:
     """With agentapi_persist_source set, the start script installs it into a venv on the home
-    volume once per source (not at every start), and uses that install for every step."""
-    tf = template("docker", agentapi_persist_source="agentapi-persist==0.1.0", agent_command="")
+    volume once per source (not at every start), and uses that install for every step; with
+    a replica configured, with the s3 extra its client needs."""
+    tf = template("docker", agentapi_persist_source=source, agent_command="", replica_url=replica)
     start = script_path(tf, scripts_by_phase(tf)["start"])
     home, tools = tmp_path / "home", tmp_path / "tools"
     tools.mkdir()
@@ -624,7 +656,7 @@ async def test_coder_start_script_installs_once_per_source(tmp_path: Path) -> No
         # The sidecar starts in the background: wait for both before the stage is cleared.
         await eventually(lambda: (venv / "calls.log").read_text().count(" run") == 2)
     assert (venv / "pip.log").read_text().splitlines() == [
-        "-m pip install --quiet --disable-pip-version-check --upgrade agentapi-persist==0.1.0"
+        f"-m pip install --quiet --disable-pip-version-check --upgrade {installed}"
     ]
     calls = (venv / "calls.log").read_text().splitlines()
     assert all(line.startswith(str(venv / "bin" / "agentapi-persist")) for line in calls)

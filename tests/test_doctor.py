@@ -67,6 +67,7 @@ NAMES = [
     "sidecar",
     "coder.config",
     "coder.endpoint",
+    "replica",
     "grace",
     "shutdown.timing",
 ]

@@ -7,7 +7,9 @@ the server's own directory holds and what a fresh reader verifies. The sidecar, 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from agentapi_persist.replica_layout import (
     plans_newest_first,
     segment_object,
 )
-from agentapi_persist.store import StateStore
+from agentapi_persist.restoring import RestoreReport, restore
+from agentapi_persist.store import StateStore, read_archive
 
 from .conftest import Workspace
 from .s3_support import BUCKET, S3Server, s3_server
@@ -268,3 +271,140 @@ async def test_a_server_that_is_down_is_an_error_not_a_hang(
     assert read.copy is None
     assert read.error is not None
     assert "cannot connect" in read.error
+
+
+# --- restore's decision between the local copy and the replica ---------------------------------
+
+
+async def pushed(ws: Workspace, server: S3Server, store: StateStore) -> None:
+    replica = replica_of(ws, server, store)
+    try:
+        await replica.push()
+    finally:
+        await replica.close()
+
+
+async def restore_with_replica(ws: Workspace, server: S3Server) -> RestoreReport:
+    settings = settings_for(ws, server)
+    reader = StateStore(ws.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
+    read = await read_for_restore(settings, reader, timeout_s=30)
+    return await asyncio.to_thread(restore, settings, replica=read)
+
+
+def other(n: int) -> tuple[Message, ...]:
+    return messages(n, text="another conversation")
+
+
+async def test_restore_takes_a_replica_that_extends_the_local_copy(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(5)))
+    await pushed(workspace, s3, store)
+    shutil.rmtree(workspace.state_dir)  # an older volume: it holds only the first 3
+    store_of(workspace).save(Conversation(messages=messages(3)))
+    report = await restore_with_replica(workspace, s3)
+    assert report.copy_used == "replica", report.summary()
+    assert "it extends the local one (3 messages)" in report.summary()
+    assert workspace.stored().messages == messages(5)
+    assert len(json.loads(workspace.state_file.read_text())["messages"]) == 5
+
+
+async def test_restore_keeps_a_local_copy_that_is_ahead(workspace: Workspace, s3: S3Server) -> None:
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(3)))
+    await pushed(workspace, s3, store)
+    store.append(messages(5)[3:])  # not uploaded yet
+    report = await restore_with_replica(workspace, s3)
+    assert report.copy_used == "local"
+    assert "The replica is behind the sidecar copy (3 vs 5 messages)" in report.summary()
+    assert workspace.stored().messages == messages(5)
+
+
+@pytest.mark.parametrize("newer", ["replica", "local"])
+async def test_diverging_copies_are_settled_by_generation_and_the_loser_is_archived(
+    workspace: Workspace, s3: S3Server, newer: str
+) -> None:
+    """Neither copy extends the other: the later generation of the lineage wins, never a
+    clock, and the other is archived whole in the state directory."""
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(4)))
+    for _ in range(2 if newer == "replica" else 0):
+        store.compact()
+    await pushed(workspace, s3, store)  # the replica: generation 3 (or 1)
+    shutil.rmtree(workspace.state_dir)
+    local = store_of(workspace)
+    local.save(Conversation(messages=other(2)))  # generation 1
+    for _ in range(3 if newer == "local" else 0):
+        local.compact()  # generation 4
+    report = await restore_with_replica(workspace, s3)
+    assert len(list((workspace.state_dir / "archive").iterdir())) == 1, report.summary()
+    archive = read_archive(
+        workspace.state_dir, next((workspace.state_dir / "archive").iterdir()).name,
+        max_bytes=1 << 20,
+    )  # fmt: skip
+    if newer == "replica":
+        assert report.copy_used == "replica", report.summary()
+        assert workspace.stored().messages == messages(4)
+        assert archive.messages == other(2)
+    else:
+        assert report.copy_used == "local", report.summary()
+        assert workspace.stored().messages == other(2)
+        assert archive.messages == messages(4)
+
+
+# --- the bucket follows the local lineage -------------------------------------------------------
+
+
+async def test_another_lineage_in_the_bucket_is_archived_and_ours_numbered_past_it(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    """The bucket holds generation 3 of a conversation this directory never had (its restore
+    could not reach the bucket): the push keeps it under archive/, renumbers the local copy
+    past it, and a reader then gets the local conversation."""
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(4)))
+    store.compact()
+    store.compact()
+    await pushed(workspace, s3, store)
+    shutil.rmtree(workspace.state_dir)
+    fresh = store_of(workspace)
+    fresh.save(Conversation(messages=other(2)))
+    replica = replica_of(workspace, s3, fresh)
+    try:
+        report = await replica.push()
+        assert any("renumbered to generation 4" in note for note in report.notes), report.notes
+        assert any("/archive/g000000000003-" in key for key in s3.objects())
+        copy = await replica.read_newest()
+        assert copy.conversation is not None and copy.conversation.messages == other(2)
+        assert copy.seq == 4
+    finally:
+        await replica.close()
+
+
+async def test_a_journal_the_bucket_holds_differently_is_uploaded_again(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    """The volume went back to an older copy of the same generation and took new records
+    since: at the next start, the bucket's segments past the common part are replaced."""
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(2)))
+    store.append(messages(3)[2:])
+    saved = (workspace.state_dir / "journal-000000000001.log").read_bytes()
+    store.append(messages(5)[3:])
+    await pushed(workspace, s3, store)
+    (workspace.state_dir / "journal-000000000001.log").write_bytes(saved)
+    back = store_of(workspace)
+    back.load()
+    back.append((Message(id=3, role="agent", content="a different answer", time="2026-12-02T10:00:01Z"),))
+    replica = replica_of(workspace, s3, back)
+    try:
+        await replica.push()
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert copy.conversation.messages == back.conversation.messages  # type: ignore[union-attr]
+        segments = [k for k in s3.objects() if k.endswith(".seg")]
+        starts = [parse_object(k.rsplit("/", 1)[1]).start for k in segments]  # type: ignore[union-attr]
+        assert len(starts) == len(set(starts)), f"stale segments left: {segments}"
+    finally:
+        await replica.close()

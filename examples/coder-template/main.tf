@@ -58,6 +58,31 @@ variable "stop_grace_seconds" {
   default     = 30
 }
 
+variable "replica_url" {
+  type        = string
+  description = "Off-volume replica of the conversation, s3://bucket/prefix (each workspace and module gets its own place under it). Empty: no replica. Installs agentapi-persist with its s3 extra."
+  default     = ""
+}
+
+variable "replica_endpoint" {
+  type        = string
+  description = "Endpoint of an S3-compatible server (MinIO, Ceph, R2, ...). Empty: AWS S3."
+  default     = ""
+}
+
+variable "replica_access_key_id" {
+  type        = string
+  description = "Access key for the replica's bucket. Empty: the AWS chain finds credentials elsewhere (AWS_PROFILE and a mounted config, an instance role)."
+  default     = ""
+}
+
+variable "replica_secret_access_key" {
+  type        = string
+  description = "Secret key for the replica's bucket (never printed or logged by agentapi-persist)."
+  default     = ""
+  sensitive   = true
+}
+
 locals {
   home       = "/home/coder"
   module_dir = ".agentapi-module"
@@ -72,6 +97,11 @@ locals {
     ARG_TASK_ID                    = try(data.coder_task.me.id, "")
     AGENTAPI_PERSIST_GRACE         = tostring(var.persist_grace_seconds)
     AGENTAPI_PERSIST_STOP_AGENTAPI = "true"
+    # The off-volume replica (docs/DEPLOYING.md): empty values mean "none".
+    AGENTAPI_PERSIST_REPLICA          = var.replica_url
+    AGENTAPI_PERSIST_REPLICA_ENDPOINT = var.replica_endpoint
+    AWS_ACCESS_KEY_ID                 = var.replica_access_key_id
+    AWS_SECRET_ACCESS_KEY             = var.replica_secret_access_key
     # The start script's arguments.
     ARG_AGENTAPI_PERSIST_SOURCE = var.agentapi_persist_source
     ARG_AGENT_COMMAND           = var.agent_command

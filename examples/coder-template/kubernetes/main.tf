@@ -64,6 +64,30 @@ variable "stop_grace_seconds" {
   default     = 30
 }
 
+variable "replica_url" {
+  type        = string
+  description = "Off-volume replica of the conversation, s3://bucket/prefix (each workspace and module gets its own place under it). Empty: no replica. Installs agentapi-persist with its s3 extra."
+  default     = ""
+}
+
+variable "replica_endpoint" {
+  type        = string
+  description = "Endpoint of an S3-compatible server (MinIO, Ceph, R2, ...). Empty: AWS S3."
+  default     = ""
+}
+
+variable "replica_service_account" {
+  type        = string
+  description = "Service account of the workspace pod, for the replica's credentials by web identity (EKS: annotate it with eks.amazonaws.com/role-arn). Empty: the namespace's default."
+  default     = ""
+}
+
+variable "replica_credentials_secret" {
+  type        = string
+  description = "A Secret in the namespace whose keys become the workspace's environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) for a bucket without web identity. Empty: none."
+  default     = ""
+}
+
 locals {
   home       = "/home/coder"
   module_dir = ".agentapi-module"
@@ -78,6 +102,9 @@ locals {
     ARG_TASK_ID                    = try(data.coder_task.me.id, "")
     AGENTAPI_PERSIST_GRACE         = tostring(var.persist_grace_seconds)
     AGENTAPI_PERSIST_STOP_AGENTAPI = "true"
+    # The off-volume replica (docs/DEPLOYING.md): empty values mean "none".
+    AGENTAPI_PERSIST_REPLICA          = var.replica_url
+    AGENTAPI_PERSIST_REPLICA_ENDPOINT = var.replica_endpoint
     # The start script's arguments.
     ARG_AGENTAPI_PERSIST_SOURCE = var.agentapi_persist_source
     ARG_AGENT_COMMAND           = var.agent_command
@@ -173,6 +200,9 @@ resource "kubernetes_pod_v1" "workspace" {
   spec {
     # SIGTERM to SIGKILL. The agent (PID 1) handles SIGTERM by running the run_on_stop scripts.
     termination_grace_period_seconds = var.stop_grace_seconds
+    # The replica's credentials by web identity: the pod gets AWS_ROLE_ARN and
+    # AWS_WEB_IDENTITY_TOKEN_FILE from its service account (EKS IRSA), read by the AWS chain.
+    service_account_name = var.replica_service_account
     security_context {
       run_as_user = 1000
       fs_group    = 1000
@@ -184,6 +214,14 @@ resource "kubernetes_pod_v1" "workspace" {
       env {
         name  = "CODER_AGENT_TOKEN"
         value = coder_agent.main.token
+      }
+      dynamic "env_from" {
+        for_each = var.replica_credentials_secret == "" ? [] : [var.replica_credentials_secret]
+        content {
+          secret_ref {
+            name = env_from.value
+          }
+        }
       }
       volume_mount {
         mount_path = local.home

@@ -8,7 +8,8 @@
 # script's own arguments:
 #   ARG_AGENTAPI_PERSIST_SOURCE  what `pip install` installs (a git URL of this repository, or a
 #                                wheel built by scripts/wheel);
-#                                empty: use the agentapi-persist already on PATH (in the image)
+#                                empty: use the agentapi-persist already on PATH (in the image);
+#                                with AGENTAPI_PERSIST_REPLICA set, its s3 extra is installed too
 #   ARG_AGENT_COMMAND            the agent AgentAPI runs, e.g. `claude`; empty: something else
 #                                starts AgentAPI (a registry agent module, with this script as its
 #                                post_install_script)
@@ -22,6 +23,13 @@ mkdir -p "$module_dir"
 # 1. Install, once per source, into a virtualenv on the persistent home volume.
 venv="$HOME/.local/share/agentapi-persist/venv"
 source_spec="${ARG_AGENTAPI_PERSIST_SOURCE:-}"
+if [[ -n $source_spec && -n ${AGENTAPI_PERSIST_REPLICA:-} ]]; then
+    # The replica's S3 client is the s3 extra: `name[extra] @ URL` for a git or wheel URL.
+    case $source_spec in
+        *://*) source_spec="agentapi-persist[s3] @ $source_spec" ;;
+        agentapi-persist*) source_spec="agentapi-persist[s3]${source_spec#agentapi-persist}" ;;
+    esac
+fi
 if [[ -n $source_spec && "$(cat "$venv/installed-from" 2>/dev/null)" != "$source_spec" ]]; then
     echo "Installing agentapi-persist from $source_spec"
     python3 -m venv "$venv"

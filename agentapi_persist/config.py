@@ -171,6 +171,17 @@ class Settings(BaseModel):
     def _replica_url(cls, value: str | None) -> str | None:
         return None if value is None else parse_replica_url(value).url
 
+    @field_validator("replica_endpoint")
+    @classmethod
+    def _endpoint_without_credentials(cls, value: str | None) -> str | None:
+        parts = urlsplit(value) if value is not None else None
+        if parts is not None and (parts.username or parts.password):
+            raise ValueError(
+                "must not carry credentials: they come from the AWS chain "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity)"
+            )
+        return value
+
     @field_validator("task_id")
     @classmethod
     def _task_uuid(cls, value: str) -> str:

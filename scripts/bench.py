@@ -49,6 +49,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,6 +126,7 @@ class Plan:
     snapshot_big_mb: int
     growth_mbs: tuple[int, ...]
     growth_s: float
+    replica_runs: int
 
     @classmethod
     def make(cls, *, quick: bool) -> Plan:
@@ -144,6 +147,7 @@ class Plan:
                 snapshot_big_mb=1,
                 growth_mbs=(1,),
                 growth_s=4.0,
+                replica_runs=1,
             )
         return cls(
             quick=False,
@@ -161,6 +165,7 @@ class Plan:
             snapshot_big_mb=10,
             growth_mbs=(1, 10),
             growth_s=15.0,
+            replica_runs=3,
         )
 
 
@@ -196,6 +201,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:,.0f} B"
     if unit == "s":
         return f"{value:.3f} s"
+    if unit in {"%", "KiB", "KiB/s"}:
+        return f"{value:.1f} {unit}"
     return f"{value:g} {unit}".strip()
 
 
@@ -1353,6 +1360,214 @@ def bench_growth(plan: Plan, tmp: Path, results: Results) -> None:
         }
 
 
+# ---------------------------------------------------------------------------------------------
+# The off-volume replica
+
+S3_SERVER_VERSION = "v1.8.0"
+S3_ACCESS_KEY = "bench-access"
+S3_SECRET_KEY = "bench-secret-0123456789"
+
+
+def s3_server_binary() -> Path | None:
+    """The S3-compatible server ``scripts/install-s3server`` builds (versitygw), if installed."""
+    explicit = os.environ.get("AGENTAPI_PERSIST_S3_CACHE")
+    cache = Path(explicit) if explicit else (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentapi-persist"
+        / "versitygw"
+    )  # fmt: skip
+    path = cache / S3_SERVER_VERSION / "versitygw"
+    return path if os.access(path, os.X_OK) else None
+
+
+@contextlib.contextmanager
+def s3_server(program: Path, root: Path) -> Iterator[dict[str, str]]:
+    """A real S3 API server on 127.0.0.1 over ``root``; yields the replica's environment."""
+    (root / "bench").mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(program), "--port", f"127.0.0.1:{port}", "posix", str(root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"PATH": os.environ.get("PATH", ""), "ROOT_ACCESS_KEY": S3_ACCESS_KEY,
+             "ROOT_SECRET_KEY": S3_SECRET_KEY},
+        preexec_fn=die_with_parent,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the S3-compatible server did not start") from None
+                time.sleep(0.05)
+        yield {
+            "AGENTAPI_PERSIST_REPLICA": "s3://bench/workspaces",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _events(log_path: Path, start: int, names: set[str]) -> list[dict[str, Any]]:
+    found = []
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        for line in log:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") in names:
+                    found.append(event)
+    return found
+
+
+def _at(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+def upload_lags(events: list[dict[str, Any]]) -> list[float]:
+    """For each local append, seconds until a push held it: its journal bytes of the same
+    generation, or a newer generation (a compaction folded it in)."""
+    lags = []
+    pushes = [e for e in events if e["event"] == "replica.pushed"]
+    for append in (e for e in events if e["event"] == "store.appended"):
+        done = next(
+            (
+                p for p in pushes
+                if _at(p) >= _at(append) and (
+                    p.get("generation", 0) > append.get("seq", 0)  # compacted into a newer one
+                    or (p.get("generation") == append.get("seq")
+                        and p.get("journal_bytes", 0) >= append.get("journal_bytes", 0))
+                )
+            ),
+            None,
+        )  # fmt: skip
+        if done is not None:
+            lags.append(_at(done) - _at(append))
+    return lags
+
+
+def bench_replica(plan: Plan, tmp: Path, results: Results) -> None:
+    """The sidecar following a 1 MB last message that gains 1 KB every 100 ms, with and
+    without a replica on a loopback S3 API server, side by side: the share of a core it uses,
+    what each checkpoint costs in uploaded bytes, and how long a change durable on the volume
+    waits to be in the bucket (the upload lag). Then the stop's last push."""
+    program = s3_server_binary()
+    if program is None:
+        print(
+            "  replica    skipped: the S3-compatible server is not installed "
+            "(scripts/install-s3server, needs Go)",
+            file=sys.stderr,
+        )
+        results.extra["replica"] = "skipped: the S3-compatible server is not installed"
+        return
+    shares: dict[str, list[float]] = {"without": [], "with": []}
+    lags: list[float] = []
+    pushed_bytes = checkpoints = pushes = 0
+    stop_ms: list[float] = []
+    for run in range(plan.replica_runs):
+        for mode in ("without", "with"):
+            with peers(10, grow_from=MB) as p, contextlib.ExitStack() as stack:
+                home = tmp / f"replica-{mode}-{run}"
+                env = {**workspace_env(home, p), "AGENTAPI_PERSIST_LOG_LEVEL": "debug"}
+                if mode == "with":
+                    env.update(stack.enter_context(s3_server(program, home / "s3")))
+                log_path = tmp / f"replica-{mode}-{run}.log"
+                with sidecar(env, 11, log_path, uploads=0, settled=False) as proc:
+                    time.sleep(3.0)  # past the first compaction and the first full upload
+                    start = log_path.stat().st_size
+                    window = watch_for(proc.pid, plan.growth_s)
+                    shares[mode].append(window.cpu_ns / 1e9 / window.seconds)
+                    if mode == "with":
+                        events = _events(log_path, start, {"store.appended", "replica.pushed"})
+                        lags.extend(upload_lags(events))
+                        checkpoints += sum(e["event"] == "store.appended" for e in events)
+                        done = [e for e in events if e["event"] == "replica.pushed"]
+                        pushes += len(done)
+                        pushed_bytes += sum(int(e.get("bytes", 0)) for e in done)
+                        stop = subprocess.run(
+                            [*cli_command(), "shutdown", "--json"],
+                            capture_output=True, env=env, timeout=60, check=False,
+                        )  # fmt: skip
+                        report = json.loads(stop.stdout)
+                        step = next(s for s in report["steps"] if s["name"] == "replica")
+                        if step["ok"]:
+                            stop_ms.append(float(step["ms"]))
+                        else:
+                            results.fail(f"replica: the stop's last push failed: {step}")
+    without, with_replica = statistics.median(shares["without"]), statistics.median(shares["with"])
+    results.add(
+        Row(
+            "replica",
+            "1 MB last message +1 KB/100 ms: sidecar CPU share with a replica",
+            100 * with_replica,
+            "%",
+            f"without: {100 * without:.1f} %, x{with_replica / without:.2f} side by side "
+            f"(n={len(shares['with'])})",
+            "< 10 % of a core",
+            with_replica < 0.10,
+        )
+    )
+    median_lag, spread = summarise([lag * 1000 for lag in lags])
+    results.add(
+        Row(
+            "replica",
+            "  upload lag: a change durable on the volume, then in the bucket",
+            median_lag,
+            "ms",
+            spread + f"; p95 {_p95(lags) * 1000:.0f} ms; uploads coalesce for 1 s",
+            "< 5 s (a stop loses nothing older)",
+            bool(lags) and _p95(lags) < 5.0,
+        )
+    )
+    results.add(
+        Row(
+            "replica",
+            "  bytes uploaded per checkpoint",
+            pushed_bytes / max(checkpoints, 1) / 1024,
+            "KiB",
+            f"{pushes} uploads for {checkpoints} checkpoints; the change: 1 KiB per 100 ms",
+            "",
+            None,
+        )
+    )
+    if stop_ms:
+        value, spread = summarise(stop_ms)
+        results.add(
+            Row(
+                "replica",
+                "  the stop's last push (the step, via the sidecar)",
+                value,
+                "ms",
+                spread,
+                "",
+                None,
+            )
+        )
+    results.extra["replica"] = {
+        "cpu_share_without": shares["without"],
+        "cpu_share_with": shares["with"],
+        "lags_s": lags,
+        "pushed_bytes": pushed_bytes,
+        "checkpoints": checkpoints,
+        "pushes": pushes,
+        "stop_push_ms": stop_ms,
+    }
+
+
+def _p95(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else float("nan")
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     seconds: float
@@ -1604,7 +1819,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["sequence", "command", "restore", "checkpoint", "growth", "idle", "snapshot"],
+        choices=[
+            "sequence",
+            "command",
+            "restore",
+            "checkpoint",
+            "growth",
+            "idle",
+            "snapshot",
+            "replica",
+        ],
         help="run only these areas (repeatable)",
     )
     options = parser.parse_args(args)
@@ -1624,6 +1848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("growth", lambda: bench_growth(plan, root, results)),
         ("idle", lambda: bench_idle(plan, root, results)),
         ("snapshot", lambda: bench_snapshot(plan, results)),
+        ("replica", lambda: bench_replica(plan, root, results)),
     ]
     try:
         for name, run in areas:

@@ -668,7 +668,7 @@ async def test_cli_text_exit_0_without_failures(workspace: Workspace, persistent
     assert len(fixes) == sum(line.startswith("WARN") for line in checks)
     assert all(fix.startswith("fix: ") for fix in fixes)
     assert lines[-1].startswith("doctor: ")
-    assert ", 0 fail, 4 skip (exit 0)" in lines[-1]
+    assert ", 0 fail, 5 skip (exit 0)" in lines[-1]  # the replica check: none configured
     assert_no_token(result.stdout, result.stderr)
     assert not workspace.state_dir.exists()
 

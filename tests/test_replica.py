@@ -8,9 +8,11 @@ the server's own directory holds and what a fresh reader verifies. The sidecar, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from agentapi_persist.replica_layout import (
     plans_newest_first,
     segment_object,
 )
+from agentapi_persist.replica_uploader import ReplicaUploader
 from agentapi_persist.restoring import RestoreReport, restore
 from agentapi_persist.store import StateStore, read_archive
 
@@ -376,7 +379,8 @@ async def test_another_lineage_in_the_bucket_is_archived_and_ours_numbered_past_
         assert any("renumbered to generation 4" in note for note in report.notes), report.notes
         assert any("/archive/g000000000003-" in key for key in s3.objects())
         copy = await replica.read_newest()
-        assert copy.conversation is not None and copy.conversation.messages == other(2)
+        assert copy.conversation is not None
+        assert copy.conversation.messages == other(2)
         assert copy.seq == 4
     finally:
         await replica.close()
@@ -396,7 +400,9 @@ async def test_a_journal_the_bucket_holds_differently_is_uploaded_again(
     (workspace.state_dir / "journal-000000000001.log").write_bytes(saved)
     back = store_of(workspace)
     back.load()
-    back.append((Message(id=3, role="agent", content="a different answer", time="2026-12-02T10:00:01Z"),))
+    back.append(
+        (Message(id=3, role="agent", content="a different answer", time="2026-12-02T10:00:01Z"),)
+    )
     replica = replica_of(workspace, s3, back)
     try:
         await replica.push()
@@ -408,3 +414,59 @@ async def test_a_journal_the_bucket_holds_differently_is_uploaded_again(
         assert len(starts) == len(set(starts)), f"stale segments left: {segments}"
     finally:
         await replica.close()
+
+
+# --- the sidecar's uploader ---------------------------------------------------------------------
+
+
+async def test_uploads_coalesce_and_a_failing_store_is_retried_until_it_is_back(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    """Twenty durable changes in a burst cost one or two uploads, not twenty; with the store
+    down the uploader says so and retries on its own, and catches up once it is back."""
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(1)))
+    replica = replica_of(workspace, s3, store)
+    facts: dict[str, object] = {}
+    uploader = ReplicaUploader(replica, facts, coalesce_s=0.3)
+    running = asyncio.create_task(uploader.run())
+    try:
+        await wait_until(lambda: facts["replica_pushes"] == 1)  # the catch-up at start
+        for n in range(2, 22):
+            store.append(messages(n)[n - 1 :])
+            uploader.wake()
+            await asyncio.sleep(0.01)
+        await wait_until(lambda: facts["replica_pushes"] in (2, 3) and not _pending(facts))
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert len(copy.conversation.messages) == 21
+        assert facts["replica_pushes"] in (2, 3)
+
+        s3.kill()
+        store.append(messages(22)[21:])
+        uploader.wake()
+        await wait_until(lambda: facts["replica_failures"] == 2, within=10)  # 1 s, then 2 s
+        assert facts["replica_ok"] is False
+        assert "cannot connect" in str(facts["replica_error"])
+        s3.start()
+        await wait_until(lambda: facts["replica_ok"] is True, within=15)
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert len(copy.conversation.messages) == 22
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await replica.close()
+
+
+def _pending(facts: dict[str, object]) -> bool:
+    return facts["replica_pending_since"] is not None
+
+
+async def wait_until(check: Callable[[], bool], *, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)

@@ -300,3 +300,14 @@ async def test_real_agentapi_loads_the_whole_conversation_from_the_replica(
     assert not ws.state_file.exists()
     await assert_restored_and_reloaded(version, ws, before)
     assert json.loads((await cli(ws, "status", "--json")).stdout)["replica"]["reachable"]
+
+
+async def test_an_endpoint_with_credentials_in_it_is_refused_without_echoing_them(
+    workspace: Workspace,
+) -> None:
+    run = await cli(
+        workspace, "status", "--replica", URL, "--replica-endpoint", "http://ak:sekrit@h:9000"
+    )
+    assert run.code == 2
+    assert "must not carry credentials" in run.stderr, run.stderr
+    assert "sekrit" not in run.stderr + run.stdout

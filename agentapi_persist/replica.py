@@ -150,8 +150,9 @@ class Replica:
         self._lock = asyncio.Lock()
         self._remote: dict[str, int] | None = None
         """Object names under ``prefix`` the bucket is known to hold (``None``: not listed)."""
-        self._journal_end: dict[int, int] = {}
-        """Per local generation: how much of its journal the bucket holds, verified."""
+        self._chains: dict[int, list[ObjectName]] = {}
+        """Per local generation: the bucket's segments of its journal from byte 0, verified
+        against the local journal (their last end is how much of it the bucket holds)."""
         self._ours: set[str] = set()
         """Names in the bucket that are this directory's files (or journal bytes), verified."""
         self._generation_names: dict[tuple[int, int, int], str] = {}
@@ -222,7 +223,7 @@ class Replica:
         for seq in sorted(generations):
             await self._push_generation(seq, report)
         report.generation = newest
-        report.journal_bytes = self._journal_end.get(newest, 0)
+        report.journal_bytes = _end(self._chains.get(newest, []))
         await self._prune(oldest, report)
 
     def _listed(self) -> list[ObjectName]:
@@ -246,7 +247,7 @@ class Replica:
             await self.objects.put(self.prefix + INSTANCE_OBJECT, record)
             remote[INSTANCE_OBJECT] = len(record)
         self._remote = remote
-        self._journal_end = {}
+        self._chains = {}
         self._ours = set()
         for seq in generations:
             name = await self._generation_name(seq)
@@ -256,7 +257,7 @@ class Replica:
             segments = [p for p in self._listed() if p.kind == "segment" and p.seq == seq]
             verified = await asyncio.to_thread(self._verified_chain, seq, chain(segments))
             self._ours.update(s.name for s in verified)
-            self._journal_end[seq] = verified[-1].end if verified else 0
+            self._chains[seq] = verified
 
     def _verified_chain(self, seq: int, segments: tuple[ObjectName, ...]) -> list[ObjectName]:
         """The bucket's segments that match the local journal byte for byte, from its start."""
@@ -314,7 +315,7 @@ class Replica:
                 return  # replaced since it was hashed: the next push sends it
             await self.objects.put(self.prefix + name, data)
             remote[name] = len(data)
-            self._journal_end[seq] = 0
+            self._chains[seq] = []
             report.objects += 1
             report.bytes += len(data)
         self._ours.add(name)
@@ -323,7 +324,8 @@ class Replica:
     async def _push_journal(self, seq: int, report: PushReport) -> None:
         remote = self._remote
         assert remote is not None
-        start = self._journal_end.get(seq, 0)
+        chain = self._chains.setdefault(seq, [])
+        start = _end(chain)
         path = self.store.directory / journal_file_name(seq)
         data, size = await asyncio.to_thread(_complete_records, path, start)
         if size is not None and size < start:
@@ -333,6 +335,7 @@ class Replica:
             self._ours.difference_update(
                 p.name for p in self._listed() if p.kind == "segment" and p.seq == seq
             )
+            chain.clear()
             start = 0
             data, size = await asyncio.to_thread(_complete_records, path, start)
         for piece in _pieces(data, _SEGMENT_MAX):
@@ -340,10 +343,38 @@ class Replica:
             await self.objects.put(self.prefix + name, piece)
             remote[name] = len(piece)
             self._ours.add(name)
+            chain.append(ObjectName("segment", seq, _sha(piece), name, start, start + len(piece)))
             start += len(piece)
-            self._journal_end[seq] = start
             report.objects += 1
             report.bytes += len(piece)
+            await self._merge_tail(seq, chain, report)
+
+    async def _merge_tail(self, seq: int, chain: list[ObjectName], report: PushReport) -> None:
+        """Keep a journal's segments few: the last two become one while the newer is at least
+        as long as the older (a binary counter: about log2(n) segments after n uploads, each
+        byte sent again about as many times), up to ``_SEGMENT_MAX``. A reader then needs a
+        handful of requests per generation, not one per upload; the merged ones are pruned."""
+        remote = self._remote
+        assert remote is not None
+        path = self.store.directory / journal_file_name(seq)
+        while len(chain) >= 2:
+            older, newer = chain[-2], chain[-1]
+            if newer.end - newer.start < older.end - older.start:
+                return
+            if newer.end - older.start > _SEGMENT_MAX:
+                return
+            data = await asyncio.to_thread(_read_range, path, older.start, newer.end)
+            if data is None:
+                return  # the journal went away (a new generation): nothing to merge
+            digest = _sha(data)
+            name = segment_object(seq, older.start, newer.end, digest)
+            await self.objects.put(self.prefix + name, data)
+            remote[name] = len(data)
+            chain[-2:] = [ObjectName("segment", seq, digest, name, older.start, newer.end)]
+            self._ours.difference_update((older.name, newer.name))
+            self._ours.add(name)
+            report.objects += 1
+            report.bytes += len(data)
 
     async def _prune(self, oldest_local: int, report: PushReport) -> None:
         """Delete the bucket's generations and journals older than the oldest local one (the
@@ -539,6 +570,21 @@ def read_replica_record(state_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, PersistError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def _end(chain: list[ObjectName]) -> int:
+    return chain[-1].end if chain else 0
+
+
+def _read_range(path: Path, start: int, end: int) -> bytes | None:
+    """Bytes ``[start, end)`` of a local file, ``None`` if it is gone or shorter."""
+    try:
+        with open(path, "rb") as journal:
+            journal.seek(start)
+            data = journal.read(end - start)
+    except FileNotFoundError:
+        return None
+    return data if len(data) == end - start else None
 
 
 def _pieces(data: bytes, limit: int) -> list[bytes]:

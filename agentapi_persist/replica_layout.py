@@ -16,6 +16,10 @@ module directory, one place in the bucket, so several agents of one workspace, o
 workspaces sharing a bucket under one prefix, never meet. ``instance.json`` and every
 generation's header name the instance, and a reader refuses a state that names another.
 
+Segments are merged as they accumulate (the uploader sends two neighbours again as one, and
+deletes them): a reader meets a few per generation, and where two start at the same byte it
+takes the longer.
+
 A complete state is a generation whose bytes match the SHA-256 in its name, plus the
 segments of its journal that follow on from byte 0 without a gap, each matching its own
 SHA-256. The uploader writes a generation before any segment of its journal, and a segment

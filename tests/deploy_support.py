@@ -33,6 +33,8 @@ EXAMPLES = REPO / "examples"
 # -- Terraform ---------------------------------------------------------------------------------
 
 _INTERPOLATION = re.compile(r"\$\{([^{}]*)\}")
+#: ``cond ? a : b`` whose branches are plain values or strings (no nested ``?``).
+_TERNARY = re.compile(r'(.+?)\s*\?\s*((?:"[^"]*"|[^:"])+?)\s*:\s*(.+)', re.S)
 
 
 @dataclass
@@ -93,7 +95,19 @@ class Template:
         raise ValueError(f"{self.path.name}: cannot read {text!r}")
 
     def expr(self, text: str) -> Any:
-        """Evaluate one expression (the inside of ``${...}``)."""
+        """Evaluate one expression (the inside of ``${...}``); one ``cond ? a : b`` at the top
+        level is read as Python's ``a if cond else b``."""
+        if (ternary := _TERNARY.fullmatch(text.strip())) is not None:
+            condition, then, otherwise = ternary.groups()
+            return self.expr(then) if self.expr(condition) else self.expr(otherwise)
+        stripped = text.strip()
+        inner = stripped[1:-1]
+        if (
+            len(stripped) >= 2
+            and stripped[0] == stripped[-1] == '"'
+            and '"' not in _INTERPOLATION.sub("", inner)
+        ):  # one template string: "${a}/${b}"
+            return _INTERPOLATION.sub(lambda m: str(self.expr(m.group(1))), inner)
         source = text.replace("&&", " and ").replace("||", " or ")
         source = re.sub(r"\btry\(", "try_(", source)  # `try` is a Python keyword
         return self._eval(ast.parse(source.strip(), mode="eval").body, text)
@@ -125,6 +139,9 @@ class Template:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             if node.func.id == "tostring" and len(node.args) == 1:
                 return _tostring(self._eval(node.args[0], text))
+            if node.func.id == "trimsuffix" and len(node.args) == 2:
+                value, suffix = (self._eval(arg, text) for arg in node.args)
+                return str(value).removesuffix(str(suffix))
             if node.func.id == "try_":
                 for arg in node.args:
                     with contextlib.suppress(KeyError):

@@ -68,10 +68,12 @@ SCRIPTS = sorted(
 #: Time the stop needs beyond agentapi-persist's own grace: the runtime's signal reaching the
 #: script, interpreters starting, AgentAPI's own exit. The examples promise at least this.
 STOP_SLACK_S = 5
+WORKSPACE_ID = "5f3e2a1b-0c4d-4e8f-9a7b-6c5d4e3f2a1b"
 
 
 def template(name: str, **overrides: Any) -> Template:
-    return Template(TEMPLATES[name], data={"data.coder_task.me.id": TASK_ID}, overrides=overrides)
+    data = {"data.coder_task.me.id": TASK_ID, "data.coder_workspace.me.id": WORKSPACE_ID}
+    return Template(TEMPLATES[name], data=data, overrides=overrides)
 
 
 def workspace_env(tf: Template) -> dict[str, str]:
@@ -214,14 +216,16 @@ def test_template_scripts_and_environment(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_template_turns_the_replica_on(name: str) -> None:
-    """replica_url and replica_endpoint reach the product's Settings; the empty endpoint of a
-    template without one does not hide an AWS_ENDPOINT_URL the image sets."""
+    """replica_url (scoped to the workspace) and replica_endpoint reach the product's
+    Settings; the empty endpoint of a template without one does not hide an AWS_ENDPOINT_URL
+    the image sets."""
     tf = template(
-        name, replica_url="s3://team-bucket/agents", replica_endpoint="https://s3.example"
+        name, replica_url="s3://team-bucket/agents/", replica_endpoint="https://s3.example"
     )
     env = {**workspace_env(tf), "HOME": tf.value(tf.locals["home"])}
     settings = Settings.load({}, env=env)
-    assert settings.replica == "s3://team-bucket/agents"
+    # One place per workspace: every workspace of the template has the same module directory.
+    assert settings.replica == f"s3://team-bucket/agents/{WORKSPACE_ID}"
     assert settings.replica_endpoint == "https://s3.example"
     bare = {**workspace_env(template(name)), "HOME": "/home/coder"}
     settings = Settings.load({}, env={**bare, "AWS_ENDPOINT_URL": "http://minio:9000"})

@@ -470,3 +470,28 @@ async def wait_until(check: Callable[[], bool], *, within: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(0.02)
+
+
+async def test_a_journal_uploaded_in_many_pushes_is_read_in_a_few_requests(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    """Sixty pushes of one record each: the bucket keeps a handful of segments (merged as a
+    binary counter), so a restore reads a few objects, not sixty, and gets every record."""
+    store = store_of(workspace)
+    store.save(Conversation(messages=messages(1)))
+    replica = replica_of(workspace, s3, store)
+    sent = 0
+    try:
+        for n in range(2, 62):
+            store.append(messages(n)[n - 1 :])
+            sent += (await replica.push()).bytes
+        segments = [k for k in s3.objects() if k.endswith(".seg")]
+        assert len(segments) <= 7, segments  # log2(60) + 1
+        copy = await replica.read_newest()
+        assert copy.conversation is not None
+        assert copy.conversation.messages == messages(61)
+        journal = (workspace.state_dir / "journal-000000000001.log").stat().st_size
+        generation = (workspace.state_dir / "conversation-000000000001.json").stat().st_size
+        assert sent - generation <= 8 * journal, "each record is sent again about log2(n) times"
+    finally:
+        await replica.close()

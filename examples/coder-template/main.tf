@@ -60,7 +60,7 @@ variable "stop_grace_seconds" {
 
 variable "replica_url" {
   type        = string
-  description = "Off-volume replica of the conversation, s3://bucket/prefix (each workspace and module gets its own place under it). Empty: no replica. Installs agentapi-persist with its s3 extra."
+  description = "Off-volume replica of the conversation, s3://bucket/prefix: each workspace gets its own place under it (its workspace id), each agent module its own under that. Empty: no replica. Installs agentapi-persist with its s3 extra."
   default     = ""
 }
 
@@ -86,6 +86,9 @@ variable "replica_secret_access_key" {
 locals {
   home       = "/home/coder"
   module_dir = ".agentapi-module"
+  # The replica's place: one per workspace under replica_url. Every workspace of a template has
+  # the same module directory path, which is all agentapi-persist can tell them apart by.
+  replica = var.replica_url == "" ? "" : "${trimsuffix(var.replica_url, "/")}/${data.coder_workspace.me.id}"
   # What every process of the workspace sees, the start and stop scripts and AgentAPI included.
   workspace_env = {
     # AgentAPI's own: where it saves its conversation, and its pid (>= 0.12.0 saves on SIGUSR1).
@@ -98,7 +101,7 @@ locals {
     AGENTAPI_PERSIST_GRACE         = tostring(var.persist_grace_seconds)
     AGENTAPI_PERSIST_STOP_AGENTAPI = "true"
     # The off-volume replica (docs/DEPLOYING.md): empty values mean "none".
-    AGENTAPI_PERSIST_REPLICA          = var.replica_url
+    AGENTAPI_PERSIST_REPLICA          = local.replica
     AGENTAPI_PERSIST_REPLICA_ENDPOINT = var.replica_endpoint
     AWS_ACCESS_KEY_ID                 = var.replica_access_key_id
     AWS_SECRET_ACCESS_KEY             = var.replica_secret_access_key

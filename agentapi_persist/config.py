@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -32,7 +32,9 @@ from ._options import (
 )
 from .errors import ConfigError
 from .identity import Instance, default_state_dir, port_of, xdg_state_home
-from .replica_layout import ReplicaTarget, parse_replica_url
+
+if TYPE_CHECKING:
+    from .replica_layout import ReplicaTarget
 
 __all__ = ["OPTIONS", "CoderTarget", "Option", "Settings", "parse_bool"]
 
@@ -169,7 +171,11 @@ class Settings(BaseModel):
     @field_validator("replica")
     @classmethod
     def _replica_url(cls, value: str | None) -> str | None:
-        return None if value is None else parse_replica_url(value).url
+        if value is None:
+            return None
+        from .replica_layout import parse_replica_url  # only where a replica is configured
+
+        return parse_replica_url(value).url
 
     @field_validator("replica_endpoint")
     @classmethod
@@ -230,7 +236,11 @@ class Settings(BaseModel):
     @property
     def replica_target(self) -> ReplicaTarget | None:
         """Where the replica lives, ``None`` when none is configured."""
-        return None if self.replica is None else parse_replica_url(self.replica)
+        if self.replica is None:
+            return None
+        from .replica_layout import parse_replica_url
+
+        return parse_replica_url(self.replica)
 
     @property
     def snapshot_wanted(self) -> bool:

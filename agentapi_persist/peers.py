@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
@@ -26,7 +27,9 @@ from .coder import CoderClient
 from .config import Settings
 from .errors import ConfigError
 from .ownership import claim, take_lock
-from .replica import Replica, replica_for
+
+if TYPE_CHECKING:
+    from .replica import Replica
 from .store import StateStore
 
 __all__ = ["Peers", "open_peers"]
@@ -120,7 +123,11 @@ async def open_peers(
                 coder = CoderClient(target, session=coder_session)
         except ConfigError as exc:
             problem = str(exc)
-        replica = replica_for(settings, store)
+        replica: Replica | None = None
+        if settings.replica is not None:  # its modules load only where one is configured
+            from .replica import replica_for
+
+            replica = replica_for(settings, store)
         if replica is not None:
             stack.push_async_callback(replica.close)
         yield Peers(store=store, agent=agent, coder=coder, coder_problem=problem, replica=replica)

@@ -30,7 +30,7 @@ import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import structlog
@@ -45,7 +45,9 @@ from .file_mark import remember, unchanged_since_mark
 from .migration import adopt_legacy_copy
 from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
 from .ownership import claim, take_lock
-from .replica import ReplicaRead
+
+if TYPE_CHECKING:
+    from .replica import ReplicaRead
 from .store import StateStore
 
 __all__ = ["RestoreReport", "refuse_while_agentapi_runs", "restore"]

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
@@ -62,9 +62,11 @@ from .file_mark import remember
 from .models import AgentAPIState, Conversation, Message
 from .peers import Peers
 from .records import record_upload
-from .replica import Replica
 from .snapshot import build_snapshot
 from .store import StateStore
+
+if TYPE_CHECKING:
+    from .replica import Replica
 
 __all__ = ["ShutdownReport", "StepResult", "run_sequence", "run_shutdown"]
 

@@ -854,12 +854,20 @@ TERMINAL_AGENT = Path(__file__).resolve().parents[1] / "tests" / "terminal_agent
 
 
 def real_agentapi_binary() -> Path | None:
-    explicit = os.environ.get("AGENTAPI_PERSIST_AGENTAPI_CACHE")
+    return cached_binary(
+        "AGENTAPI_PERSIST_AGENTAPI_CACHE", "agentapi", f"v{REAL_AGENTAPI_VERSION}", "agentapi"
+    )
+
+
+def cached_binary(variable: str, kind: str, version: str, name: str) -> Path | None:
+    """A binary the install scripts built: ``$variable`` or
+    ``${XDG_CACHE_HOME:-~/.cache}/agentapi-persist/<kind>``, then ``<version>/<name>``."""
+    explicit = os.environ.get(variable)
     cache = Path(explicit) if explicit else (
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentapi-persist"
-        / "agentapi"
+        / kind
     )  # fmt: skip
-    path = cache / f"v{REAL_AGENTAPI_VERSION}" / "agentapi"
+    path = cache / version / name
     return path if os.access(path, os.X_OK) else None
 
 
@@ -1370,13 +1378,7 @@ S3_SECRET_KEY = "bench-secret-0123456789"
 
 def s3_server_binary() -> Path | None:
     """The S3-compatible server ``scripts/install-s3server`` builds (versitygw), if installed."""
-    explicit = os.environ.get("AGENTAPI_PERSIST_S3_CACHE")
-    cache = Path(explicit) if explicit else (
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agentapi-persist"
-        / "versitygw"
-    )  # fmt: skip
-    path = cache / S3_SERVER_VERSION / "versitygw"
-    return path if os.access(path, os.X_OK) else None
+    return cached_binary("AGENTAPI_PERSIST_S3_CACHE", "versitygw", S3_SERVER_VERSION, "versitygw")
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from agentapi_persist.testing.agentapi import FakeAgentAPI
 from .cli_support import cli
 from .conftest import Workspace, make_messages, new_workspace
 from .real_agentapi import STATEFUL, real_agentapi
-from .s3_support import BUCKET, SECRET_KEY, S3Server, fault_proxy, s3_server
+from .s3_support import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, fault_proxy, s3_server
 from .sidecar_support import eventually, sidecar_process, stored_count
 from .test_real_agentapi import (
     agentapi_env,
@@ -90,7 +90,8 @@ async def test_sidecar_uploads_stop_finishes_and_a_new_volume_restores_it(
     with_replica(workspace, s3)
     async with FakeAgentAPI(messages=make_messages(6)) as agent:
         env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
-        async with sidecar_process(workspace, env=env) as sidecar:
+        debug = {**env, "AGENTAPI_PERSIST_LOG_LEVEL": "debug"}
+        async with sidecar_process(workspace, env=debug) as sidecar:
             await eventually(lambda: stored_count(workspace) == 6)
             await replica_reaches(workspace, 6, within=15)
             agent.add_message("user", "one more")
@@ -107,7 +108,12 @@ async def test_sidecar_uploads_stop_finishes_and_a_new_volume_restores_it(
         result = json.loads(stop.stdout)
         assert result["exit_code"] == 0, stop.stdout
         assert [s["name"] for s in result["steps"]][-1] == "replica"
-        secret_free(stop.stdout, stop.stderr, json.dumps(sidecar.events))
+        secret_free(stop.stdout, stop.stderr, json.dumps(sidecar.events), *sidecar.other)
+        assert ACCESS_KEY not in json.dumps(sidecar.events)
+        assert sidecar.saw("replica.pushed")
+    for path in workspace.state_dir.rglob("*"):
+        if path.is_file():
+            secret_free(path.read_bytes().decode("utf-8", "replace"))
     assert await replica_messages(workspace) == 8
 
     shutil.rmtree(workspace.state_dir)  # a new volume: nothing of the old one is left

@@ -155,6 +155,8 @@ class Replica:
         against the local journal (their last end is how much of it the bucket holds)."""
         self._ours: set[str] = set()
         """Names in the bucket that are this directory's files (or journal bytes), verified."""
+        self.last_push: PushReport | None = None
+        """The last push that succeeded."""
         self._generation_names: dict[tuple[int, int, int], str] = {}
         """(seq, size, mtime_ns) of a local generation file -> its object name (hash once)."""
 
@@ -168,21 +170,28 @@ class Replica:
 
     # -- writing ----------------------------------------------------------------------------
 
-    async def push(self) -> PushReport:
-        """Upload what the bucket lacks of the state directory, then prune the bucket."""
+    async def push(self, *, record: bool = True) -> PushReport:
+        """Upload what the bucket lacks of the state directory, then prune the bucket.
+
+        ``record=False`` leaves ``replica.json`` to ``record_outcome`` (the stop writes it once
+        its result is out: a file write must not be what a short budget runs out in)."""
         async with self._lock:
             started = time.perf_counter()
             report = PushReport()
             try:
                 await self._push(report)
             except ReplicaError as exc:
-                await self.record_failure(str(exc))
+                self._remote = None  # learn again what the bucket holds
+                if record:
+                    await self.record_outcome(error=str(exc))
                 raise
             except BaseException:
                 self._remote = None  # cut short (a timeout): learn again what the bucket holds
                 raise
             report.ms = round((time.perf_counter() - started) * 1000)
-            await self._record(ok=True, error=None, report=report)
+            self.last_push = report
+            if record:
+                await self.record_outcome(error=None)
             log.info(
                 "replica.pushed",
                 generation=report.generation,
@@ -411,11 +420,14 @@ class Replica:
             "replica.archived_foreign_lineage", generations=sorted(seqs), objects=len(moved)
         )
 
-    async def record_failure(self, error: str) -> None:
-        """A push failed (or was cut short): say so in ``replica.json``, and learn what the
-        bucket holds again before the next one."""
-        self._remote = None
-        await self._record(ok=False, error=error, report=PushReport())
+    async def record_outcome(self, *, error: str | None) -> None:
+        """Keep the last push's outcome in ``replica.json``: ``error`` when it failed or was
+        cut short (the bucket is then listed again before the next one), else ``last_push``."""
+        if error is not None:
+            self._remote = None
+            await self._record(ok=False, error=error, report=PushReport())
+        else:
+            await self._record(ok=True, error=None, report=self.last_push or PushReport())
 
     async def _record(self, *, ok: bool, error: str | None, report: PushReport) -> None:
         """Keep the outcome in ``replica.json`` for ``status`` (informational only)."""

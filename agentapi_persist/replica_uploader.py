@@ -74,7 +74,7 @@ class ReplicaUploader:
             except (ReplicaError, TimeoutError) as exc:
                 error = str(exc) or f"no answer within {_PUSH_CAP_S:.0f}s"
                 if isinstance(exc, TimeoutError):
-                    await self.replica.record_failure(error)
+                    await self.replica.record_outcome(error=error)
                 delay, self._retry_s = self._retry_s, min(self._retry_s * 2, _RETRY_MAX_S)
                 self._facts.update(
                     replica_ok=False,

@@ -141,6 +141,7 @@ class ShutdownReport:
             steps=list(self.steps),
             durable=self.durable,
             snapshot_ok=self.snapshot_ok,
+            replica_ok=self.replica_ok,
             deadline_hit=True,
             messages=self.messages,
         )
@@ -256,6 +257,11 @@ async def run_shutdown(
         await asyncio.to_thread(
             records.write_record, settings.state_dir, records.LAST_SHUTDOWN, report.as_dict()
         )
+    replicated = report.step("replica")
+    if peers.replica is not None and replicated is not None:
+        # replica.json for `status`, once the result is out (as last-shutdown.json is).
+        error = None if replicated.ok else replicated.detail or replicated.outcome
+        await peers.replica.record_outcome(error=error)
     if report.agreed_file is not None:
         # So that a later divergence between the two is settled by what changed, not clocks.
         await asyncio.to_thread(
@@ -285,6 +291,9 @@ async def run_sequence(
     ``report`` is filled in as the steps end (a watchdog can say how far the stop got).
     """
     report = report if report is not None else ShutdownReport()
+    # A configured replica is behind until its step says otherwise: a stop cut anywhere
+    # before that (a watchdog's line included) must not say it is up to date.
+    report.replica_ok = replica is None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget.remaining()
     write_task: asyncio.Task[StepResult] | None = None
@@ -386,6 +395,10 @@ async def run_sequence(
         await _after_deadline(
             report, write_task, best_effort, settings, budget, coder, finished=finished
         )
+        if replica is not None and report.durable and report.step("replica") is None:
+            report.steps.append(
+                StepResult("replica", "cut", False, 0, "the budget ran out before the replica")
+            )
     except asyncio.CancelledError:
         # Cancelled from outside (e.g. a second Ctrl-C): the durable write still completes.
         if early is not None:
@@ -758,14 +771,12 @@ async def _replica_step(
         )
     left = budget.remaining() - _REPORT_SLACK_S
     if left <= 0.05:
-        await replica.record_failure("no time was left in the stop's budget")
         return StepResult("replica", "cut", False, 0, "no time left to update the replica")
     try:
         async with asyncio.timeout(left):
-            pushed = await replica.push()
+            pushed = await replica.push(record=False)  # recorded once the result is out
     except TimeoutError:
         error = f"not brought up to date in the {left:.1f}s left"
-        await replica.record_failure(error)
         return StepResult("replica", "timed_out", False, 0, error + "; the local copy is durable")
     except ReplicaError as exc:
         return StepResult("replica", "failed", False, 0, f"{exc}; the local copy is durable")

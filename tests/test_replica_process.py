@@ -25,9 +25,10 @@ from agentapi_persist.models import Conversation
 from agentapi_persist.replica import replica_for
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
+from agentapi_persist.testing.coder import FakeCoder
 
 from .cli_support import cli
-from .conftest import Workspace, make_messages, new_workspace
+from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages, new_workspace
 from .real_agentapi import STATEFUL, real_agentapi
 from .s3_support import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, fault_proxy, s3_server
 from .sidecar_support import eventually, sidecar_process, stored_count
@@ -317,3 +318,26 @@ async def test_an_endpoint_with_credentials_in_it_is_refused_without_echoing_the
     assert run.code == 2
     assert "must not carry credentials" in run.stderr, run.stderr
     assert "sekrit" not in run.stderr + run.stdout
+
+
+async def test_a_stop_whose_budget_ran_out_never_says_the_replica_is_current(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    """A hung Coder server takes the snapshot's whole slice of a 2 s grace: no time is left
+    for the replica, and the result says so (`replica_ok: false`, a `cut` step), whatever
+    else decides the exit code."""
+    with_replica(workspace, s3)
+    async with (
+        FakeCoder(token=CANARY_TOKEN, task_ids={TASK_ID}, hang=True) as coder,
+        FakeAgentAPI(messages=make_messages(4)) as agent,
+    ):
+        env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url, **coder_env(coder)}
+        run = await cli(workspace, "shutdown", "--grace", "2", "--json", env=env)
+    result = json.loads(run.stdout)
+    assert result["durable"] is True, run.stdout
+    assert result["replica_ok"] is False, run.stdout
+    assert result["ok"] is False
+    (step,) = [s for s in result["steps"] if s["name"] == "replica"]
+    assert step["outcome"] == "cut", step
+    record = json.loads((workspace.state_dir / "replica.json").read_text())
+    assert record["ok"] is False, record

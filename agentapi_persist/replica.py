@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from ._fsutil import read_capped_file, write_atomic
+from ._fsutil import read_capped_file, read_json_record, write_atomic
 from .config import Settings
 from .errors import PersistError, ReplicaError, StateFileError
 from .identity import Instance, instance_dir_name
@@ -148,7 +148,7 @@ class Replica:
         self.objects = objects or ObjectStore(target.bucket, endpoint=endpoint)
         self.prefix = target.instance_prefix(instance_dir_name(instance.module_dir))
         self._lock = asyncio.Lock()
-        self._remote: dict[str, int] | None = None
+        self._remote: set[str] | None = None
         """Object names under ``prefix`` the bucket is known to hold (``None``: not listed)."""
         self._chains: dict[int, list[ObjectName]] = {}
         """Per local generation: the bucket's segments of its journal from byte 0, verified
@@ -180,13 +180,10 @@ class Replica:
             report = PushReport()
             try:
                 await self._push(report)
-            except ReplicaError as exc:
-                self._remote = None  # learn again what the bucket holds
-                if record:
+            except BaseException as exc:  # failed or cut short: learn the bucket again
+                self._remote = None
+                if record and isinstance(exc, ReplicaError):
                     await self.record_outcome(error=str(exc))
-                raise
-            except BaseException:
-                self._remote = None  # cut short (a timeout): learn again what the bucket holds
                 raise
             report.ms = round((time.perf_counter() - started) * 1000)
             self.last_push = report
@@ -235,15 +232,19 @@ class Replica:
         report.journal_bytes = _end(self._chains.get(newest, []))
         await self._prune(oldest, report)
 
+    @property
+    def _known(self) -> set[str]:
+        """What the bucket holds, as listed at the start of the push and kept up since."""
+        assert self._remote is not None, "listed by _learn at the start of every push"
+        return self._remote
+
     def _listed(self) -> list[ObjectName]:
-        assert self._remote is not None
-        return [p for name in list(self._remote) if (p := parse_object(name)) is not None]
+        return [p for name in list(self._known) if (p := parse_object(name)) is not None]
 
     async def _learn(self, generations: set[int]) -> None:
         """List the bucket, check whose it is, and find which of its objects are this
         directory's files byte for byte (``_ours``); the rest is pruned or archived."""
-        listed = await self.objects.list(self.prefix)
-        remote = {info.key[len(self.prefix) :]: info.size for info in listed}
+        remote = {key[len(self.prefix) :] for key in await self.objects.list(self.prefix)}
         if INSTANCE_OBJECT in remote:
             foreign = await self._foreign_owner()
             if foreign is not None:
@@ -254,14 +255,17 @@ class Replica:
         else:
             record = json.dumps(self.instance.as_dict(), sort_keys=True).encode()
             await self.objects.put(self.prefix + INSTANCE_OBJECT, record)
-            remote[INSTANCE_OBJECT] = len(record)
+            remote.add(INSTANCE_OBJECT)
         self._remote = remote
         self._chains = {}
         self._ours = set()
         for seq in generations:
-            name = await self._generation_name(seq)
-            if name is None or name not in remote:
+            if not any(p.kind == "generation" and p.seq == seq for p in self._listed()):
+                continue  # nothing of it there: no need to hash it here
+            named = await self._generation_name(seq)
+            if named is None or named[0] not in remote:
                 continue
+            name = named[0]
             self._ours.add(name)
             segments = [p for p in self._listed() if p.kind == "segment" and p.seq == seq]
             verified = await asyncio.to_thread(self._verified_chain, seq, chain(segments))
@@ -295,35 +299,38 @@ class Replica:
         differences = self.instance.differences(owner, by_port=False)
         return "; ".join(differences) if differences else None
 
-    async def _generation_name(self, seq: int) -> str | None:
-        """The object name of local generation ``seq`` (hashed once per file)."""
+    async def _generation_name(self, seq: int) -> tuple[str, bytes | None] | None:
+        """The object name of local generation ``seq``, hashed once per file, with the bytes
+        when they were read just now to hash them (``None``: named from what was hashed
+        before). ``None`` when the file is gone."""
         path = self.store.directory / generation_file_name(seq)
         try:
             info = path.stat()
         except FileNotFoundError:
             return None
         key = (seq, info.st_size, info.st_mtime_ns)
-        if key not in self._generation_names:
-            data = await asyncio.to_thread(_read, path, self.store.max_bytes)
-            if data is None:
-                return None
-            digest = await asyncio.to_thread(_sha, data)
-            self._generation_names[key] = generation_object(seq, digest)
-        return self._generation_names[key]
+        if key in self._generation_names:
+            return self._generation_names[key], None
+        data = await asyncio.to_thread(_read, path, self.store.max_bytes)
+        if data is None:
+            return None
+        name = generation_object(seq, await asyncio.to_thread(_sha, data))
+        self._generation_names[key] = name
+        return name, data
 
     async def _push_generation(self, seq: int, report: PushReport) -> None:
-        remote = self._remote
-        assert remote is not None
-        name = await self._generation_name(seq)
-        if name is None:
+        named = await self._generation_name(seq)
+        if named is None:
             return  # pruned locally since the listing: a newer one covers it
-        if name not in remote:
-            path = self.store.directory / generation_file_name(seq)
-            data = await asyncio.to_thread(_read, path, self.store.max_bytes)
-            if data is None or generation_object(seq, _sha(data)) != name:
-                return  # replaced since it was hashed: the next push sends it
+        name, data = named
+        if name not in self._known:
+            if data is None:  # hashed by an earlier push that did not send it
+                path = self.store.directory / generation_file_name(seq)
+                data = await asyncio.to_thread(_read, path, self.store.max_bytes)
+                if data is None or generation_object(seq, _sha(data)) != name:
+                    return  # replaced since it was hashed: the next push sends it
             await self.objects.put(self.prefix + name, data)
-            remote[name] = len(data)
+            self._known.add(name)
             self._chains[seq] = []
             report.objects += 1
             report.bytes += len(data)
@@ -331,8 +338,6 @@ class Replica:
         await self._push_journal(seq, report)
 
     async def _push_journal(self, seq: int, report: PushReport) -> None:
-        remote = self._remote
-        assert remote is not None
         chain = self._chains.setdefault(seq, [])
         start = _end(chain)
         path = self.store.directory / journal_file_name(seq)
@@ -350,7 +355,7 @@ class Replica:
         for piece in _pieces(data, _SEGMENT_MAX):
             name = segment_object(seq, start, start + len(piece), _sha(piece))
             await self.objects.put(self.prefix + name, piece)
-            remote[name] = len(piece)
+            self._known.add(name)
             self._ours.add(name)
             chain.append(ObjectName("segment", seq, _sha(piece), name, start, start + len(piece)))
             start += len(piece)
@@ -363,8 +368,6 @@ class Replica:
         as long as the older (a binary counter: about log2(n) segments after n uploads, each
         byte sent again about as many times), up to ``_SEGMENT_MAX``. A reader then needs a
         handful of requests per generation, not one per upload; the merged ones are pruned."""
-        remote = self._remote
-        assert remote is not None
         path = self.store.directory / journal_file_name(seq)
         while len(chain) >= 2:
             older, newer = chain[-2], chain[-1]
@@ -378,7 +381,7 @@ class Replica:
             digest = _sha(data)
             name = segment_object(seq, older.start, newer.end, digest)
             await self.objects.put(self.prefix + name, data)
-            remote[name] = len(data)
+            self._known.add(name)
             chain[-2:] = [ObjectName("segment", seq, digest, name, older.start, newer.end)]
             self._ours.difference_update((older.name, newer.name))
             self._ours.add(name)
@@ -388,30 +391,24 @@ class Replica:
     async def _prune(self, oldest_local: int, report: PushReport) -> None:
         """Delete the bucket's generations and journals older than the oldest local one (the
         store prunes its own the same way), and stale segments of the local ones."""
-        remote = self._remote
-        assert remote is not None
         doomed = [
             p.name for p in self._listed() if p.seq < oldest_local or p.name not in self._ours
         ]
         if doomed:
             await self.objects.delete([self.prefix + name for name in doomed])
-            for name in doomed:
-                remote.pop(name, None)
+            self._known.difference_update(doomed)
             report.deleted += len(doomed)
 
     async def _archive(self, generations: list[ObjectName], report: PushReport) -> None:
         """Copy states that are not this directory's (with their journals) under
         ``archive/`` in the instance's prefix, then drop them from the live names."""
-        remote = self._remote
-        assert remote is not None
         seqs = {g.seq for g in generations}
         moved = [p for p in self._listed() if p.seq in seqs and p.name not in self._ours]
         for parsed in moved:
             data = await self.objects.get(self.prefix + parsed.name, max_bytes=self.store.max_bytes)
             await self.objects.put(f"{self.prefix}archive/{parsed.name}", data)
         await self.objects.delete([self.prefix + p.name for p in moved])
-        for parsed in moved:
-            remote.pop(parsed.name, None)
+        self._known.difference_update(p.name for p in moved)
         report.notes.append(
             f"{len(moved)} objects of generations {sorted(seqs)}, which this copy never had, "
             f"were kept under {self.prefix}archive/"
@@ -461,8 +458,7 @@ class Replica:
         Raises ``ReplicaError`` when the bucket cannot be read at all (unreachable, refused);
         a damaged or foreign object is a problem in the answer, never used.
         """
-        listed = await self.objects.list(self.prefix)
-        names = [info.key[len(self.prefix) :] for info in listed]
+        names = [key[len(self.prefix) :] for key in await self.objects.list(self.prefix)]
         if INSTANCE_OBJECT in names:
             foreign = await self._foreign_owner()
             if foreign is not None:
@@ -576,12 +572,7 @@ def replica_for(settings: Settings, store: StateStore) -> Replica | None:
 
 def read_replica_record(state_dir: Path) -> dict[str, Any] | None:
     """The last push's record (``replica.json``), ``None`` if there is none or it is bad."""
-    try:
-        data = read_capped_file(state_dir / RECORD, _RECORD_MAX)
-        record = json.loads(data)
-    except (OSError, ValueError, PersistError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_json_record(state_dir / RECORD, _RECORD_MAX)
 
 
 def _end(chain: list[ObjectName]) -> int:

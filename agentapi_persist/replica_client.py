@@ -26,14 +26,13 @@ import importlib
 import importlib.util
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from .errors import ReplicaError
 
-__all__ = ["ObjectInfo", "ObjectStore", "client_library_missing"]
+__all__ = ["ObjectStore", "client_library_missing"]
 
 log = structlog.get_logger(__name__)
 
@@ -50,14 +49,6 @@ def client_library_missing() -> str | None:
     if importlib.util.find_spec("aiobotocore") is not None:
         return None
     return f"the replica needs the s3 extra, which is not installed: {_INSTALL_HINT}"
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """One listed object."""
-
-    key: str
-    size: int
 
 
 class ObjectStore:
@@ -130,10 +121,10 @@ class ObjectStore:
             raise ReplicaError(f"the replica's {key} is over the {max_bytes}-byte cap")
         return data
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
-        """Every object under ``prefix`` (all pages)."""
+    async def list(self, prefix: str) -> list[str]:
+        """The key of every object under ``prefix`` (all pages)."""
         client = await self._open()
-        found: list[ObjectInfo] = []
+        found: list[str] = []
         token: str | None = None
         async with self._call("list", prefix):
             while True:
@@ -141,10 +132,7 @@ class ObjectStore:
                 page = await client.list_objects_v2(
                     Bucket=self.bucket, Prefix=prefix, MaxKeys=_LIST_PAGE, **extra
                 )
-                found.extend(
-                    ObjectInfo(key=item["Key"], size=int(item.get("Size", 0)))
-                    for item in page.get("Contents", ())
-                )
+                found.extend(item["Key"] for item in page.get("Contents", ()))
                 token = page.get("NextContinuationToken")
                 if not page.get("IsTruncated") or not token:
                     return found

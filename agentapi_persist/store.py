@@ -254,8 +254,26 @@ journal_file_name = _journal_name
 
 
 def stored_sequences(directory: Path) -> tuple[set[int], set[int]]:
-    """The generation and journal numbers present in ``directory`` (nothing if it is missing)."""
-    return StateStore(directory, read_only=True)._scan()
+    """The generation and journal numbers present in ``directory`` (nothing if it is
+    missing); ``StateStore`` lists its directory with it, the replica's uploader too."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set(), set()
+    except NotADirectoryError:
+        raise StateDirNotADirectory(_not_a_directory(directory), path=str(directory)) from None
+    except OSError as exc:
+        raise StateFileError(
+            f"cannot list {directory}: {exc.strerror or exc}", path=str(directory)
+        ) from exc
+    generations: set[int] = set()
+    journals: set[int] = set()
+    for name in names:
+        if match := _GENERATION.fullmatch(name):
+            generations.add(int(match[1]))
+        elif match := _JOURNAL.fullmatch(name):
+            journals.add(int(match[1]))
+    return generations, journals
 
 
 def _now() -> str:
@@ -619,26 +637,7 @@ class StateStore:
 
     def _scan(self) -> tuple[set[int], set[int]]:
         """Generation and journal sequence numbers present in the directory."""
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return set(), set()
-        except NotADirectoryError:
-            raise StateDirNotADirectory(
-                _not_a_directory(self.directory), path=str(self.directory)
-            ) from None
-        except OSError as exc:
-            raise StateFileError(
-                f"cannot list {self.directory}: {exc.strerror or exc}", path=str(self.directory)
-            ) from exc
-        generations: set[int] = set()
-        journals: set[int] = set()
-        for name in names:
-            if match := _GENERATION.fullmatch(name):
-                generations.add(int(match[1]))
-            elif match := _JOURNAL.fullmatch(name):
-                journals.add(int(match[1]))
-        return generations, journals
+        return stored_sequences(self.directory)
 
     def _reset(self) -> None:
         self._seq = self._sha256 = None

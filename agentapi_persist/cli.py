@@ -515,19 +515,16 @@ async def _shutdown_async(
 
 
 def _restore(settings: Settings, *, as_json: bool, force: bool) -> int:
-    from .restoring import refuse_while_agentapi_runs, restore
+    from .restoring import restore
 
     _freeze_what_was_imported()
     replica = None
     if settings.replica is not None:
-        import asyncio
-
-        from .replica import READ_TIMEOUT_S, read_for_restore
+        from .replica import reader_for_restore
         from .store import StateStore
 
-        refuse_while_agentapi_runs(settings, force=force)  # before any time is spent reading
         store = StateStore(settings.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
-        replica = asyncio.run(read_for_restore(settings, store, timeout_s=READ_TIMEOUT_S))
+        replica = reader_for_restore(settings, store)
     report = restore(settings, force=force, replica=replica)
     _print(report.as_dict() if as_json else report.summary(), as_json=as_json)
     _exit_soon()  # boot waits for this process: its exit alone cost ~100 ms after 50 MB

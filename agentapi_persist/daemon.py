@@ -60,9 +60,9 @@ from .migration import adopt_legacy_copy
 from .mirror import Mirror
 from .peers import SIDECAR_AGENTAPI_TIMEOUT_S, Peers, open_peers
 from .records import record_upload
-from .replica import READ_TIMEOUT_S, ReplicaRead, read_for_restore
+from .replica import reader_for_restore
 from .replica_uploader import ReplicaUploader
-from .restoring import refuse_while_agentapi_runs, restore
+from .restoring import restore
 from .shutdown import ShutdownReport, run_shutdown
 from .signals import StopController, install_signal_handlers
 from .snapshot import build_snapshot
@@ -266,7 +266,8 @@ class Daemon:
         if moved is not None:
             log.warning("daemon.legacy_copy", note=moved)
         try:
-            replica = await self._read_replica()
+            # The replica is read (when AgentAPI is not up yet) in restore's worker thread.
+            replica = reader_for_restore(self.settings, self.store)
             outcome = await asyncio.to_thread(
                 restore, self.settings, store=self.store, locked=True, replica=replica
             )
@@ -304,18 +305,6 @@ class Daemon:
             stored_messages=len(stored.messages) if stored else 0,
             snapshot=self._coder is not None,
         )
-
-    async def _read_replica(self) -> ReplicaRead | None:
-        """The replica's copy for the start's repair, when a replica is configured and
-        AgentAPI is not up yet (a running AgentAPI holds its own conversation: the repair is
-        skipped, and nothing needs reading)."""
-        if self._peers is None or self._peers.replica is None:
-            return None
-        await asyncio.to_thread(refuse_while_agentapi_runs, self.settings, force=False)
-        replica = await read_for_restore(self.settings, self.store, timeout_s=READ_TIMEOUT_S)
-        if replica is not None and replica.error is not None:
-            log.warning("daemon.replica_unreadable", url=replica.url, error=replica.error)
-        return replica
 
     def _wake_replica(self) -> None:
         if self.uploader is not None:

@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +62,7 @@ __all__ = [
     "ReplicaRead",
     "read_for_restore",
     "read_replica_record",
+    "reader_for_restore",
     "replica_for",
 ]
 
@@ -557,6 +559,24 @@ async def read_for_restore(
     finally:
         await replica.close()
     return ReplicaRead(url=replica.url, copy=copy)
+
+
+def reader_for_restore(
+    settings: Settings, store: StateStore
+) -> Callable[[], ReplicaRead | None] | None:
+    """What ``restore`` calls to read the replica (``None``: none configured): a blocking
+    call with an event loop of its own, so that ``restore`` calls it only once it has
+    checked that AgentAPI is not running, from the CLI or from the sidecar's worker thread."""
+    if settings.replica is None:
+        return None
+
+    def read() -> ReplicaRead | None:
+        answer = asyncio.run(read_for_restore(settings, store, timeout_s=READ_TIMEOUT_S))
+        if answer is not None and answer.error is not None:
+            log.warning("replica.unreadable", url=answer.url, error=answer.error)
+        return answer
+
+    return read
 
 
 def replica_for(settings: Settings, store: StateStore) -> Replica | None:

@@ -45,12 +45,14 @@ from .file_mark import remember, unchanged_since_mark
 from .migration import adopt_legacy_copy
 from .models import AgentAPIState, Conversation, Relation, compare, holds_user_message
 from .ownership import claim, take_lock
-
-if TYPE_CHECKING:
-    from .replica import ReplicaRead
 from .store import StateStore
 
-__all__ = ["RestoreReport", "refuse_while_agentapi_runs", "restore"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .replica import ReplicaRead
+
+__all__ = ["RestoreReport", "restore"]
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +118,7 @@ def restore(
     force: bool = False,
     store: StateStore | None = None,
     locked: bool = False,
-    replica: ReplicaRead | None = None,
+    replica: Callable[[], ReplicaRead | None] | None = None,
 ) -> RestoreReport:
     """Validate AgentAPI's state file and repair it from the newest good copy.
 
@@ -128,15 +130,17 @@ def restore(
     generation written under a running sidecar is one it never sees. Unlocked, it records
     the instance and adopts an earlier copy itself, under the lock.
 
-    ``replica`` is what the off-volume replica holds (``replica.read_for_restore``, read by
-    the caller: this function does no network I/O). Its copy becomes the local copy when the
-    local one is missing or behind it, decided by content and, between copies that diverge,
-    by generation number (never by clock); a copy it replaces is archived whole.
+    ``replica`` reads what the off-volume replica holds (``replica.reader_for_restore``); it
+    is called once AgentAPI is known not to run, before the lock is taken. Its copy becomes
+    the local copy when the local one is missing or behind it, decided by content and,
+    between copies that diverge, by generation number (never by clock); a copy it replaces
+    is archived whole.
     """
     report = RestoreReport()
-    refuse_while_agentapi_runs(settings, force=force)
+    _refuse_while_agentapi_runs(settings, force=force)
+    read = replica() if replica is not None else None
     if locked:
-        return _restore(settings, report, force=force, store=store, replica=replica)
+        return _restore(settings, report, force=force, store=store, replica=read)
     claim(settings.state_dir, settings.instance, write=False)  # another's: refused, not waited
     try:
         held = take_lock(settings.state_dir, purpose="restore", wait_s=_LOCK_WAIT_S)
@@ -152,13 +156,12 @@ def restore(
         ):
             if note is not None:
                 report.found.append(note[0].upper() + note[1:] + ".")
-        return _restore(settings, report, force=force, store=store, replica=replica)
+        return _restore(settings, report, force=force, store=store, replica=read)
     finally:
         held.release()
 
 
-def refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
-    """``AgentRunningError`` when AgentAPI runs (its pid file, or an answer at its address)."""
+def _refuse_while_agentapi_runs(settings: Settings, *, force: bool) -> None:
     if not force:
         process, _ = find_agentapi(settings.agentapi_pid_file)
         if process is not None:

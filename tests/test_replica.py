@@ -291,7 +291,7 @@ async def restore_with_replica(ws: Workspace, server: S3Server) -> RestoreReport
     settings = settings_for(ws, server)
     reader = StateStore(ws.state_dir, max_bytes=settings.max_body_bytes, read_only=True)
     read = await read_for_restore(settings, reader, timeout_s=30)
-    return await asyncio.to_thread(restore, settings, replica=read)
+    return await asyncio.to_thread(restore, settings, replica=lambda: read)
 
 
 def other(n: int) -> tuple[Message, ...]:

@@ -26,6 +26,7 @@ from agentapi_persist.replica import replica_for
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
+from agentapi_persist.testing.server import free_port
 
 from .cli_support import cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages, new_workspace
@@ -341,3 +342,26 @@ async def test_a_stop_whose_budget_ran_out_never_says_the_replica_is_current(
     assert step["outcome"] == "cut", step
     record = json.loads((workspace.state_dir / "replica.json").read_text())
     assert record["ok"] is False, record
+
+
+async def test_the_sidecar_started_before_agentapi_restores_from_the_replica(
+    workspace: Workspace, s3: S3Server
+) -> None:
+    """A new volume, AgentAPI not up yet: the sidecar's own start reads the replica and
+    writes AgentAPI's file from it, as `restore` would."""
+    with_replica(workspace, s3)
+    async with FakeAgentAPI(messages=make_messages(5)) as agent:
+        run = await cli(
+            workspace, "shutdown", "--json", env={"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
+        )
+        assert json.loads(run.stdout)["exit_code"] == 0, run.stdout
+    shutil.rmtree(workspace.state_dir)
+    workspace.state_file.unlink(missing_ok=True)
+    env = {"AGENTAPI_PERSIST_AGENTAPI_URL": f"http://localhost:{free_port()}"}
+    async with sidecar_process(workspace, env=env) as sidecar:
+        (restored,) = [e for e in sidecar.events if e.get("event") == "daemon.restored"]
+        assert restored["outcome"] == "written", sidecar.events
+        assert restored["messages"] == 5
+        sidecar.proc.send_signal(signal.SIGTERM)
+        await sidecar.wait()
+    assert len(json.loads(workspace.state_file.read_text())["messages"]) == 5

@@ -227,8 +227,13 @@ def check_filesystem(
     what: str,
     fix_flag: str,
     mountinfo: Path = Path("/proc/self/mountinfo"),
+    kept_elsewhere: str | None = None,
 ) -> Finding:
-    """Is ``path`` on a filesystem that survives a workspace stop (not overlay, tmpfs, ...)?"""
+    """Is ``path`` on a filesystem that survives a workspace stop (not overlay, tmpfs, ...)?
+
+    ``kept_elsewhere`` names a replica that keeps the copy off the volume: a filesystem that
+    does not survive a stop is then what the replica is for, a warning (the ``replica``
+    check says whether it works), not a failure."""
     try:
         mount = find_mount(path, read_mounts(mountinfo))
     except OSError as exc:
@@ -248,6 +253,15 @@ def check_filesystem(
         )
     where = f"{path} is on {mount.fstype} ({cap_text(mount.source, 60)}, mounted at "
     where += f"{mount.mount_point})"
+    if _is_volatile(mount.fstype) and kept_elsewhere is not None:
+        return Finding(
+            name,
+            Verdict.WARN,
+            f"{where}: {mount.fstype} does not survive a workspace stop; the replica at "
+            f"{kept_elsewhere} keeps {what} across stops",
+            "keep the replica check passing; a persistent volume would also keep a copy when "
+            "the replica cannot be reached",
+        )
     if _is_volatile(mount.fstype):
         return Finding(
             name,
@@ -701,24 +715,6 @@ def detect_runtime(root: Path = Path("/")) -> Runtime | None:
     return None
 
 
-def _kept_off_volume(settings: Settings, finding: Finding) -> Finding:
-    """A state directory that does not survive a stop is what a replica is for: said as a
-    warning when one is configured (``replica`` checks that it works)."""
-    if (
-        settings.replica is None
-        or finding.verdict is not Verdict.FAIL
-        or "read-only" in finding.detail
-    ):
-        return finding
-    return Finding(
-        finding.name,
-        Verdict.WARN,
-        f"{finding.detail}; the replica at {settings.replica} keeps it across stops",
-        "keep the replica check below passing; a persistent volume would also keep a copy "
-        "when the replica cannot be reached",
-    )
-
-
 async def check_replica(settings: Settings, *, probe_s: float = REPLICA_PROBE_S) -> Finding:
     """Can the configured replica be read with the credentials at hand, and is it this
     instance's? (Read-only: one listing, and the reads a restore would make.)"""
@@ -856,14 +852,12 @@ async def run_doctor(
     report = DoctorReport()
     add = report.findings.append
     add(
-        _kept_off_volume(
-            settings,
-            check_filesystem(
-                "state_dir.filesystem",
-                settings.state_dir,
-                what="the sidecar's copy",
-                fix_flag="--state-dir",
-            ),
+        check_filesystem(
+            "state_dir.filesystem",
+            settings.state_dir,
+            what="the sidecar's copy",
+            fix_flag="--state-dir",
+            kept_elsewhere=settings.replica,
         )
     )
     add(await asyncio.to_thread(check_writable, settings.state_dir))

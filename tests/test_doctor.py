@@ -200,6 +200,27 @@ def test_filesystem_fails_on_tmpfs_and_matches_whole_components(
     assert f"is on {fstype(tmp_path)} " in beside.detail
 
 
+def test_a_replica_makes_a_volatile_state_dir_a_warning_not_a_read_only_one(
+    tmp_path: Path, persistent: Path, mounts: Mounts
+) -> None:
+    """With a replica configured, a state dir on tmpfs is what the replica is for (warn, the
+    replica named); a read-only one still cannot be written at all (fail)."""
+    mounts.tmpfs(tmp_path / "vol")
+    replica = "s3://bucket/workspaces"
+    finding = check_filesystem(
+        "state_dir.filesystem", tmp_path / "vol" / "state", what="the sidecar's copy",
+        fix_flag="--state-dir", kept_elsewhere=replica,
+    )  # fmt: skip
+    assert finding.verdict is Verdict.WARN, finding
+    assert f"the replica at {replica} keeps the sidecar's copy across stops" in finding.detail
+    point = mounts.read_only_bind(persistent / "src", persistent / "ro")
+    finding = check_filesystem(
+        "state_dir.filesystem", point / "state", what="the sidecar's copy",
+        fix_flag="--state-dir", kept_elsewhere=replica,
+    )  # fmt: skip
+    assert finding.verdict is Verdict.FAIL, finding
+
+
 def test_filesystem_mount_point_with_a_space(tmp_path: Path, mounts: Mounts) -> None:
     """mountinfo escapes a space as ``\\040``: the mount is still found."""
     point = mounts.tmpfs(tmp_path / "my volume")

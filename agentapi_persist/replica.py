@@ -561,6 +561,24 @@ async def read_for_restore(
     return ReplicaRead(url=replica.url, copy=copy)
 
 
+def replica_is_newer(
+    theirs: Conversation, their_seq: int, local: Conversation | None, local_seq: int | None
+) -> tuple[bool, Relation | None]:
+    """Whether ``restore`` takes the replica's copy over the local one, and how the two
+    relate (``None``: there is no local copy). By content first: a copy that extends the
+    other is the newer one. Only between copies that diverge does the higher generation
+    number win (one lineage: a copy taken from the replica continues its numbering). Never
+    by clock. ``status`` says what a restore would do with the same rule."""
+    if local is None:
+        return True, None
+    relation = compare(theirs.messages, local.messages)
+    if relation in (Relation.SAME, Relation.B_AHEAD):
+        return False, relation
+    if relation is Relation.A_AHEAD:
+        return True, relation
+    return their_seq > (local_seq or 0), relation
+
+
 def reader_for_restore(
     settings: Settings, store: StateStore
 ) -> Callable[[], ReplicaRead | None] | None:
@@ -706,20 +724,21 @@ async def describe_replica(
     problems.extend(f"Replica: {problem}" for problem in copy.problems)
     local = store.conversation
     theirs = copy.conversation
-    local_n = len(local.messages) if local is not None else 0
-    their_n = len(theirs.messages) if theirs is not None else 0
     if local is None:
         facts["restore_would"] = "take the replica's copy" if theirs else "find nothing"
         facts["lag_messages"] = 0
         return facts, problems
-    relation = compare(theirs.messages, local.messages) if theirs is not None else None
-    if relation is Relation.SAME:
-        facts.update(lag_messages=0, lag_s=0.0, restore_would="find the replica current")
-        return facts, problems
-    if relation is Relation.A_AHEAD:
-        facts.update(lag_messages=0, restore_would="take the replica's copy (it is ahead)")
-        return facts, problems
-    facts["lag_messages"] = local_n - their_n
+    if theirs is not None and copy.seq is not None:
+        newer, relation = replica_is_newer(theirs, copy.seq, local, store.seq)
+        if relation is Relation.SAME:
+            facts.update(lag_messages=0, lag_s=0.0, restore_would="find the replica current")
+            return facts, problems
+        if newer:
+            why = "it is ahead" if relation is Relation.A_AHEAD else "a later generation"
+            facts.update(lag_messages=0, restore_would=f"take the replica's copy ({why})")
+            return facts, problems
+    their_n = len(theirs.messages) if theirs is not None else 0
+    facts["lag_messages"] = len(local.messages) - their_n
     local_at = local_saved_at
     lag_s = None
     if local_at is not None:

@@ -306,12 +306,14 @@ def _consider_replica(
     taken = (
         f"Took the replica's copy ({len(theirs.messages)} messages, verified) as the sidecar copy"
     )
-    if stored is None:
+    from .replica import replica_is_newer  # loaded only where a replica is configured
+
+    newer, relation = replica_is_newer(theirs, copy.seq, stored, local_seq)
+    if stored is None or relation is None:
         store.save(theirs, seq_at_least=copy.seq + 1)
         report.did.append(f"{taken}: there was no local copy.")
         report.copy_used = "replica"
         return store.conversation
-    relation = compare(theirs.messages, stored.messages)
     if relation is Relation.SAME:
         report.found.append("The replica is current.")
         return stored
@@ -326,9 +328,8 @@ def _consider_replica(
         report.did.append(f"{taken}: it extends the local one ({len(stored.messages)} messages).")
         report.copy_used = "replica"
         return store.conversation
-    # Neither extends the other: the higher generation number is the later state of this
-    # one lineage (a copy taken from the replica continues its numbering); the loser is kept.
-    if copy.seq > (local_seq or 0):
+    # Neither extends the other: the later generation of the lineage won; the loser is kept.
+    if newer:
         archived = store.archive(reason="replaced at restore by the replica's newer copy")
         store.save(theirs, allow_shrink=True, seq_at_least=copy.seq + 1)
         report.did.append(

@@ -20,7 +20,7 @@ import pytest
 from agentapi_persist.config import Settings
 from agentapi_persist.errors import ReplicaError
 from agentapi_persist.models import Conversation, Message
-from agentapi_persist.replica import Replica, read_for_restore, replica_for
+from agentapi_persist.replica import Replica, describe_replica, read_for_restore, replica_for
 from agentapi_persist.replica_layout import (
     parse_object,
     parse_replica_url,
@@ -340,6 +340,14 @@ async def test_diverging_copies_are_settled_by_generation_and_the_loser_is_archi
     local.save(Conversation(messages=other(2)))  # generation 1
     for _ in range(3 if newer == "local" else 0):
         local.compact()  # generation 4
+    # `status` says beforehand what the restore then does, by the same rule.
+    looked = StateStore(workspace.state_dir, read_only=True)
+    loaded = looked.load()
+    facts, _ = await describe_replica(
+        settings_for(workspace, s3), looked, local_saved_at=loaded.saved_at
+    )
+    expected = "take the replica's copy" if newer == "replica" else "keep the local copy"
+    assert facts["restore_would"].startswith(expected), facts
     report = await restore_with_replica(workspace, s3)
     assert len(list((workspace.state_dir / "archive").iterdir())) == 1, report.summary()
     archive = read_archive(

@@ -168,7 +168,7 @@ class Daemon:
             raise SidecarAlreadyRunning(str(exc)) from None
         self._agent, self._coder = self._peers.agent, self._peers.coder
         if self._peers.replica is not None:
-            self.uploader = ReplicaUploader(self._peers.replica, self._facts)
+            self.uploader = ReplicaUploader(self._peers.replica)
         self.follower = Follower(
             self._agent,
             self.mirror,
@@ -525,26 +525,7 @@ class Daemon:
             "generation": self.store.seq,
             "reconnects": self._facts["reconnects"],
             "uploads": self._facts["uploads"],
-            **self._replica_view(now),
-        }
-
-    def _replica_view(self, now: float) -> dict[str, Any]:
-        """The replica's side of the view: its last push, and how long a change has waited."""
-        if self.uploader is None:
-            return {}
-        facts = self._facts
-        pending = facts["replica_pending_since"]
-        last_ok = facts["replica_last_ok_at"]
-        return {
-            "replica": {
-                "url": facts["replica_url"],
-                "ok": facts["replica_ok"],
-                "error": facts["replica_error"],
-                "last_ok_age_s": None if last_ok is None else round(now - last_ok, 3),
-                "waiting_s": None if pending is None else round(now - pending, 3),
-                "pushes": facts["replica_pushes"],
-                "failures": facts["replica_failures"],
-            }
+            **({"replica": self.uploader.view(now)} if self.uploader is not None else {}),
         }
 
 

@@ -32,32 +32,40 @@ _RETRY_MAX_S = 60.0
 
 
 class ReplicaUploader:
-    """``run`` until cancelled; ``wake`` after every local durable write."""
+    """``run`` until cancelled; ``wake`` after every local durable write; ``view`` for the
+    sidecar's status."""
 
-    def __init__(
-        self, replica: Replica, facts: dict[str, Any], *, coalesce_s: float = COALESCE_S
-    ) -> None:
+    def __init__(self, replica: Replica, *, coalesce_s: float = COALESCE_S) -> None:
         self.replica = replica
         self.coalesce_s = coalesce_s
-        self._facts = facts
-        """The sidecar's status view: ``replica_*`` keys are kept current here."""
+        self.ok: bool | None = None
+        """How the last push ended (``None``: none yet)."""
+        self.error: str | None = None
+        self.last_ok_at: float | None = None
+        self.pushes = 0
+        self.failures = 0
+        self.pending_since: float | None = None
+        """When the oldest change not yet uploaded became durable (``None``: none waits)."""
         self._wanted = asyncio.Event()
         self._retry_s = _RETRY_MIN_S
-        facts.update(
-            replica_url=replica.url,
-            replica_ok=None,
-            replica_error=None,
-            replica_last_ok_at=None,
-            replica_pushes=0,
-            replica_failures=0,
-            replica_pending_since=None,
-        )
 
     def wake(self) -> None:
         """A change is durable locally: upload it soon."""
-        if self._facts["replica_pending_since"] is None:
-            self._facts["replica_pending_since"] = time.time()
+        if self.pending_since is None:
+            self.pending_since = time.time()
         self._wanted.set()
+
+    def view(self, now: float) -> dict[str, Any]:
+        """The last push, and how long a change has waited for the next one."""
+        return {
+            "url": self.replica.url,
+            "ok": self.ok,
+            "error": self.error,
+            "last_ok_age_s": None if self.last_ok_at is None else round(now - self.last_ok_at, 3),
+            "waiting_s": None if self.pending_since is None else round(now - self.pending_since, 3),
+            "pushes": self.pushes,
+            "failures": self.failures,
+        }
 
     async def run(self) -> None:
         """Push whenever woken (and once at start, to catch up), coalescing and retrying."""
@@ -66,33 +74,22 @@ class ReplicaUploader:
             await self._wanted.wait()
             await asyncio.sleep(self.coalesce_s)
             self._wanted.clear()
-            pending_since = self._facts["replica_pending_since"]
-            self._facts["replica_pending_since"] = None
+            pending_since, self.pending_since = self.pending_since, None
             try:
                 async with asyncio.timeout(_PUSH_CAP_S):
-                    report = await self.replica.push()
+                    await self.replica.push()
             except (ReplicaError, TimeoutError) as exc:
                 error = str(exc) or f"no answer within {_PUSH_CAP_S:.0f}s"
                 if isinstance(exc, TimeoutError):
                     await self.replica.record_outcome(error=error)
                 delay, self._retry_s = self._retry_s, min(self._retry_s * 2, _RETRY_MAX_S)
-                self._facts.update(
-                    replica_ok=False,
-                    replica_error=error,
-                    replica_failures=self._facts["replica_failures"] + 1,
-                )
-                if self._facts["replica_pending_since"] is None:
-                    self._facts["replica_pending_since"] = pending_since or time.time()
+                self.ok, self.error, self.failures = False, error, self.failures + 1
+                if self.pending_since is None:
+                    self.pending_since = pending_since or time.time()
                 log.warning("replica.push_failed", error=error, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 self._wanted.set()
                 continue
             self._retry_s = _RETRY_MIN_S
-            self._facts.update(
-                replica_ok=True,
-                replica_error=None,
-                replica_last_ok_at=time.time(),
-                replica_pushes=self._facts["replica_pushes"] + 1,
-                replica_generation=report.generation,
-                replica_journal_bytes=report.journal_bytes,
-            )
+            self.ok, self.error, self.last_ok_at = True, None, time.time()
+            self.pushes += 1

@@ -435,29 +435,28 @@ async def test_uploads_coalesce_and_a_failing_store_is_retried_until_it_is_back(
     store = store_of(workspace)
     store.save(Conversation(messages=messages(1)))
     replica = replica_of(workspace, s3, store)
-    facts: dict[str, object] = {}
-    uploader = ReplicaUploader(replica, facts, coalesce_s=0.3)
+    uploader = ReplicaUploader(replica, coalesce_s=0.3)
     running = asyncio.create_task(uploader.run())
     try:
-        await wait_until(lambda: facts["replica_pushes"] == 1)  # the catch-up at start
+        await wait_until(lambda: uploader.pushes == 1)  # the catch-up at start
         for n in range(2, 22):
             store.append(messages(n)[n - 1 :])
             uploader.wake()
             await asyncio.sleep(0.01)
-        await wait_until(lambda: facts["replica_pushes"] in (2, 3) and not _pending(facts))
+        await wait_until(lambda: uploader.pushes in (2, 3) and uploader.pending_since is None)
         copy = await replica.read_newest()
         assert copy.conversation is not None
         assert len(copy.conversation.messages) == 21
-        assert facts["replica_pushes"] in (2, 3)
+        assert uploader.pushes in (2, 3)
 
         s3.kill()
         store.append(messages(22)[21:])
         uploader.wake()
-        await wait_until(lambda: facts["replica_failures"] == 2, within=10)  # 1 s, then 2 s
-        assert facts["replica_ok"] is False
-        assert "cannot connect" in str(facts["replica_error"])
+        await wait_until(lambda: uploader.failures == 2, within=10)  # 1 s, then 2 s
+        assert uploader.ok is False
+        assert "cannot connect" in str(uploader.error)
         s3.start()
-        await wait_until(lambda: facts["replica_ok"] is True, within=15)
+        await wait_until(lambda: uploader.ok is True, within=15)
         copy = await replica.read_newest()
         assert copy.conversation is not None
         assert len(copy.conversation.messages) == 22
@@ -466,10 +465,6 @@ async def test_uploads_coalesce_and_a_failing_store_is_retried_until_it_is_back(
         with contextlib.suppress(asyncio.CancelledError):
             await running
         await replica.close()
-
-
-def _pending(facts: dict[str, object]) -> bool:
-    return facts["replica_pending_since"] is not None
 
 
 async def wait_until(check: Callable[[], bool], *, within: float = 5.0) -> None:

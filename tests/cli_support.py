@@ -107,45 +107,81 @@ def run_cli_timed(
     """Run ``python -m agentapi_persist ARGS`` and time its whole life, in the calling thread
     (call it from a thread of its own: a busy event loop must not add to a process's time).
 
+    The life is measured by a stopwatch process of its own (``_STOPWATCH``), from the kernel's
+    record of the start to the moment its wait returned: this process's garbage collector
+    pauses a full run for up to a quarter of a second at a time (measured: 55 pauses over
+    50 ms in one run), and a clock read here after such a pause would charge it to the stop.
+
     With ``on_started``, stderr's first line is awaited first (run with logs at debug: it is
     the first event, logged as the sequence begins, so the imports are done) and
     ``on_started`` is called then.
     """
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agentapi_persist", *args],
-        bufsize=0,  # unbuffered pipes: readline() below leaves nothing behind for communicate()
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ws.process_env(**env),
-    )
-    # The kernel's record of the start is what the process's own budget counts from; take it,
-    # or the moment before the spawn if that is earlier, so a time is never shorter than a life.
-    origin = min(started, _start_time(proc.pid))
-    first, startup_s = b"", 0.0
-    if on_started is not None:
-        assert proc.stderr is not None
-        try:
-            first = proc.stderr.readline()  # b"" if it exits without a word
-            startup_s = time.monotonic() - origin
-        finally:
-            on_started()
-    out, err = proc.communicate(timeout=120)
-    seconds = time.monotonic() - origin
-    return Run(proc.returncode, out.decode(), (first + err).decode(), seconds, startup_s)
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STOPWATCH, str(write_end), *_cli_argv(args)],
+            bufsize=0,  # unbuffered pipes: readline() below leaves nothing behind for communicate()
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ws.process_env(**env),
+            pass_fds=(write_end,),
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as timing:
+        first = b""
+        if on_started is not None:
+            assert proc.stderr is not None
+            try:
+                first = proc.stderr.readline()  # b"" if it exits without a word
+            finally:
+                on_started()
+        out, err = proc.communicate(timeout=120)
+        measured = timing.read().split()
+    assert len(measured) == 4, f"the stopwatch measured nothing: {err.decode()[-2000:]}"
+    started_s, exited_s, code, first_line_s = measured
+    startup_s = float(first_line_s) - float(started_s) if on_started is not None else 0.0
+    seconds = float(exited_s) - float(started_s)
+    return Run(int(code), out.decode(), (first + err).decode(), seconds, max(startup_s, 0.0))
+
+
+def _cli_argv(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "agentapi_persist", *args]
+
+
+_STOPWATCH = """
+import os, subprocess, sys, threading, time
+report = int(sys.argv[1])
+child = subprocess.Popen(sys.argv[2:], stderr=subprocess.PIPE, bufsize=0)
+with open(f"/proc/{child.pid}/stat", "rb") as f:
+    ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+started = ticks / os.sysconf("SC_CLK_TCK")
+first_at = [0.0]
+
+def relay():
+    line = child.stderr.readline()
+    first_at[0] = time.monotonic()
+    os.write(2, line)
+    while chunk := child.stderr.read(65536):
+        os.write(2, chunk)
+
+relaying = threading.Thread(target=relay, daemon=True)
+relaying.start()
+code = child.wait()
+exited = time.monotonic()
+relaying.join(10)
+os.write(report, f"{started} {exited} {code} {first_at[0]}".encode())
+"""
+"""Runs the CLI as its child and writes, to the descriptor it is given: the child's start (the
+kernel's record, on the monotonic clock: both count from boot here), the moment its wait
+returned, its exit code (negative: the signal that ended it), and when its first stderr line
+came. Its stderr is relayed as it comes, so the caller's ``on_started`` still fires then."""
 
 
 async def cli_timed(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Run:
     """``run_cli_timed`` from a worker thread, while the caller's loop keeps serving peers."""
     return await asyncio.to_thread(run_cli_timed, ws, args, env or {})
-
-
-def _start_time(pid: int) -> float:
-    """When process ``pid`` started, on the monotonic clock (both count from boot here)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class ExitClock:

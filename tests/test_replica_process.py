@@ -28,7 +28,7 @@ from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 from agentapi_persist.testing.server import free_port
 
-from .cli_support import cli
+from .cli_support import cli, cli_timed
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages, new_workspace
 from .real_agentapi import STATEFUL, real_agentapi
 from .s3_support import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, fault_proxy, s3_server
@@ -170,7 +170,9 @@ async def test_a_slow_or_failing_store_never_costs_the_local_copy(
         proxy.mode = "slow" if fault == "slow" else "error"
         proxy.delay_s = 30.0
         env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
-        run = await cli(workspace, "shutdown", "--grace", "3", "--json", env=env)
+        # Timed from a thread of its own, from the kernel's record of the start (as every
+        # grace-bounded test is): a pause of this process must not count as the stop's time.
+        run = await cli_timed(workspace, "shutdown", "--grace", "3", "--json", env=env)
     result = json.loads(run.stdout)
     assert result["durable"] is True
     assert result["exit_code"] == 9, run.stdout

@@ -136,6 +136,18 @@ _skipped: list[tuple[str, str]] = []
 NO_SKIPS_ENV = "AGENTAPI_PERSIST_NO_SKIPS"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Take what collection made (modules, test items, module-level conversations) out of the
+    garbage collector's sight for the rest of the run (``gc.freeze``'s documented use). The
+    tests that time a stop on this process's event loop read their clock after any pause of
+    it: a full run counted 55 collections over 50 ms (the longest 247 ms); with this, 32
+    (the longest 186 ms)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Count the real-AgentAPI tests that passed and every skip (see ``pytest_sessionfinish``)."""
     if report.when == "call" and report.passed and "real_agentapi" in report.keywords:

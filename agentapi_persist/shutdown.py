@@ -7,8 +7,9 @@
 
 The sequence (``run_sequence``, SPEC §2), all under ``asyncio.timeout`` at the budget's end:
 
-0. **early save**: when ``GET /status`` says ``stable`` (AgentAPI has loaded its file then),
-   SIGUSR1 goes out at once, while the copies are read (``_EarlySave``); step 2 confirms it.
+0. **early save**: when ``GET /status`` says ``stable`` (AgentAPI has loaded its file then;
+   asked again while the fetch runs), SIGUSR1 goes out at once, while the copies are read
+   (``_EarlySave``); step 2 confirms it.
 1. **fetch**: read the sidecar's copy and ``GET /messages`` at once (AgentAPI's state file when
    it can add something), and keep the freshest (``copies.choose``).
 2. **agentapi_save**: SIGUSR1 to AgentAPI, only when its version is known >= 0.12.0, its pid
@@ -455,8 +456,10 @@ async def _fetch_step(
     return gathered
 
 
-#: How long the stop waits for ``GET /status`` before deciding on an early save.
+#: How long the stop waits for one ``GET /status`` answer before asking again.
 _EARLY_STATUS_CAP_S = 0.3
+#: The pause between two such questions while the fetch runs.
+_EARLY_STATUS_PAUSE_S = 0.05
 
 
 class _EarlySave:
@@ -465,7 +468,10 @@ class _EarlySave:
     ready, the moment it also loads its state file (coder/agentapi
     lib/screentracker/pty_conversation.go: ``statusLocked`` is "changing" until
     ``initialPromptReady``; the snapshot loop loads the state in the tick readiness is seen).
-    Otherwise the save is decided after the fetch, with the start-up-screen guard."""
+    A late or unstable answer is asked again until the fetch is done (``give_up``): one
+    answer held past its 0.3 s, by a busy AgentAPI or by our own parse of a 38 MB body
+    holding the interpreter, cost a 100,000-message stop its save. Otherwise the save is
+    decided after the fetch, with the start-up-screen guard."""
 
     def __init__(self, report: ShutdownReport) -> None:
         self.report = report
@@ -486,13 +492,12 @@ class _EarlySave:
     ) -> StepResult | None:
         if process is None or agent is None:
             return None
-        try:
-            status = await agent.status(budget=budget, cap_s=_EARLY_STATUS_CAP_S)
-        except PersistError:
-            return None
-        if status.status != "stable":
-            return None
-        self.asked = True  # set before the first await: give_up() cannot race past it
+        attempt = 1
+        while not await self._stable(agent, budget, attempt):
+            await asyncio.sleep(_EARLY_STATUS_PAUSE_S)
+            attempt += 1
+        self.asked = True  # set before the next await: give_up() cannot race past it
+        log.debug("shutdown.early_save", attempt=attempt)
         saved = await ask_agentapi_to_save(
             settings,
             process,
@@ -504,6 +509,17 @@ class _EarlySave:
         )
         self.report.saved_state = saved.state
         return StepResult("agentapi_save", str(saved.outcome), saved.ok, 0, saved.detail)
+
+    @staticmethod
+    async def _stable(agent: AgentAPIClient, budget: Budget, attempt: int) -> bool:
+        try:
+            status = await agent.status(budget=budget, cap_s=_EARLY_STATUS_CAP_S)
+        except PersistError as exc:
+            log.debug("shutdown.early_status", attempt=attempt, error=str(exc))
+            return False
+        if status.status != "stable":
+            log.debug("shutdown.early_status", attempt=attempt, status=status.status)
+        return status.status == "stable"
 
     def step(self) -> Awaitable[StepResult] | None:
         """The save step when the early save was asked for; otherwise stop looking (the

@@ -22,7 +22,17 @@ from dataclasses import dataclass
 
 from .conftest import Workspace
 
-__all__ = ["CliRun", "ExitClock", "Run", "cli", "cli_timed", "run_cli", "run_cli_timed"]
+__all__ = [
+    "CliRun",
+    "ExitClock",
+    "Run",
+    "cli",
+    "cli_timed",
+    "run_cli",
+    "run_cli_timed",
+    "run_timed",
+    "timed",
+]
 
 
 @dataclass
@@ -116,6 +126,15 @@ def run_cli_timed(
     the first event, logged as the sequence begins, so the imports are done) and
     ``on_started`` is called then.
     """
+    return run_timed(ws.process_env(**env), args, on_started)
+
+
+def run_timed(
+    process_env: dict[str, str],
+    args: Sequence[str],
+    on_started: Callable[[], None] | None = None,
+) -> Run:
+    """``run_cli_timed`` with exactly the environment ``process_env``."""
     read_end, write_end = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -124,7 +143,7 @@ def run_cli_timed(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=ws.process_env(**env),
+            env=process_env,
             pass_fds=(write_end,),
         )
     finally:
@@ -182,6 +201,11 @@ came. Its stderr is relayed as it comes, so the caller's ``on_started`` still fi
 async def cli_timed(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Run:
     """``run_cli_timed`` from a worker thread, while the caller's loop keeps serving peers."""
     return await asyncio.to_thread(run_cli_timed, ws, args, env or {})
+
+
+async def timed(process_env: dict[str, str], *args: str) -> Run:
+    """``run_timed`` from a worker thread, while the caller's loop keeps serving peers."""
+    return await asyncio.to_thread(run_timed, process_env, args)
 
 
 class ExitClock:

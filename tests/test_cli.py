@@ -94,6 +94,32 @@ async def test_shutdown_with_registry_environment(workspace: Workspace, coder: F
             assert CANARY_TOKEN.encode() not in path.read_bytes(), path
 
 
+async def test_a_late_status_answer_does_not_cost_the_early_save(
+    workspace: Workspace, coder: FakeCoder
+) -> None:
+    """AgentAPI's first ``GET /status`` answers after 1 s, past the stop's 0.3 s wait for it
+    (a busy AgentAPI, or our own process held by the parse of a big body), and ``GET
+    /messages`` takes 1.5 s: the stop asks again and AgentAPI is asked to save while the
+    copies are still being read, not once they are (a 100,000-message stop ran out of budget
+    before that). Its debug events say so, in that order."""
+    knobs = {"FAKE_AGENTAPI_STATUS_DELAYS": "1", "FAKE_AGENTAPI_MESSAGES_DELAY_S": "1.5"}
+    async with agentapi_process(workspace, messages=8, **knobs) as (_proc, port):
+        env = {
+            **coder_env(coder),
+            "ARG_AGENTAPI_PORT": str(port),
+            "AGENTAPI_PERSIST_LOG_LEVEL": "debug",
+        }
+        result = await cli(workspace, "shutdown", env=env)
+    assert result.code == 0, result.stdout + result.stderr
+    assert "agentapi_save=confirmed_changed" in result.stdout
+    logged = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    events = [entry["event"] for entry in logged]
+    assert "shutdown.early_status" in events, result.stderr  # the late answer, given up on
+    assert "shutdown.early_save" in events, result.stderr
+    assert events.index("shutdown.early_save") < events.index("shutdown.fetch"), result.stderr
+    assert len(read_agentapi_state(workspace.state_file, max_bytes=2**24).messages) == 8
+
+
 async def test_shutdown_with_hung_coder_and_grace_3(workspace: Workspace) -> None:
     """A hung Coder server and --grace 3: non-zero exit within 3.5 s, state saved."""
     async with (

@@ -87,6 +87,11 @@ class AgentAPIBehaviour:
 
     delay_s: float = 0.0
     """Pause before answering."""
+    status_delays: list[float] = field(default_factory=list)
+    """Pauses before the next ``/status`` answers, one per request, in order: AgentAPI busy,
+    or its client held up, for one answer."""
+    messages_delay_s: float = 0.0
+    """Pause before answering ``/messages`` only (a big conversation being read)."""
     hang: bool = False
     """Never answer; the request ends when the client goes away or the server stops."""
     reset: bool = False
@@ -342,6 +347,8 @@ class FakeAgentAPI(LoopbackServer):
     # -- handlers ---------------------------------------------------------------------------
 
     async def _handle_status(self, request: web.Request) -> web.StreamResponse:
+        if self.behaviour.status_delays:
+            await self._pause(self.behaviour.status_delays.pop(0))
         fault = await self._fault(request)
         if fault is not None:
             return fault
@@ -352,6 +359,7 @@ class FakeAgentAPI(LoopbackServer):
         return web.json_response(body)
 
     async def _handle_messages(self, request: web.Request) -> web.StreamResponse:
+        await self._pause(self.behaviour.messages_delay_s)
         fault = await self._fault(request)
         if fault is not None:
             return fault
@@ -460,12 +468,16 @@ class FakeAgentAPI(LoopbackServer):
         if behaviour.hang:
             await self._closing.wait()
             return web.Response(status=503, text="shutting down")
-        if behaviour.delay_s > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), behaviour.delay_s)
+        await self._pause(behaviour.delay_s)
         if behaviour.error_status is not None:
             return web.Response(status=behaviour.error_status, text=behaviour.error_body)
         return None
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the server is stopping."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def _truncated(self, request: web.Request, body: bytes) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})

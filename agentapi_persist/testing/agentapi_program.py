@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     ``FAKE_AGENTAPI_IGNORE_SIGTERM`` (true: SIGTERM is ignored, as by a wedged process),
     ``FAKE_AGENTAPI_READY_AFTER_S`` (the agent's start-up time: until then only a start-up
     screen, no state loaded, as the real AgentAPI does),
-    ``FAKE_AGENTAPI_CHATTER_MS`` (change the conversation by itself at this interval) and
-    ``FAKE_AGENTAPI_CHATTER_LOG`` (a file logging each such change with its wall time).
+    ``FAKE_AGENTAPI_CHATTER_MS`` (change the conversation by itself at this interval),
+    ``FAKE_AGENTAPI_CHATTER_LOG`` (a file logging each such change with its wall time),
+    ``FAKE_AGENTAPI_STATUS_DELAYS`` (comma-separated pauses before the first ``/status``
+    answers) and ``FAKE_AGENTAPI_MESSAGES_DELAY_S`` (pause before each ``/messages`` answer).
     """
     parser = argparse.ArgumentParser(prog="agentapi")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -168,6 +170,9 @@ def _prepare(args: argparse.Namespace, version: str) -> tuple[FakeAgentAPI, _Pro
         ready_after_s=float(env.get("FAKE_AGENTAPI_READY_AFTER_S") or 0),
     )
     fake = FakeAgentAPI(version=version, agent_type=args.type, port=port)
+    delays = env.get("FAKE_AGENTAPI_STATUS_DELAYS") or ""
+    fake.behaviour.status_delays = [float(d) for d in delays.split(",") if d.strip()]
+    fake.behaviour.messages_delay_s = float(env.get("FAKE_AGENTAPI_MESSAGES_DELAY_S") or 0)
     load = _env_bool("AGENTAPI_LOAD_STATE", default=state_file is not None)
     prompt = args.initial_prompt or env.get("AGENTAPI_INITIAL_PROMPT") or ""
     if options.ready_after_s > 0:

@@ -468,10 +468,11 @@ class _EarlySave:
     ready, the moment it also loads its state file (coder/agentapi
     lib/screentracker/pty_conversation.go: ``statusLocked`` is "changing" until
     ``initialPromptReady``; the snapshot loop loads the state in the tick readiness is seen).
-    A late or unstable answer is asked again until the fetch is done (``give_up``): one
-    answer held past its 0.3 s, by a busy AgentAPI or by our own parse of a 38 MB body
-    holding the interpreter, cost a 100,000-message stop its save. Otherwise the save is
-    decided after the fetch, with the start-up-screen guard."""
+    A late or unstable answer is asked again until the fetch is done (``give_up``): with one
+    answer only, an answer held past its 0.3 s (a busy AgentAPI, or our own process held by
+    the parse of a 38 MB body) left a 100,000-message stop, whose fetch then took its whole
+    budget, without AgentAPI's save. Otherwise the save is decided after the fetch, with
+    the start-up-screen guard."""
 
     def __init__(self, report: ShutdownReport) -> None:
         self.report = report
@@ -512,6 +513,7 @@ class _EarlySave:
 
     @staticmethod
     async def _stable(agent: AgentAPIClient, budget: Budget, attempt: int) -> bool:
+        """One question: does AgentAPI say ``stable`` within the cap? (debug event if not)"""
         try:
             status = await agent.status(budget=budget, cap_s=_EARLY_STATUS_CAP_S)
         except PersistError as exc:

@@ -2,9 +2,10 @@
 
 ``run_cli`` starts ``python -m agentapi_persist ARGS`` with exactly the environment given while
 the caller's event loop keeps serving the loopback peers; ``cli`` does the same with a
-workspace's environment. ``run_cli_timed`` runs from a thread of its own and times the whole
-life of the process from the kernel's record of its start, for the tests that hold the exit to
-the grace period; ``ExitClock`` notes an exit from a pidfd, whatever the event loop is doing.
+workspace's environment. ``run_timed`` (``run_cli_timed`` with a workspace's environment;
+``timed`` and ``cli_timed`` from a worker thread) times the whole life of the process from a
+stopwatch process of its own, for the tests that hold the exit to the grace period;
+``ExitClock`` notes an exit from a pidfd, whatever the event loop is doing.
 """
 
 from __future__ import annotations
@@ -54,10 +55,7 @@ async def run_cli(
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *(prefix or []),
-        sys.executable,
-        "-m",
-        "agentapi_persist",
-        *args,
+        *_cli_argv(args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**env, "PYTHONDONTWRITEBYTECODE": "1"},
@@ -200,7 +198,7 @@ came. Its stderr is relayed as it comes, so the caller's ``on_started`` still fi
 
 async def cli_timed(ws: Workspace, *args: str, env: dict[str, str] | None = None) -> Run:
     """``run_cli_timed`` from a worker thread, while the caller's loop keeps serving peers."""
-    return await asyncio.to_thread(run_cli_timed, ws, args, env or {})
+    return await timed(ws.process_env(**(env or {})), *args)
 
 
 async def timed(process_env: dict[str, str], *args: str) -> Run:

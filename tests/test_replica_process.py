@@ -170,8 +170,8 @@ async def test_a_slow_or_failing_store_never_costs_the_local_copy(
         proxy.mode = "slow" if fault == "slow" else "error"
         proxy.delay_s = 30.0
         env = {"AGENTAPI_PERSIST_AGENTAPI_URL": agent.url}
-        # Timed from a thread of its own, from the kernel's record of the start (as every
-        # grace-bounded test is): a pause of this process must not count as the stop's time.
+        # Timed by a stopwatch process (as every grace-bounded test is): a pause of this
+        # process must not count as the stop's time.
         run = await cli_timed(workspace, "shutdown", "--grace", "3", "--json", env=env)
     result = json.loads(run.stdout)
     assert result["durable"] is True

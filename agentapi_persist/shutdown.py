@@ -3,7 +3,7 @@
 ``run_shutdown`` is the one stop, used by the ``shutdown`` command and by the sidecar:
 
     budget -> (the sidecar's last flush) -> the sequence -> the result published
-           -> the last-shutdown record
+           -> the records kept for later (last-shutdown, replica outcome, file mark)
 
 The sequence (``run_sequence``, SPEC §2), all under ``asyncio.timeout`` at the budget's end:
 
@@ -85,6 +85,9 @@ _SAID_EVEN_WHEN_OK = {
 
 #: The upload's budget ends this long before the sequence's, so its result is collected.
 _REPORT_SLACK_S = 0.05
+
+#: The most the last steps leave to the records written after the result (``_records_reserve``).
+_RECORDS_RESERVE_MAX_S = 0.3
 
 
 @dataclass(slots=True)
@@ -221,7 +224,7 @@ async def run_shutdown(
     report: ShutdownReport | None = None,
     stream_view: StreamView | None = None,
 ) -> ShutdownReport:
-    """The whole stop: returns its report once the last-shutdown record is written.
+    """The whole stop: returns its report once the records kept for later are written.
 
     ``ends_at`` is when the budget ends (``time.monotonic()``). ``flush`` is the running
     sidecar's last checkpoint: it gets at most half of the budget, and the sidecar's durable
@@ -254,21 +257,39 @@ async def run_shutdown(
         report.notes.insert(0, f"stopped by {reason}")
     if publish is not None:
         publish(report)
-    with contextlib.suppress(PersistError):  # informational only; the summary says it all
-        await asyncio.to_thread(
-            records.write_record, settings.state_dir, records.LAST_SHUTDOWN, report.as_dict()
-        )
+    await _keep_records(settings, report, peers.replica)
+    return report
+
+
+async def _keep_records(
+    settings: Settings, report: ShutdownReport, replica: Replica | None
+) -> None:
+    """Write what the stop keeps for later, once its result is out: ``last-shutdown.json``,
+    the replica's outcome (``replica.json``, for ``status``) and the file mark.
+
+    Side by side, each durable on its own: between the result and the watchdog's exit there
+    may be only the grace period's margin (0.15 s at a 3 s grace), and one after the other
+    they cost three durable writes where a slow disk allows about one (measured with 100 ms
+    per fsync: ``replica.json``, written second, was never written).
+    """
+    writes: list[Awaitable[None]] = [asyncio.to_thread(_write_last_shutdown, settings, report)]
     replicated = report.step("replica")
-    if peers.replica is not None and replicated is not None:
-        # replica.json for `status`, once the result is out (as last-shutdown.json is).
+    if replica is not None and replicated is not None:
         error = None if replicated.ok else replicated.detail or replicated.outcome
-        await peers.replica.record_outcome(error=error)
+        writes.append(replica.record_outcome(error=error))
     if report.agreed_file is not None:
         # So that a later divergence between the two is settled by what changed, not clocks.
-        await asyncio.to_thread(
-            remember, settings.state_dir, report.agreed_file, report.agreed_messages
+        writes.append(
+            asyncio.to_thread(
+                remember, settings.state_dir, report.agreed_file, report.agreed_messages
+            )
         )
-    return report
+    await asyncio.gather(*writes)
+
+
+def _write_last_shutdown(settings: Settings, report: ShutdownReport) -> None:
+    with contextlib.suppress(PersistError):  # informational only; the summary says it all
+        records.write_record(settings.state_dir, records.LAST_SHUTDOWN, report.as_dict())
 
 
 async def run_sequence(
@@ -373,16 +394,19 @@ async def run_sequence(
                     await _adopt_saved_prompt(settings, store, agentapi_file, report.saved_state)
             snapshot = report.step("snapshot")
             report.snapshot_ok = snapshot is not None and snapshot.ok
+            # The steps that spend whatever is left leave the records written after the
+            # result (``_keep_records``) what this stop's own durable write took.
+            tail = budget.child(max(budget.remaining() - _records_reserve(state_result, budget), 0))
             if replica is not None and report.durable:
                 # Last, with what is left: the local copy and the snapshot never wait for it.
-                pushed = await _timed(_replica_step(replica, budget, force), "replica", report)
+                pushed = await _timed(_replica_step(replica, tail, force), "replica", report)
                 report.steps.append(pushed)
                 report.replica_ok = pushed.ok
             if settings.stop_agentapi:
                 if force is not None and force.is_set():
                     report.steps.append(StepResult("stop", "skipped", True, 0, "forced stop"))
                 else:
-                    stop = _stop_step(process, process_reason, budget)
+                    stop = _stop_step(process, process_reason, tail)
                     report.steps.append(await _timed(stop, "stop", report))
     except TimeoutError:
         report.deadline_hit = True
@@ -777,6 +801,17 @@ async def _snapshot_step(
     if result.delivered:
         detail = f"{len(snapshot.messages)} messages, {snapshot.size} bytes"
     return StepResult("snapshot", str(result.outcome), result.acceptable, 0, detail)
+
+
+def _records_reserve(state: StepResult, budget: Budget) -> float:
+    """What the last steps (replica, stop) leave to the records written once the result is out.
+
+    They are written side by side, so they take about one durable write, and this stop's own
+    durable write says what one costs on this disk now: without this they had only the
+    grace period's margin (0.15 s at a 3 s grace), which a disk at 100 ms per fsync overruns.
+    At most a quarter of what is left, and ``_RECORDS_RESERVE_MAX_S``.
+    """
+    return min(state.ms / 1000, budget.remaining() / 4, _RECORDS_RESERVE_MAX_S)
 
 
 async def _replica_step(

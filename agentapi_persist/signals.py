@@ -122,6 +122,9 @@ def arm_watchdog(
             )
             code = int(ExitCode.DEADLINE)
             sys.stderr.flush()
+        else:
+            # The result is out; what was cut is its clean-up (the records kept for `status`).
+            log.warning("watchdog.exit_after_result", code=code)
         os._exit(code)
 
     timer = threading.Timer(max(at - time.monotonic(), 0.0), hard_exit)

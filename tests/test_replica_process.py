@@ -28,8 +28,9 @@ from agentapi_persist.testing.agentapi import FakeAgentAPI
 from agentapi_persist.testing.coder import FakeCoder
 from agentapi_persist.testing.server import free_port
 
-from .cli_support import cli, cli_timed
+from .cli_support import cli, cli_timed, run_cli
 from .conftest import CANARY_TOKEN, TASK_ID, Workspace, coder_env, make_messages, new_workspace
+from .faults_support import needs_strace, strace_prefix
 from .real_agentapi import STATEFUL, real_agentapi
 from .s3_support import ACCESS_KEY, BUCKET, SECRET_KEY, S3Server, fault_proxy, s3_server
 from .sidecar_support import eventually, sidecar_process, stored_count
@@ -187,6 +188,40 @@ async def test_a_slow_or_failing_store_never_costs_the_local_copy(
     assert stored_count(workspace) == 5
     record = json.loads((workspace.state_dir / "replica.json").read_text())
     assert record["ok"] is False
+
+
+@pytest.mark.faults
+@needs_strace
+async def test_a_slow_disk_and_a_slow_store_still_leave_the_stops_records(
+    workspace: Workspace, s3: S3Server, tmp_path: Path
+) -> None:
+    """Every fsync 150 ms late (strace) and a store that holds every answer: the stop still
+    writes what it keeps for `status` (`replica.json` saying why the replica is behind, and
+    `last-shutdown.json`) and ends on its own, not by its watchdog.
+
+    The records come once the result is out; the replica step spends what is left of the
+    budget, so one after the other they had only the grace period's margin (0.15 s here), and
+    at this disk's speed `replica.json` was never written (as in a CI run)."""
+    log = tmp_path / "fsync.log"
+    delay = "inject=fsync:delay_enter=150000"
+    async with fault_proxy(s3) as proxy, FakeAgentAPI(messages=make_messages(5)) as agent:
+        with_replica(workspace, s3, endpoint=proxy.endpoint)
+        proxy.mode, proxy.delay_s = "slow", 30.0
+        env = workspace.process_env(
+            AGENTAPI_PERSIST_AGENTAPI_URL=agent.url, AGENTAPI_PERSIST_LOG_LEVEL="warning"
+        )
+        prefix = strace_prefix(log, "trace=fsync", delay)
+        run = await run_cli(env, "shutdown", "--grace", "3", "--json", prefix=prefix)
+    assert log.read_text().count("fsync(") >= 2, "the fault was not applied"
+    result = json.loads(run.stdout)
+    assert (result["durable"], result["exit_code"]) == (True, 9), run.stdout
+    assert "watchdog.exit_after_result" not in run.stderr, run.stderr[-2000:]
+    assert stored_count(workspace) == 5
+    record = json.loads((workspace.state_dir / "replica.json").read_text())
+    assert record["ok"] is False
+    assert "not brought up to date" in record["error"]
+    last = json.loads((workspace.state_dir / "last-shutdown.json").read_text())
+    assert last["exit_code"] == 9
 
 
 async def test_a_store_killed_mid_upload_leaves_the_local_copy_and_no_bad_state(

@@ -192,6 +192,7 @@ class Checkpointer:
 
     async def _checkpoint_full(self) -> None:
         messages = tuple(self.mirror.messages)
+        replacements = self.mirror.replacements
         self.mirror.dirty.clear()
         stored = self.store.conversation or Conversation()
         conversation = Conversation.model_construct(
@@ -203,8 +204,12 @@ class Checkpointer:
         outcome, detail = await self.store.async_sync(conversation)
         current = self.store.conversation
         # Synced once the store holds exactly the mirror; while the stored copy is ahead
-        # (AgentAPI came back with less), every checkpoint compares again.
-        self.mirror.synced = current is not None and current.messages == messages
+        # (AgentAPI came back with less), every checkpoint compares again. A replay that
+        # replaced the mirror during the write is not what was compared: it stays unsynced,
+        # for the checkpoint its change asked for (over ACP every turn ends with a resync;
+        # with the real AgentAPI 0.12.2 this lost the turn's messages until the next change).
+        if self.mirror.replacements == replacements:
+            self.mirror.synced = current is not None and current.messages == messages
         log.info(
             "daemon.resync_checkpoint", outcome=outcome, detail=detail, synced=self.mirror.synced
         )

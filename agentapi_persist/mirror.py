@@ -40,6 +40,9 @@ class Mirror:
     """True once the stored copy is known to equal this mirror minus the dirty messages."""
     revision: int = 0
     """Bumped on every change; lets the uploader tell whether anything changed."""
+    replacements: int = 0
+    """Bumped by ``replace``: a checkpoint that compared an earlier mirror must not mark a
+    newer replay synced."""
 
     def apply(self, message: Message) -> bool:
         """Upsert one message from a delta (``message.id`` is AgentAPI's id). Returns True if
@@ -86,6 +89,7 @@ class Mirror:
         self.dirty.clear()
         self.synced = False
         self.revision += 1
+        self.replacements += 1
 
     def take_dirty(self) -> list[Message]:
         """The changed messages in id order, clearing the set."""

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import pytest
 import structlog
 
+from agentapi_persist.checkpointer import Checkpointer
 from agentapi_persist.control_client import ask_sidecar
 from agentapi_persist.daemon import Daemon, DaemonState
 from agentapi_persist.errors import ExitCode
+from agentapi_persist.mirror import Mirror
 from agentapi_persist.shutdown import ShutdownReport
 from agentapi_persist.store import StateStore
 from agentapi_persist.testing.agentapi import FakeAgentAPI
@@ -86,6 +88,30 @@ async def test_follows_and_checkpoints_every_change(workspace: Workspace) -> Non
     assert loaded.journal_records == 0
     assert loaded.conversation is not None
     assert loaded.conversation.messages[-1].content == "working... done"
+
+
+async def test_a_replay_during_a_full_checkpoint_is_stored_by_the_next(
+    workspace: Workspace,
+) -> None:
+    """AgentAPI's truth replaces the mirror while the checkpoint comparing the previous one is
+    being written (over ACP every turn ends with a resync): that checkpoint must not mark the
+    newer mirror stored. Seen with the real AgentAPI 0.12.2 over ACP: the copy kept one message
+    (a failed prompt AgentAPI then dropped) while AgentAPI held five, until something else
+    changed."""
+    settings = workspace.settings()
+    mirror = Mirror()
+    mirror.replace(make_messages(1))
+    facts: dict[str, object] = {"checkpoints": 0, "checkpoint_errors": 0}
+    checkpointer = Checkpointer(settings, StateStore(settings.state_dir), mirror, facts)
+    writing = asyncio.create_task(checkpointer.checkpoint())
+    await asyncio.sleep(0)  # the checkpoint has read the mirror and is writing it (a thread)
+    assert checkpointer.write_lock.locked()
+    assert not writing.done()
+    mirror.replace(make_messages(5))  # the resync, as the write goes on
+    await writing
+    await checkpointer.checkpoint()  # the next one, which the resync asked for
+    checkpointer.close()
+    assert len(workspace.stored().messages) == 5
 
 
 async def test_reconnects_after_a_dropped_subscription(workspace: Workspace) -> None:

@@ -411,9 +411,10 @@ async def run_sequence(
     except TimeoutError:
         report.deadline_hit = True
         finished: list[StepResult] = []
-        if early is not None and not best_effort:
-            # Cut during the fetch: the early save, if it was asked for, is the save there is.
-            done = early.finished()
+        if early is not None:
+            # The early save, if it was asked for, is the save there is: its own result, or
+            # that it was asked and not confirmed (never a bare "cut", which says it was not).
+            done = early.finished() or early.unconfirmed()
             if done is not None:
                 finished.append(done)
             early.give_up(force=True)
@@ -567,6 +568,17 @@ class _EarlySave:
         if task is None or not task.done() or task.cancelled() or task.exception() is not None:
             return None
         return task.result()
+
+    def unconfirmed(self) -> StepResult | None:
+        """The save step when it was asked for and has no result yet (the deadline came
+        first): a 100,000-message stop asked at the start and, cut while its copy was still
+        being written, said "cut, the budget ran out" as if AgentAPI had never been asked."""
+        if not self.asked:
+            return None
+        detail = (
+            "asked at the start (AgentAPI was stable); the budget ran out before it was confirmed"
+        )
+        return StepResult("agentapi_save", "not_confirmed", False, 0, detail)
 
     def give_up(self, *, force: bool = False) -> None:
         """Not needed any more: stop before it asks, if it has not yet (``force``: even a
